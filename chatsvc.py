@@ -1,0 +1,1074 @@
+"""chatsvc: relay an OpenAI-compatible chat model's answer as Server-Sent Events.
+
+Read top-down: settings, errors, the request middleware, the upstream client, the relay (the event
+generator and its response), the endpoints, `create_app`, and the launcher that `python chatsvc.py`
+runs.
+
+Deliberate departures from the libraries' defaults (the code points back here as "note N"):
+
+1. Retries are ours, not openai's (`max_retries=0` on the client). openai's retry loop sleeps for
+   Retry-After (up to two minutes) or its backoff without knowing our REQUEST_TIMEOUT_S budget; ours
+   retries the same failures (connection errors, 408, 409, 429, 5xx) with the same backoff, but only
+   while the wait fits in the budget, and never once the stream has started.
+2. A declared Content-Length over MAX_BODY_BYTES is refused by our middleware, not by Starlette's
+   `max_body_size`: Starlette replaces *any* response to such a request with a plain-text 413, which
+   would lose our error body. Starlette's limit still guards bodies without a length, or that lie.
+3. Upstream waits are bounded one chunk at a time by a cancel scope around `anext()`, never by a
+   scope around the whole generator: a scope that spans a `yield` would cancel the consumer
+   (sse-starlette's send), not the upstream read. The scope's deadline is the nearest of the idle
+   timeout, the request budget and, while draining, the shutdown grace; draining moves it earlier.
+4. Shutdown drains before uvicorn stops listening. uvicorn closes its socket the moment SIGTERM
+   arrives, so a load balancer would see refused connections instead of a 503 `shutting_down`.
+   `DrainingServer` first flips /readyz to 503, answers new chats 503 with Retry-After, lets streams
+   run up to SHUTDOWN_GRACE_S and ends the rest with an `error` event `shutting_down`; only then does
+   it hand the signal to uvicorn. Under plain `uvicorn chatsvc:app` the same drain is started by
+   sse-starlette's shutdown detection (the `shutdown_event` we pass), but uvicorn has already closed
+   the socket by then. A second signal stops at once.
+5. sse-starlette's force-cancel grace is set longer than ours, so that our own `shutting_down` event,
+   not a silent cancel, ends a stream that outlives SHUTDOWN_GRACE_S.
+6. When the upstream sends no usage (many local servers don't), completion tokens are the number of
+   content deltas (one token each from llama.cpp, vLLM and Ollama) and prompt tokens are estimated at
+   four characters a token; the `done` event says `"source": "estimated"`.
+7. A stream that ends without a finish_reason was cut (openai's parser ends quietly when `[DONE]`
+   never comes), so it gets an `error` event `upstream_error`, never a `done`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import math
+import random
+import re
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, Literal
+
+import anyio
+import openai
+import uvicorn
+import yaml
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sse_starlette import EventSourceResponse, JSONServerSentEvent, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
+
+log = logging.getLogger("chatsvc")
+
+HERE = Path(__file__).resolve().parent
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+# --- Settings ---------------------------------------------------------------------------------------
+
+
+class Settings(BaseSettings):
+    """Everything configurable, read once from the environment and `.env`; see `.env.example`."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore", frozen=True)
+
+    OPENAI_API_KEY: SecretStr | None = None
+    OPENAI_BASE_URL: str | None = None
+    OPENAI_MODEL: str = "gpt-4o-mini"
+    ALLOWED_MODELS: Annotated[tuple[str, ...], NoDecode] = ()
+    SYSTEM_PROMPT: str | None = None
+    MAX_TOKENS: int = Field(2000, ge=1)
+    MAX_MESSAGE_CHARS: int = Field(32000, ge=1)
+    MAX_HISTORY: int = Field(50, ge=0)
+    MAX_BODY_BYTES: int = Field(256 * 1024, ge=1024)
+    REQUEST_TIMEOUT_S: float = Field(30.0, gt=0)
+    CONNECT_TIMEOUT_S: float = Field(5.0, gt=0)
+    IDLE_TIMEOUT_S: float = Field(15.0, gt=0)
+    UPSTREAM_MAX_RETRIES: int = Field(2, ge=0, le=10)
+    PING_INTERVAL_S: float = Field(15.0, gt=0)
+    MAX_CONCURRENT_STREAMS: int = Field(256, ge=1)
+    SHUTDOWN_GRACE_S: float = Field(25.0, ge=0)
+    SEND_TIMEOUT_S: float = Field(30.0, gt=0)
+    SERVICE_API_KEYS: SecretStr | None = None
+    CORS_ALLOW_ORIGINS: Annotated[tuple[str, ...], NoDecode] = ()
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    LOG_CONTENT: bool = False
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("ALLOWED_MODELS", "CORS_ALLOW_ORIGINS", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def configured(self) -> bool:
+        return self.OPENAI_API_KEY is not None or self.OPENAI_BASE_URL is not None
+
+    @property
+    def allowed_models(self) -> tuple[str, ...]:
+        return self.ALLOWED_MODELS or (self.OPENAI_MODEL,)
+
+    @property
+    def service_keys(self) -> tuple[bytes, ...]:
+        raw = self.SERVICE_API_KEYS.get_secret_value() if self.SERVICE_API_KEYS else ""
+        return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never reach the logs."""
+        key = self.OPENAI_API_KEY.get_secret_value() if self.OPENAI_API_KEY else ""
+        return [key, *(k.decode() for k in self.service_keys)]
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value ends the process with exit code 2 and a
+    three-part message on stderr naming the variable (never the value: it may be a secret)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        message = {
+            "error": "invalid configuration",
+            "detail": problems,
+            "action": "fix the named variable in the environment or in .env (see .env.example), then start again",
+        }
+        print(json.dumps(message), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --- Errors -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    error: str
+    action: str
+    retryable: bool
+
+
+#: Every error code the service answers with: status, what happened, what the caller can do.
+ERRORS: dict[str, ErrorKind] = {
+    "invalid_json": ErrorKind(400, "request body is not valid JSON", "send a JSON object", False),
+    "unauthorized": ErrorKind(
+        401, "missing or wrong API key", "send the header 'Authorization: Bearer <key>' with a valid key", False
+    ),
+    "not_found": ErrorKind(404, "no such endpoint", "see /openapi.json for the endpoints", False),
+    "method_not_allowed": ErrorKind(
+        405, "method not allowed on this endpoint", "see /openapi.json for the methods", False
+    ),
+    "payload_too_large": ErrorKind(
+        413, "request body too large", "shorten the message or the history (limit: MAX_BODY_BYTES)", False
+    ),
+    "unsupported_media_type": ErrorKind(
+        415, "unsupported content type", "send 'Content-Type: application/json'", False
+    ),
+    "validation_error": ErrorKind(422, "request is invalid", "correct the named field and send again", False),
+    "rate_limited": ErrorKind(
+        429, "the model server is rate limiting", "wait for Retry-After seconds, then retry", True
+    ),
+    "upstream_error": ErrorKind(502, "the model server failed", "retry; if it persists, check the model server", True),
+    "upstream_auth": ErrorKind(
+        502,
+        "the model server refused our credentials",
+        "the operator must check OPENAI_API_KEY (and OPENAI_BASE_URL)",
+        False,
+    ),
+    "overloaded": ErrorKind(
+        503, "too many streams in progress", "retry after Retry-After seconds (limit: MAX_CONCURRENT_STREAMS)", True
+    ),
+    "shutting_down": ErrorKind(
+        503, "the service is shutting down", "retry; another instance or this one after restart will answer", True
+    ),
+    "not_configured": ErrorKind(
+        503,
+        "no model server is configured",
+        "the operator must set OPENAI_API_KEY or OPENAI_BASE_URL",
+        False,
+    ),
+    "upstream_timeout": ErrorKind(
+        504, "the model server did not answer in time", "retry, perhaps with a shorter request", True
+    ),
+    "upstream_unreachable": ErrorKind(
+        504, "the model server cannot be reached", "retry; if it persists, check OPENAI_BASE_URL", True
+    ),
+    "deadline_exceeded": ErrorKind(
+        504, "the answer took longer than the request budget", "ask for a shorter answer (max_tokens)", True
+    ),
+    "internal_error": ErrorKind(500, "internal error", "retry; if it persists, report the correlation_id", True),
+}
+
+
+class ServiceError(Exception):
+    """An error with a stable code; rendered as an HTTP body before the stream, as an event after."""
+
+    def __init__(self, code: str, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.kind = ERRORS[code]
+        self.detail = detail
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": self.kind.error,
+            "detail": self.detail,
+            "action": self.kind.action,
+            "code": self.code,
+            "retryable": self.kind.retryable,
+            "correlation_id": correlation_id.get(),
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> ServiceError:
+    """The one place where openai/httpx failures become our codes. `streaming`: the 200 is already
+    sent, so a broken connection is an `upstream_error` event, not an unreachable server."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return ServiceError("upstream_timeout", "the model server went silent for longer than IDLE_TIMEOUT_S")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+        if streaming:
+            return ServiceError("upstream_error", f"the connection to the model server broke mid-stream ({cause})")
+        return ServiceError("upstream_unreachable", f"could not connect to the model server ({cause})")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        upstream_code = _upstream_error_code(exc.body)
+        said = f"the model server answered {status}" + (f" ({upstream_code})" if upstream_code else "")
+        if status == 429:
+            return ServiceError("rate_limited", said, retry_after=retry_after_seconds(exc.response.headers) or 1)
+        if status in (401, 403):
+            return ServiceError("upstream_auth", said)
+        return ServiceError("upstream_error", said)
+    if isinstance(exc, openai.APIError):
+        # An in-band {"error": ...} chunk in the middle of the stream.
+        upstream_code = _upstream_error_code(exc.body)
+        return ServiceError(
+            "upstream_error", "the model server sent an error in the stream" + (f" ({upstream_code})" if upstream_code else "")
+        )
+    if isinstance(exc, ValueError | AttributeError | TypeError | KeyError | IndexError):
+        return ServiceError("upstream_error", f"the model server sent a malformed stream ({type(exc).__name__})")
+    return ServiceError("internal_error", f"unexpected {type(exc).__name__}")
+
+
+def _upstream_error_code(body: object) -> str | None:
+    """The upstream's own error code or type (e.g. context_length_exceeded): stable and safe to show,
+    unlike its message, which may echo a key or the user's text."""
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            for key in ("code", "type"):
+                value = inner.get(key)
+                if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", value):
+                    return value
+    return None
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if email.utils.parsedate_tz(value) else None
+        return None if when is None else max(0.0, when.timestamp() - time.time())
+
+
+def is_retryable(exc: openai.APIError) -> bool:
+    if isinstance(exc, openai.APIConnectionError):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return False
+
+
+async def render_error(request: Request, exc: Exception) -> Response:
+    """Exception handler for everything: our errors, Starlette's 404/405/413, and the unexpected."""
+    if isinstance(exc, ServiceError):
+        error = exc
+    elif isinstance(exc, HTTPException) and exc.status_code in _HTTP_CODES:
+        error = ServiceError(_HTTP_CODES[exc.status_code], _HTTP_DETAILS[exc.status_code](request))
+    else:
+        # uvicorn logs the traceback (through our redaction) once this handler has answered.
+        error = ServiceError("internal_error", f"unexpected {type(exc).__name__}")
+    log_request_failed(request.scope, error, error.kind.status, exc)
+    headers = {**error.headers(), REQUEST_ID_HEADER: correlation_id.get() or ""}
+    if exc.__class__ is HTTPException and exc.headers:  # 405 carries Allow
+        headers.update(exc.headers)
+    if error.code == "unauthorized":
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error.body(), status_code=error.kind.status, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_DETAILS: dict[int, Callable[[Request], str]] = {
+    404: lambda r: f"there is no endpoint at {r.url.path}",
+    405: lambda r: f"{r.method} is not allowed on {r.url.path}",
+    413: lambda r: "the request body exceeds MAX_BODY_BYTES",
+}
+
+
+def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: BaseException | None) -> None:
+    scope.setdefault("state", {})["chatsvc_logged"] = True
+    level = logging.ERROR if error.code == "internal_error" else logging.WARNING
+    log.log(
+        level,
+        "request_failed",
+        extra={
+            "code": error.code,
+            "status": status,
+            "exception": type(exc).__name__ if exc is not None else None,
+            "path": scope.get("path"),
+        },
+    )
+
+
+# --- Request middleware -----------------------------------------------------------------------------
+
+
+class RequestContextMiddleware:
+    """Gives every request a correlation id (validated incoming X-Request-ID, else a new UUID4), echoes
+    it on the response, refuses over-long declared bodies (note 2) and logs the request's arrival and,
+    unless the endpoint logged its own outcome, its completion."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        headers = Headers(scope=scope)
+        incoming = headers.get(REQUEST_ID_HEADER)
+        if incoming is not None and REQUEST_ID_PATTERN.fullmatch(incoming):
+            request_id = incoming
+        else:
+            request_id = str(uuid.uuid4())
+        correlation_id.set(request_id)  # unconditionally: the context is per request task
+        if incoming is not None and request_id != incoming:
+            log.warning("invalid_request_id", extra={"length": len(incoming), "replaced_by": request_id})
+
+        path = scope["path"]
+        level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
+        log.log(level, "request_received", extra={"method": scope["method"], "path": path})
+        started = time.monotonic()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        if _declared_length(headers) > self.max_body_bytes:
+            await self._refuse_too_large(scope, receive, send_with_id)
+            return
+        await self.app(scope, receive, send_with_id)
+        if not scope.get("state", {}).get("chatsvc_logged"):
+            duration_ms = round((time.monotonic() - started) * 1000, 1)
+            log.log(level, "request_completed", extra={"status": status, "path": path, "duration_ms": duration_ms})
+
+    async def _refuse_too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = ServiceError("payload_too_large", f"the declared body exceeds MAX_BODY_BYTES ({self.max_body_bytes})")
+        log_request_failed(scope, error, 413, None)
+        # Close the connection: we will not read the body the client is about to send.
+        response = JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def _declared_length(headers: Headers) -> int:
+    try:
+        return int(headers.get("content-length", "0"))
+    except ValueError:
+        return 0
+
+
+# --- Upstream client --------------------------------------------------------------------------------
+
+
+def create_upstream_client(settings: Settings) -> openai.AsyncOpenAI:
+    api_key = settings.OPENAI_API_KEY.get_secret_value() if settings.OPENAI_API_KEY else "no-key"
+    return openai.AsyncOpenAI(
+        api_key=api_key,
+        base_url=settings.OPENAI_BASE_URL,
+        max_retries=0,  # note 1
+        # The read timeout is the idle limit between bytes; the budget is enforced around it (note 3).
+        timeout=openai.Timeout(
+            connect=settings.CONNECT_TIMEOUT_S,
+            read=settings.IDLE_TIMEOUT_S,
+            write=settings.CONNECT_TIMEOUT_S,
+            pool=settings.CONNECT_TIMEOUT_S,
+        ),
+    )
+
+
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _content_length(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).MAX_MESSAGE_CHARS
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters")
+        return value
+
+
+class ChatRequest(BaseModel):
+    """The body of POST /chat. Limits come from the settings, passed as validation context."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    message: str
+    history: list[ChatTurn] = []
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+
+    @field_validator("message")
+    @classmethod
+    def _message(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).MAX_MESSAGE_CHARS
+        if not value.strip():
+            raise ValueError("must contain text, not only whitespace")
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters")
+        return value
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, value: list[ChatTurn], info: ValidationInfo) -> list[ChatTurn]:
+        limit = _limits(info).MAX_HISTORY
+        if len(value) > limit:
+            raise ValueError(f"must have at most {limit} turns")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allowed = _limits(info).allowed_models
+        if value is not None and value not in allowed:
+            raise ValueError(f"must be one of: {', '.join(allowed)}")
+        return value
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).MAX_TOKENS
+        if value is not None and not 1 <= value <= limit:
+            raise ValueError(f"must be from 1 to {limit}")
+        return value
+
+    def messages(self, system_prompt: str | None) -> list[ChatCompletionMessageParam]:
+        out: list[ChatCompletionMessageParam] = []
+        if system_prompt:
+            out.append({"role": "system", "content": system_prompt})
+        for turn in self.history:
+            if turn.role == "user":
+                out.append({"role": "user", "content": turn.content})
+            else:
+                out.append({"role": "assistant", "content": turn.content})
+        out.append({"role": "user", "content": self.message})
+        return out
+
+
+def _limits(info: ValidationInfo) -> Settings:
+    settings = info.context["settings"] if info.context else None
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def parse_chat_request(body: bytes, settings: Settings) -> ChatRequest:
+    try:
+        return ChatRequest.model_validate_json(body, context={"settings": settings})
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise ServiceError("invalid_json", "the body could not be parsed as JSON") from None
+        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+            raise ServiceError("validation_error", "body: must be a JSON object") from None
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {_short(e['msg'])}" for e in errors[:3])
+        raise ServiceError("validation_error", detail) from None
+
+
+def _short(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+async def open_upstream(
+    client: openai.AsyncOpenAI, settings: Settings, chat: ChatRequest, messages: list[ChatCompletionMessageParam],
+    deadline: float,
+) -> tuple[openai.AsyncStream[ChatCompletionChunk], int]:
+    """Start the upstream stream, retrying within the budget (note 1). Returns the stream and the
+    number of retries taken; raises ServiceError."""
+    retries = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with anyio.fail_after(remaining):
+                stream = await client.chat.completions.create(
+                    model=chat.model or settings.OPENAI_MODEL,
+                    messages=messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    max_tokens=chat.max_tokens or settings.MAX_TOKENS,
+                    temperature=chat.temperature if chat.temperature is not None else openai.omit,
+                    extra_headers={"X-Client-Request-Id": correlation_id.get() or ""},
+                )
+            return stream, retries
+        except TimeoutError:
+            raise ServiceError(
+                "upstream_timeout", f"the model server did not accept the request within {settings.REQUEST_TIMEOUT_S} s"
+            ) from None
+        except openai.APIError as exc:
+            error = map_upstream_error(exc)
+            wait = _backoff(retries, exc)
+            if not is_retryable(exc) or retries >= settings.UPSTREAM_MAX_RETRIES or time.monotonic() + wait >= deadline:
+                raise error from exc
+            log.info("upstream_retry", extra={"retry": retries + 1, "code": error.code, "wait_s": round(wait, 3)})
+            await anyio.sleep(wait)
+            retries += 1
+
+
+def _backoff(retries: int, exc: openai.APIError) -> float:
+    """openai's own schedule: Retry-After when the server gives one, else 0.5 s doubling to 8 s, jittered."""
+    if isinstance(exc, openai.APIStatusError) and (after := retry_after_seconds(exc.response.headers)) is not None:
+        return after
+    return min(0.5 * 2**retries, 8.0) * (1 - 0.25 * random.random())
+
+
+# --- The relay --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("chatsvc_requests", "Chat requests by outcome code", ["code"], registry=r)
+        self.active = Gauge("chatsvc_active_streams", "Streams in progress", registry=r)
+        self.ttft = Histogram(
+            "chatsvc_time_to_first_token_seconds", "Request start to first delta", registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+        self.duration = Histogram(
+            "chatsvc_stream_duration_seconds", "Request start to the end of the stream", registry=r,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+        )
+        self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
+
+
+class Service:
+    """The state one app shares across requests: settings, the upstream client, slots, drain."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = create_upstream_client(settings)
+        self.metrics = Metrics()
+        self.relays: set[Relay] = set()
+        self.slots_in_use = 0  # streams plus requests still opening one
+        self.draining = False
+        self.drain_deadline = math.inf
+        self._drain_event: anyio.Event | None = None
+
+    @property
+    def drain_event(self) -> anyio.Event:
+        # Created on first use, inside the event loop, which anyio.Event needs.
+        if self._drain_event is None:
+            self._drain_event = anyio.Event()
+        return self._drain_event
+
+    def begin_drain(self) -> None:
+        """Stop taking chats and give every stream SHUTDOWN_GRACE_S to finish (note 4)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE_S
+        self.drain_event.set()
+        log.info("draining", extra={"active_streams": len(self.relays), "grace_s": self.settings.SHUTDOWN_GRACE_S})
+        for relay in list(self.relays):
+            relay.tighten_deadline()
+
+    async def wait_drained(self) -> None:
+        with anyio.move_on_after(self.settings.SHUTDOWN_GRACE_S + 2):
+            while self.slots_in_use:
+                await anyio.sleep(0.05)
+
+    def take_slot(self) -> None:
+        # No await between the check and the increment: concurrent requests cannot overshoot.
+        if self.slots_in_use >= self.settings.MAX_CONCURRENT_STREAMS:
+            limit = self.settings.MAX_CONCURRENT_STREAMS
+            raise ServiceError("overloaded", f"{limit} streams are in progress", retry_after=1)
+        self.slots_in_use += 1
+        self.metrics.active.inc()
+
+    def release_slot(self) -> None:
+        self.slots_in_use -= 1
+        self.metrics.active.dec()
+
+
+class Relay:
+    """One chat stream: the upstream stream, its clocks and counts, and its terminal outcome."""
+
+    def __init__(
+        self, service: Service, stream: openai.AsyncStream[ChatCompletionChunk], model: str,
+        prompt_chars: int, started: float, deadline: float,
+    ) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.stream = stream
+        self.model = model
+        self.prompt_chars = prompt_chars
+        self.started = started
+        self.deadline = deadline
+        self.event_id = 0
+        self.deltas = 0
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+        self.upstream_usage: openai.types.CompletionUsage | None = None
+        self.outcome: str | None = None  # "ok" or an error code once a terminal event is sent
+        self.wait_scope: anyio.CancelScope | None = None
+        self.closed = False
+        service.relays.add(self)  # the slot taken by the endpoint is now ours to release
+
+    # Events
+
+    def event(self, name: str, data: dict[str, Any]) -> ServerSentEvent:
+        event = JSONServerSentEvent(data, event=name, id=str(self.event_id))
+        self.event_id += 1
+        return event
+
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
+        """The whole stream: meta, the deltas as they come, then exactly one terminal event."""
+        yield self.event("meta", {"correlation_id": correlation_id.get(), "model": self.model})
+        while True:
+            try:
+                chunk = await self.next_chunk()
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # CancelledError is a BaseException: never caught here
+                yield self.error_event(map_upstream_error(exc, streaming=True), exc)
+                return
+            if chunk.usage is not None:
+                self.upstream_usage = chunk.usage
+            if not chunk.choices:
+                continue
+            choice = chunk.choices[0]
+            if choice.finish_reason is not None:
+                self.finish_reason = choice.finish_reason
+            if content := choice.delta.content:
+                if self.first_token_at is None:
+                    self.on_first_token()
+                self.deltas += 1
+                yield self.event("delta", {"content": content})
+        if self.finish_reason is None:  # note 7
+            error = ServiceError("upstream_error", "the model server ended the stream before the answer was finished")
+            yield self.error_event(error, None)
+            return
+        yield self.done_event()
+
+    async def next_chunk(self) -> ChatCompletionChunk:
+        """The next upstream chunk, within the nearest deadline (note 3)."""
+        now = time.monotonic()
+        limits = {
+            "shutting_down": self.service.drain_deadline,
+            "deadline_exceeded": self.deadline,
+            "upstream_timeout": now + self.settings.IDLE_TIMEOUT_S,
+        }
+        with anyio.CancelScope(deadline=min(limits.values())) as scope:
+            self.wait_scope = scope
+            try:
+                return await anext(self.stream)
+            finally:
+                self.wait_scope = None
+        # Only reached when the scope's deadline cancelled the wait: name the deadline that passed.
+        now = time.monotonic()
+        code = next((c for c, at in limits.items() if c != "upstream_timeout" and at <= now), "upstream_timeout")
+        raise ServiceError(code, _TIMEOUT_DETAILS[code](self.settings))
+
+    def tighten_deadline(self) -> None:
+        if self.wait_scope is not None:
+            self.wait_scope.deadline = min(self.wait_scope.deadline, self.service.drain_deadline)
+
+    def on_first_token(self) -> None:
+        self.first_token_at = time.monotonic()
+        ttft = self.first_token_at - self.started
+        self.service.metrics.ttft.observe(ttft)
+        log.info("first_token", extra={"ttft_ms": round(ttft * 1000, 1)})
+
+    def usage(self) -> dict[str, Any]:
+        u = self.upstream_usage
+        if u is not None:
+            return {
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens,
+                "source": "upstream",
+            }
+        prompt = math.ceil(self.prompt_chars / 4)  # note 6
+        return {"prompt_tokens": prompt, "completion_tokens": self.deltas, "total_tokens": prompt + self.deltas,
+                "source": "estimated"}
+
+    def timings(self) -> dict[str, float | None]:
+        end = time.monotonic()
+        ttft = None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000, 1)
+        return {"ttft_ms": ttft, "duration_ms": round((end - self.started) * 1000, 1)}
+
+    def done_event(self) -> ServerSentEvent:
+        self.outcome = "ok"
+        usage, timings = self.usage(), self.timings()
+        self.record(usage)
+        log.info(
+            "request_completed",
+            extra={"status": 200, "finish_reason": self.finish_reason, **timings, **_flat_usage(usage)},
+        )
+        return self.event(
+            "done",
+            {"finish_reason": self.finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()},
+        )
+
+    def error_event(self, error: ServiceError, exc: BaseException | None) -> ServerSentEvent:
+        self.outcome = error.code
+        usage = self.usage()
+        self.record(usage)
+        log.warning(
+            "request_failed",
+            extra={"code": error.code, "status": 200, "exception": type(exc).__name__ if exc else None,
+                   "path": "/chat", **self.timings(), **_flat_usage(usage)},
+        )
+        return self.event("error", {**error.body(), "usage": usage})
+
+    def record(self, usage: dict[str, Any]) -> None:
+        metrics = self.service.metrics
+        metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
+        metrics.tokens.labels("completion").inc(usage["completion_tokens"])
+
+    async def close(self) -> None:
+        """Release everything, whatever happened: runs when the response ends, is cancelled, or never
+        started its body."""
+        if self.closed:
+            return
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(5):
+                await self.stream.close()
+            if self.outcome is None:
+                usage = self.usage()
+                self.record(usage)
+                self.outcome = "client_disconnected"
+                log.info("client_disconnected", extra={**self.timings(), **_flat_usage(usage)})
+            metrics = self.service.metrics
+            metrics.requests.labels(self.outcome).inc()
+            metrics.duration.observe(time.monotonic() - self.started)
+            self.service.relays.discard(self)
+            self.service.release_slot()
+
+
+_TIMEOUT_DETAILS: dict[str, Callable[[Settings], str]] = {
+    "upstream_timeout": lambda s: f"no data from the model server for {s.IDLE_TIMEOUT_S} s",
+    "deadline_exceeded": lambda s: f"the answer did not finish within REQUEST_TIMEOUT_S ({s.REQUEST_TIMEOUT_S} s)",
+    "shutting_down": lambda s: f"the service is shutting down and the stream outlived its grace ({s.SHUTDOWN_GRACE_S} s)",
+}
+
+
+def _flat_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "total_tokens": usage["total_tokens"],
+        "usage_source": usage["source"],
+    }
+
+
+class RelayResponse(EventSourceResponse):
+    """EventSourceResponse that always closes its relay, even when the body never started (a client
+    that leaves at once cancels the task group before the generator's first step)."""
+
+    def __init__(self, relay: Relay) -> None:
+        settings = relay.settings
+        super().__init__(
+            relay.events(),
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            ping=settings.PING_INTERVAL_S,
+            ping_message_factory=lambda: ServerSentEvent(comment="ping"),
+            send_timeout=settings.SEND_TIMEOUT_S,
+            shutdown_event=relay.service.drain_event,
+            shutdown_grace_period=settings.SHUTDOWN_GRACE_S + 2,  # note 5
+        )
+        self.relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.relay.close()
+
+
+# --- Endpoints --------------------------------------------------------------------------------------
+
+
+def service_of(request: Request) -> Service:
+    service = request.app.state.service
+    assert isinstance(service, Service)
+    return service
+
+
+async def chat(request: Request) -> Response:
+    started = time.monotonic()
+    service = service_of(request)
+    settings = service.settings
+    deadline = started + settings.REQUEST_TIMEOUT_S
+    request.scope.setdefault("state", {})["chatsvc_logged"] = True  # the relay or render_error logs the outcome
+
+    if service.draining:
+        raise ServiceError("shutting_down", "the service is draining and takes no new chats", retry_after=5)
+    authorize(request, settings)
+    if not settings.configured:
+        raise ServiceError("not_configured", "neither OPENAI_API_KEY nor OPENAI_BASE_URL is set")
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ServiceError("unsupported_media_type", f"got {media_type or 'no content type'!r}")
+    chat_request = parse_chat_request(await request.body(), settings)
+
+    messages = chat_request.messages(settings.SYSTEM_PROMPT)
+    prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
+    extra: dict[str, Any] = {**text_fingerprint(chat_request.message), "history_turns": len(chat_request.history)}
+    if settings.LOG_CONTENT:
+        extra["content"] = request.app.state.redactor.content(chat_request.message)
+    log.info("chat_request", extra=extra)
+
+    service.take_slot()
+    try:
+        stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
+    except BaseException:
+        service.release_slot()
+        raise
+    model = chat_request.model or settings.OPENAI_MODEL
+    log.info(
+        "upstream_opened",
+        extra={
+            "retries": retries,
+            "upstream_request_id": stream.response.headers.get("x-request-id"),
+            "upstream_status": stream.response.status_code,
+            "model": model,
+            "open_ms": round((time.monotonic() - started) * 1000, 1),
+        },
+    )
+    relay = Relay(service, stream, model, prompt_chars, started, deadline)
+    return RelayResponse(relay)
+
+
+def authorize(request: Request, settings: Settings) -> None:
+    keys = settings.service_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    # Compare against every key, so the time taken does not say which key was close.
+    matched = False
+    for key in keys:
+        matched |= secrets.compare_digest(presented, key)
+    if not matched:
+        raise ServiceError("unauthorized", "no valid bearer token in the Authorization header")
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    service = service_of(request)
+    if service.draining:
+        raise ServiceError("shutting_down", "the service is draining", retry_after=5)
+    if not service.settings.configured:
+        raise ServiceError("not_configured", "neither OPENAI_API_KEY nor OPENAI_BASE_URL is set")
+    return JSONResponse({"status": "ready", "model": service.settings.OPENAI_MODEL})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+def load_openapi() -> dict[str, Any]:
+    spec = yaml.safe_load((HERE / "openapi.yaml").read_text(encoding="utf-8"))
+    assert isinstance(spec, dict)
+    return spec
+
+
+# --- The app ----------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or load_settings()
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Drain when sse-starlette sees uvicorn shutting down, or when DrainingServer says so.
+        watcher = asyncio.create_task(_drain_when_told(service))
+        log.info(
+            "service_started",
+            extra={"model": settings.OPENAI_MODEL, "base_url": settings.OPENAI_BASE_URL or "https://api.openai.com/v1",
+                   "configured": settings.configured, "auth": bool(settings.service_keys)},
+        )
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await service.client.close()
+            log.info("service_stopped")
+
+    routes = [
+        Route("/chat", chat, methods=["POST"], max_body_size=settings.MAX_BODY_BYTES),  # note 2
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/openapi.json", openapi),
+    ]
+    middleware = [Middleware(RequestContextMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)]
+    if settings.CORS_ALLOW_ORIGINS:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.CORS_ALLOW_ORIGINS),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+                expose_headers=[REQUEST_ID_HEADER, "Retry-After"],
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={Exception: render_error, HTTPException: render_error, ServiceError: render_error},
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.openapi = load_openapi()
+    app.state.redactor = Redactor(settings.secrets)
+    return app
+
+
+async def _drain_when_told(service: Service) -> None:
+    await service.drain_event.wait()
+    service.begin_drain()
+
+
+# --- Launcher ---------------------------------------------------------------------------------------
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains before uvicorn stops listening (note 4)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+        self.drain_task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_task is not None or self.loop is None or self.should_exit:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        self.loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+    def _start_drain(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_task is None:
+            self.drain_task = asyncio.ensure_future(self._drain(sig, frame))
+
+    async def _drain(self, sig: int, frame: FrameType | None) -> None:
+        self.service.begin_drain()
+        await self.service.wait_drained()
+        super().handle_exit(sig, frame)
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.LOG_CONTENT)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.HOST,
+        port=settings.PORT,
+        log_config=None,  # ours, from logging_conf
+        access_log=False,  # request_received / request_completed say more, with the correlation id
+        timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_S) + 5,
+        lifespan="on",
+    )
+    server = DrainingServer(config, app.state.service)
+    server.run()
+    if not server.started:
+        raise SystemExit(1)
+
+
+def _module_app() -> Starlette:
+    settings = load_settings()
+    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.LOG_CONTENT)
+    return create_app(settings)
+
+
+def __getattr__(name: str) -> Starlette:
+    """`uvicorn chatsvc:app` builds the app on first use, so that importing this module has no side
+    effects (note 4 says what plain uvicorn changes for shutdown)."""
+    if name != "app":
+        raise AttributeError(name)
+    global app
+    app = _module_app()
+    return app
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,175 @@
+"""JSON logging for chatsvc: one object per line on stdout, with the request's correlation id and
+secrets masked on every record, ours and the libraries' alike.
+
+Both filters sit on the *handler*, not on our logger: a filter on a logger sees only that logger's
+own records, while uvicorn's, openai's and httpx's records reach the handler through propagation.
+
+Notes:
+1. Library loggers that print request or response bodies at DEBUG (openai logs the request options,
+   which hold the user's messages; sse-starlette logs every chunk of the answer) stay at INFO unless
+   LOG_CONTENT is true. LOG_LEVEL=DEBUG is for our own records; it never turns on content logging.
+2. Redaction masks, in the message, in every extra field at any nesting, and in tracebacks: the exact
+   configured secrets, anything shaped like an `sk-` key, bearer tokens and Authorization headers.
+   With LOG_CONTENT=true (and only then, since content is not logged otherwise) e-mail addresses and
+   phone numbers are masked as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import logging.config
+import re
+from collections.abc import Iterable
+from contextvars import ContextVar
+from typing import Any
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+
+#: The id of the request being served; set by the middleware at the top of every request.
+correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+
+MASK = "[REDACTED]"
+CONTENT_LOG_CHARS = 200
+
+# Always masked, whatever the level (see note 2).
+_SECRET_PATTERNS = [
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"),
+    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=\-]{4,}"),
+    re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+    re.compile(r"(?i)(api[_-]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+]
+# Masked in logged content (LOG_CONTENT=true).
+_PII_PATTERNS = [
+    re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"),
+    re.compile(r"(?<!\w)\+?\d[\d\s().\-]{7,}\d(?!\w)"),
+]
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is redacted too.
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+# Loggers whose DEBUG records carry request or response bodies (note 1).
+CONTENT_BEARING_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "httpcore2", "sse_starlette")
+
+
+class Redactor:
+    """Masks secrets (and, for logged content, PII) in strings and nested structures."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # Longest first, so that a secret containing another is masked whole.
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        for secret in self.secrets:
+            value = value.replace(secret, MASK)
+        for pattern in _SECRET_PATTERNS:
+            value = pattern.sub(_mask_keeping_prefix, value)
+        return value
+
+    def content(self, value: str) -> str:
+        """A user's or the model's text, for LOG_CONTENT=true: truncated, then masked."""
+        value = self.text(value[:CONTENT_LOG_CHARS])
+        for pattern in _PII_PATTERNS:
+            value = pattern.sub(MASK, value)
+        return value
+
+    def any(self, value: Any, depth: int = 0) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if depth > 8:
+            return MASK  # deeper than anything we log: refuse rather than walk it
+        if isinstance(value, dict):
+            return {self.text(str(k)): self.any(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.any(v, depth + 1) for v in value]
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self.text(str(value))
+
+
+def _mask_keeping_prefix(match: re.Match[str]) -> str:
+    # Keep "Authorization: " or "api_key=" so the line still says what was there.
+    prefix = match.group(1) if match.re.groups else ""
+    return prefix + MASK
+
+
+class CorrelationIdFilter(logging.Filter):
+    """Copies the current request's correlation id onto every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.correlation_id = correlation_id.get()
+        return True
+
+
+class RedactionFilter(logging.Filter):
+    """Masks secrets in the message, the extra fields and the traceback of every record (note 2)."""
+
+    def __init__(self, name: str = "", redactor: Redactor | None = None) -> None:
+        super().__init__(name)
+        self.redactor = redactor or Redactor()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact = self.redactor
+        record.msg = redact.text(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            # Render the traceback here so that the formatter prints our masked copy.
+            record.exc_text = redact.text(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact.text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact.text(record.stack_info)
+        for key, value in list(record.__dict__.items()):
+            if key not in _RECORD_ATTRS and key != "correlation_id":
+                setattr(record, key, redact.any(value))
+        return True
+
+
+def text_fingerprint(text: str) -> dict[str, Any]:
+    """What we log of a user's text by default: its length and a short hash, never the text."""
+    return {"message_chars": len(text), "message_sha256": hashlib.sha256(text.encode()).hexdigest()[:12]}
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_content: bool = False) -> None:
+    library_level = level if log_content else _at_least_info(level)  # note 1
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "filters": {
+                "correlation_id": {"()": CorrelationIdFilter},
+                "redaction": {"()": RedactionFilter, "redactor": Redactor(secrets)},
+            },
+            "formatters": {
+                "json": {
+                    "()": "pythonjsonlogger.json.JsonFormatter",
+                    "fmt": ["levelname", "name", "message", "correlation_id"],
+                    "rename_fields": {"levelname": "level", "name": "logger", "message": "event"},
+                    "timestamp": "timestamp",
+                    # uvicorn's ANSI-coloured copy of the message is noise in JSON.
+                    "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
+                }
+            },
+            "handlers": {
+                "stdout": {
+                    "class": "logging.StreamHandler",
+                    "stream": "ext://sys.stdout",
+                    "formatter": "json",
+                    "filters": ["correlation_id", "redaction"],
+                }
+            },
+            "root": {"level": level, "handlers": ["stdout"]},
+            "loggers": {
+                # uvicorn's own config gives these handlers of their own; send them through ours.
+                "uvicorn": {"level": level, "handlers": [], "propagate": True},
+                "uvicorn.error": {"level": level, "handlers": [], "propagate": True},
+                "uvicorn.access": {"level": level, "handlers": [], "propagate": True},
+                **{name: {"level": library_level} for name in CONTENT_BEARING_LOGGERS},
+            },
+        }
+    )
+
+
+def _at_least_info(level: str) -> str:
+    return "INFO" if logging.getLevelName(level) < logging.INFO else level
