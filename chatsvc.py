@@ -43,6 +43,7 @@ import math
 import random
 import re
 import secrets
+import signal
 import sys
 import time
 import uuid
@@ -714,21 +715,23 @@ class Relay:
 
     async def next_chunk(self) -> ChatCompletionChunk:
         """The next upstream chunk, within the nearest deadline (note 3)."""
-        now = time.monotonic()
-        limits = {
-            "shutting_down": self.service.drain_deadline,
-            "deadline_exceeded": self.deadline,
-            "upstream_timeout": now + self.settings.IDLE_TIMEOUT_S,
-        }
-        with anyio.CancelScope(deadline=min(limits.values())) as scope:
+        idle_deadline = time.monotonic() + self.settings.IDLE_TIMEOUT_S
+        with anyio.CancelScope(deadline=min(idle_deadline, self.deadline, self.service.drain_deadline)) as scope:
             self.wait_scope = scope
             try:
                 return await anext(self.stream)
             finally:
                 self.wait_scope = None
-        # Only reached when the scope's deadline cancelled the wait: name the deadline that passed.
-        now = time.monotonic()
-        code = next((c for c, at in limits.items() if c != "upstream_timeout" and at <= now), "upstream_timeout")
+        # Only reached when the deadline cancelled the wait. Name the one that passed, reading the
+        # drain deadline afresh (draining may have begun during the wait), with asyncio's leeway:
+        # its timers may fire up to one clock resolution early.
+        now = time.monotonic() + 0.01
+        if now >= self.service.drain_deadline:
+            code = "shutting_down"
+        elif now >= self.deadline:
+            code = "deadline_exceeded"
+        else:
+            code = "upstream_timeout"
         raise ServiceError(code, _TIMEOUT_DETAILS[code](self.settings))
 
     def tighten_deadline(self) -> None:
@@ -1048,6 +1051,11 @@ def main() -> None:
         lifespan="on",
     )
     server = DrainingServer(config, app.state.service)
+    # uvicorn re-raises the signal it caught once it has shut down, so that the previous handler
+    # runs; with the default one the process would die "by SIGTERM" (143) after a clean drain.
+    # A drained service has done its job: exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if not server.started:
         raise SystemExit(1)

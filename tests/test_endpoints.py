@@ -1,0 +1,146 @@
+"""The probes, /metrics, /openapi.json, and the spec checked against the app itself."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import httpx
+import pytest
+from starlette.routing import Route
+
+import chatsvc
+from tests.conftest import Service
+from tests.fake_model import FakeModel
+from tests.spec import assert_error, spec, validate
+
+
+def test_healthz_is_ok_and_never_calls_the_model(service: Service, fake_model: FakeModel) -> None:
+    before = len(fake_model.requests)
+    response = httpx.get(f"{service.url}/healthz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert len(fake_model.requests) == before
+
+
+def test_readyz_when_configured(service: Service) -> None:
+    response = httpx.get(f"{service.url}/readyz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ready"
+
+
+def test_not_configured_service_says_so(start_service: Any) -> None:
+    bare: Service = start_service(OPENAI_BASE_URL="<unset>", OPENAI_API_KEY="<unset>")
+
+    ready = httpx.get(f"{bare.url}/readyz")
+    assert ready.status_code == 503
+    assert_error(ready.json(), "not_configured")
+    assert "OPENAI_API_KEY" in ready.json()["action"]
+    chat = httpx.post(f"{bare.url}/chat", json={"message": "hi"})
+    assert chat.status_code == 503
+    assert_error(chat.json(), "not_configured")
+    assert httpx.get(f"{bare.url}/healthz").status_code == 200
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_count_outcomes_tokens_and_timings(service: Service) -> None:
+    before = httpx.get(f"{service.url}/metrics").text
+    service.chat({"message": "fake:deltas=4"})
+    service.chat({"message": "fake:deltas=4,die_after=1"})
+    after = httpx.get(f"{service.url}/metrics")
+
+    assert after.status_code == 200
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    for name, grew_by in [
+        ('chatsvc_requests_total{code="ok"}', 1),
+        ('chatsvc_requests_total{code="upstream_error"}', 1),
+        ('chatsvc_tokens_total{kind="completion"}', 5),
+        ("chatsvc_time_to_first_token_seconds_count", 2),
+        ("chatsvc_stream_duration_seconds_count", 2),
+    ]:
+        assert metric(text, name) - metric(before, name) == grew_by, name
+    assert metric(text, 'chatsvc_tokens_total{kind="prompt"}') > metric(before, 'chatsvc_tokens_total{kind="prompt"}')
+    assert metric(text, "chatsvc_active_streams") == 0
+
+
+def test_openapi_json_is_the_yaml_in_the_repo(service: Service) -> None:
+    assert httpx.get(f"{service.url}/openapi.json").json() == spec()
+
+
+def test_unknown_path_and_wrong_method_use_the_error_body(service: Service) -> None:
+    missing = httpx.get(f"{service.url}/v1/chat/completions")
+    assert missing.status_code == 404
+    assert_error(missing.json(), "not_found")
+
+    wrong = httpx.put(f"{service.url}/chat", json={"message": "hi"})
+    assert wrong.status_code == 405
+    assert_error(wrong.json(), "method_not_allowed")
+    assert wrong.headers["allow"] == "POST"
+
+
+# The spec against the app -------------------------------------------------------------------------
+
+
+def app_routes() -> set[tuple[str, str]]:
+    app = chatsvc.create_app(chatsvc.Settings(_env_file=None))  # type: ignore[call-arg]
+    routes = set()
+    for route in app.routes:
+        assert isinstance(route, Route)
+        for method in route.methods or ():
+            if method != "HEAD":
+                routes.add((route.path, method.lower()))
+    return routes
+
+
+def test_spec_documents_exactly_the_apps_endpoints() -> None:
+    documented = {(path, method) for path, ops in spec()["paths"].items() for method in ops}
+    assert documented == app_routes()
+
+
+def test_spec_lists_exactly_the_error_codes() -> None:
+    assert set(spec()["components"]["schemas"]["ErrorCode"]["enum"]) == set(chatsvc.ERRORS)
+
+
+def test_spec_documents_every_status_chat_can_answer() -> None:
+    documented = {int(s) for s in spec()["paths"]["/chat"]["post"]["responses"]}
+    possible = {kind.status for kind in chatsvc.ERRORS.values()} - {404}  # 404 is for unknown paths
+    assert possible | {200} == documented
+
+
+def test_spec_request_schema_matches_the_model_and_defaults() -> None:
+    schema = spec()["components"]["schemas"]["ChatRequest"]
+    defaults = chatsvc.Settings(_env_file=None)  # type: ignore[call-arg]
+
+    assert set(schema["properties"]) == set(chatsvc.ChatRequest.model_fields)
+    assert schema["required"] == ["message"]
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["message"]["maxLength"] == defaults.MAX_MESSAGE_CHARS
+    assert schema["properties"]["history"]["maxItems"] == defaults.MAX_HISTORY
+    assert schema["properties"]["max_tokens"]["maximum"] == defaults.MAX_TOKENS
+    roles = spec()["components"]["schemas"]["ChatTurn"]["properties"]["role"]["enum"]
+    assert roles == list(typing.get_args(chatsvc.ChatTurn.model_fields["role"].annotation))
+
+
+def test_spec_documents_every_event(service: Service) -> None:
+    events = spec()["paths"]["/chat"]["post"]["responses"]["200"]["content"]["text/event-stream"]["x-events"]
+    assert set(events) == {"meta", "delta", "done", "error"}
+
+    _, ok = service.chat({"message": "hi"})
+    _, failed = service.chat({"message": "fake:deltas=3,die_after=1"})
+    for event in ok + failed:
+        assert event.event is not None
+        validate(events[event.event]["$ref"].rsplit("/", 1)[-1], event.data)
+
+
+@pytest.mark.parametrize("code", sorted(chatsvc.ERRORS))
+def test_every_error_code_renders_a_valid_body(code: str) -> None:
+    error = chatsvc.ServiceError(code, "detail")
+    validate("ErrorBody", {**error.body(), "correlation_id": "x"})

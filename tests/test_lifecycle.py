@@ -1,0 +1,122 @@
+"""Client disconnects, the stream limit, and SIGTERM: drain, then exit."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Event, Service, iter_sse
+from tests.fake_model import FakeModel
+from tests.spec import assert_error, validate
+
+
+@contextmanager
+def open_stream(service: Service, message: str, rid: str) -> Iterator[tuple[httpx.Response, Iterator[Event]]]:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", f"{service.url}/chat", json={"message": message}, headers={"X-Request-ID": rid}) as resp,
+    ):
+        yield resp, (e for e in iter_sse(resp) if e.comment is None)
+
+
+@pytest.mark.parametrize("after", [0, 3], ids=["before-first-token", "mid-stream"])
+def test_client_disconnect_closes_upstream_within_a_second(
+    service: Service, fake_model: FakeModel, after: int
+) -> None:
+    rid = f"leave-{after}"
+    with open_stream(service, f"fake:deltas=10,stall_after={after}", rid) as (_, events):
+        assert [next(events).event for _ in range(1 + after)] == ["meta"] + ["delta"] * after
+        upstream = fake_model.last()
+    left_at = time.monotonic()  # the client's connection is closed on leaving the block
+
+    assert upstream.closed.wait(5), "the upstream connection stayed open"
+    assert upstream.closed_at is not None
+    assert upstream.closed_at - left_at < 1.0
+    record = service.wait_for_log("client_disconnected", rid)
+    assert record["completion_tokens"] == after
+    assert not [r for r in service.logs_for(rid) if r["event"] in ("request_completed", "request_failed")]
+
+
+def test_streams_over_the_limit_get_503_overloaded(start_service: Any, fake_model: FakeModel) -> None:
+    svc: Service = start_service(MAX_CONCURRENT_STREAMS="2")
+    with (
+        open_stream(svc, "fake:stall_after=0", "slot-1") as (_, first),
+        open_stream(svc, "fake:stall_after=0", "slot-2") as (_, second),
+    ):
+        assert next(first).event == "meta"
+        assert next(second).event == "meta"
+        assert 'chatsvc_active_streams 2.0' in httpx.get(f"{svc.url}/metrics").text
+
+        refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
+        assert refused.status_code == 503
+        assert_error(refused.json(), "overloaded")
+        assert int(refused.headers["retry-after"]) >= 1
+    svc.wait_for_log("client_disconnected", "slot-1")
+    svc.wait_for_log("client_disconnected", "slot-2")
+
+    response, events = svc.chat({"message": "hi"})
+    assert response.status_code == 200
+    assert events[-1].event == "done"
+
+
+def test_sigterm_drains_then_exits(start_service: Any, fake_model: FakeModel) -> None:
+    """readyz turns 503 and new chats get 503 shutting_down while streams continue; a stream that
+    outlives SHUTDOWN_GRACE_S ends with an error event shutting_down; a short one finishes with done;
+    then the process exits 0."""
+    svc: Service = start_service(SHUTDOWN_GRACE_S="2", IDLE_TIMEOUT_S="60", REQUEST_TIMEOUT_S="120")
+    results: dict[str, list[Event]] = {}
+
+    def read_rest(name: str, events: Iterator[Event]) -> None:
+        results[name] = list(events)
+
+    with (
+        open_stream(svc, "fake:deltas=5,stall_after=1", "drain-long") as (_, long_events),
+        open_stream(svc, "fake:deltas=10,delay=0.1,first_delay=0.5", "drain-short") as (_, short_events),
+    ):
+        assert next(long_events).event == "meta"
+        assert next(short_events).event == "meta"
+        readers = [
+            threading.Thread(target=read_rest, args=("long", long_events)),
+            threading.Thread(target=read_rest, args=("short", short_events)),
+        ]
+        for reader in readers:
+            reader.start()
+        svc.signal(signal.SIGTERM)
+        svc.wait_for_log("draining")
+
+        ready = httpx.get(f"{svc.url}/readyz")
+        assert ready.status_code == 503
+        assert_error(ready.json(), "shutting_down")
+        refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
+        assert refused.status_code == 503
+        assert_error(refused.json(), "shutting_down")
+        assert "retry-after" in refused.headers
+
+        for reader in readers:
+            reader.join(timeout=30)
+
+    assert results["short"][-1].event == "done"
+    assert "".join(e.data["content"] for e in results["short"] if e.event == "delta") == "".join(
+        f"w{i} " for i in range(10)
+    )
+    last = results["long"][-1]
+    assert last.event == "error"
+    validate("ErrorEvent", last.data)
+    assert last.data["code"] == "shutting_down"
+    assert last.data["retryable"] is True
+    assert svc.proc is not None
+    assert svc.proc.wait(timeout=10) == 0
+
+
+def test_sigterm_with_nothing_in_flight_exits_at_once(start_service: Any) -> None:
+    svc: Service = start_service(SHUTDOWN_GRACE_S="25")
+    svc.signal(signal.SIGTERM)
+    assert svc.proc is not None
+    assert svc.proc.wait(timeout=10) == 0
