@@ -277,7 +277,8 @@ def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> Servic
         # An in-band {"error": ...} chunk in the middle of the stream.
         upstream_code = _upstream_error_code(exc.body)
         return ServiceError(
-            "upstream_error", "the model server sent an error in the stream" + (f" ({upstream_code})" if upstream_code else "")
+            "upstream_error",
+            "the model server sent an error in the stream" + (f" ({upstream_code})" if upstream_code else ""),
         )
     if isinstance(exc, ValueError | AttributeError | TypeError | KeyError | IndexError):
         return ServiceError("upstream_error", f"the model server sent a malformed stream ({type(exc).__name__})")
@@ -381,10 +382,8 @@ class RequestContextMiddleware:
 
         headers = Headers(scope=scope)
         incoming = headers.get(REQUEST_ID_HEADER)
-        if incoming is not None and REQUEST_ID_PATTERN.fullmatch(incoming):
-            request_id = incoming
-        else:
-            request_id = str(uuid.uuid4())
+        valid = incoming is not None and REQUEST_ID_PATTERN.fullmatch(incoming)
+        request_id = incoming if valid and incoming else str(uuid.uuid4())
         correlation_id.set(request_id)  # unconditionally: the context is per request task
         if incoming is not None and request_id != incoming:
             log.warning("invalid_request_id", extra={"length": len(incoming), "replaced_by": request_id})
@@ -541,7 +540,10 @@ def _short(msg: str) -> str:
 
 
 async def open_upstream(
-    client: openai.AsyncOpenAI, settings: Settings, chat: ChatRequest, messages: list[ChatCompletionMessageParam],
+    client: openai.AsyncOpenAI,
+    settings: Settings,
+    chat: ChatRequest,
+    messages: list[ChatCompletionMessageParam],
     deadline: float,
 ) -> tuple[openai.AsyncStream[ChatCompletionChunk], int]:
     """Start the upstream stream, retrying within the budget (note 1). Returns the stream and the
@@ -579,7 +581,7 @@ def _backoff(retries: int, exc: openai.APIError) -> float:
     """openai's own schedule: Retry-After when the server gives one, else 0.5 s doubling to 8 s, jittered."""
     if isinstance(exc, openai.APIStatusError) and (after := retry_after_seconds(exc.response.headers)) is not None:
         return after
-    return min(0.5 * 2**retries, 8.0) * (1 - 0.25 * random.random())
+    return min(0.5 * 2.0**retries, 8.0) * (1 - 0.25 * random.random())
 
 
 # --- The relay --------------------------------------------------------------------------------------
@@ -594,11 +596,15 @@ class Metrics:
         self.requests = Counter("chatsvc_requests", "Chat requests by outcome code", ["code"], registry=r)
         self.active = Gauge("chatsvc_active_streams", "Streams in progress", registry=r)
         self.ttft = Histogram(
-            "chatsvc_time_to_first_token_seconds", "Request start to first delta", registry=r,
+            "chatsvc_time_to_first_token_seconds",
+            "Request start to first delta",
+            registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
         )
         self.duration = Histogram(
-            "chatsvc_stream_duration_seconds", "Request start to the end of the stream", registry=r,
+            "chatsvc_stream_duration_seconds",
+            "Request start to the end of the stream",
+            registry=r,
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
         )
         self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
@@ -616,6 +622,7 @@ class Service:
         self.draining = False
         self.drain_deadline = math.inf
         self._drain_event: anyio.Event | None = None
+        self._drained: anyio.Event | None = None
 
     @property
     def drain_event(self) -> anyio.Event:
@@ -636,9 +643,11 @@ class Service:
             relay.tighten_deadline()
 
     async def wait_drained(self) -> None:
-        with anyio.move_on_after(self.settings.SHUTDOWN_GRACE_S + 2):
-            while self.slots_in_use:
-                await anyio.sleep(0.05)
+        """Until the last stream has ended, or the grace (and a margin for final events) is over."""
+        if self.slots_in_use:
+            self._drained = anyio.Event()
+            with anyio.move_on_after(self.settings.SHUTDOWN_GRACE_S + 2):
+                await self._drained.wait()
 
     def take_slot(self) -> None:
         # No await between the check and the increment: concurrent requests cannot overshoot.
@@ -651,14 +660,21 @@ class Service:
     def release_slot(self) -> None:
         self.slots_in_use -= 1
         self.metrics.active.dec()
+        if self.slots_in_use == 0 and self._drained is not None:
+            self._drained.set()
 
 
 class Relay:
     """One chat stream: the upstream stream, its clocks and counts, and its terminal outcome."""
 
     def __init__(
-        self, service: Service, stream: openai.AsyncStream[ChatCompletionChunk], model: str,
-        prompt_chars: int, started: float, deadline: float,
+        self,
+        service: Service,
+        stream: openai.AsyncStream[ChatCompletionChunk],
+        model: str,
+        prompt_chars: int,
+        started: float,
+        deadline: float,
     ) -> None:
         self.service = service
         self.settings = service.settings
@@ -754,8 +770,12 @@ class Relay:
                 "source": "upstream",
             }
         prompt = math.ceil(self.prompt_chars / 4)  # note 6
-        return {"prompt_tokens": prompt, "completion_tokens": self.deltas, "total_tokens": prompt + self.deltas,
-                "source": "estimated"}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.deltas,
+            "total_tokens": prompt + self.deltas,
+            "source": "estimated",
+        }
 
     def timings(self) -> dict[str, float | None]:
         end = time.monotonic()
@@ -781,8 +801,14 @@ class Relay:
         self.record(usage)
         log.warning(
             "request_failed",
-            extra={"code": error.code, "status": 200, "exception": type(exc).__name__ if exc else None,
-                   "path": "/chat", **self.timings(), **_flat_usage(usage)},
+            extra={
+                "code": error.code,
+                "status": 200,
+                "exception": type(exc).__name__ if exc else None,
+                "path": "/chat",
+                **self.timings(),
+                **_flat_usage(usage),
+            },
         )
         return self.event("error", {**error.body(), "usage": usage})
 
@@ -815,7 +841,9 @@ class Relay:
 _TIMEOUT_DETAILS: dict[str, Callable[[Settings], str]] = {
     "upstream_timeout": lambda s: f"no data from the model server for {s.IDLE_TIMEOUT_S} s",
     "deadline_exceeded": lambda s: f"the answer did not finish within REQUEST_TIMEOUT_S ({s.REQUEST_TIMEOUT_S} s)",
-    "shutting_down": lambda s: f"the service is shutting down and the stream outlived its grace ({s.SHUTDOWN_GRACE_S} s)",
+    "shutting_down": lambda s: (
+        f"the service is shutting down and the stream outlived its grace ({s.SHUTDOWN_GRACE_S} s)"
+    ),
 }
 
 
@@ -960,8 +988,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         watcher = asyncio.create_task(_drain_when_told(service))
         log.info(
             "service_started",
-            extra={"model": settings.OPENAI_MODEL, "base_url": settings.OPENAI_BASE_URL or "https://api.openai.com/v1",
-                   "configured": settings.configured, "auth": bool(settings.service_keys)},
+            extra={
+                "model": settings.OPENAI_MODEL,
+                "base_url": settings.OPENAI_BASE_URL or "https://api.openai.com/v1",
+                "configured": settings.configured,
+                "auth": bool(settings.service_keys),
+            },
         )
         try:
             yield
@@ -1067,16 +1099,19 @@ def _module_app() -> Starlette:
     return create_app(settings)
 
 
+_app: Starlette | None = None
+
+
 def __getattr__(name: str) -> Starlette:
     """`uvicorn chatsvc:app` builds the app on first use, so that importing this module has no side
     effects (note 4 says what plain uvicorn changes for shutdown)."""
+    global _app
     if name != "app":
-        raise AttributeError(name)
-    global app
-    app = _module_app()
-    return app
+        raise AttributeError(f"module 'chatsvc' has no attribute {name!r}")
+    if _app is None:
+        _app = _module_app()
+    return _app
 
 
 if __name__ == "__main__":
     main()
-

@@ -137,12 +137,14 @@ class Service:
 
     def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[httpx.Response, list[Event]]:
         """POST /chat and read the whole answer: the response and its events (pings left out)."""
-        with httpx.Client(timeout=60) as client:
-            with client.stream("POST", f"{self.url}/chat", json=body, headers=headers or {}) as response:
-                if response.status_code != 200:
-                    response.read()
-                    return response, []
-                events = [e for e in iter_sse(response) if e.comment is None]
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{self.url}/chat", json=body, headers=headers or {}) as response,
+        ):
+            if response.status_code != 200:
+                response.read()
+                return response, []
+            events = [e for e in iter_sse(response) if e.comment is None]
         return response, events
 
 
@@ -154,9 +156,7 @@ def fake_model() -> Iterator[FakeModel]:
 
 
 @pytest.fixture(scope="session")
-def start_service(
-    fake_model: FakeModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Any]:
+def start_service(fake_model: FakeModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Start a chatsvc process with settings over the defaults; all are stopped at the end."""
     started: list[Service] = []
 

@@ -153,12 +153,16 @@ class FakeModel:
             self.fail_counts[key] = self.fail_counts.get(key, 0) + 1
             if "fail_times" not in d or self.fail_counts[key] <= int(d["fail_times"]):
                 extra = {"retry-after": d["retry_after"]} if "retry_after" in d else {}
-                error = {"error": {"message": "fake failure sk-leakedkey123456", "type": "fake_error", "code": "fake_code"}}
+                error = {
+                    "error": {"message": "fake failure sk-leakedkey123456", "type": "fake_error", "code": "fake_code"}
+                }
                 await self._send_json(writer, int(d["status"]), error, extra)
                 return True
 
         request_id = {} if d.get("request_id") == "0" else {"x-request-id": f"fake-{len(self.requests)}"}
-        head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n"
+        head = (
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n"
+        )
         head += "".join(f"{k}: {v}\r\n" for k, v in request_id.items()) + "\r\n"
         writer.write(head.encode())
         await writer.drain()
@@ -172,8 +176,14 @@ class FakeModel:
 
         def frame(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> bytes:
             choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
-            obj = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
-                   "choices": choices, "usage": usage}
+            obj = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": choices,
+                "usage": usage,
+            }
             return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
         await chunk(frame({"role": "assistant", "content": ""}))

@@ -41,7 +41,7 @@ def test_valid_incoming_id_is_echoed(service: Service, method: str, path: str, b
 
 @pytest.mark.parametrize("bad", [b"has space", b"x" * 129, b"semi;colon", "ünïcode".encode(), b""])
 def test_invalid_incoming_id_is_replaced_and_logged(service: Service, bad: bytes) -> None:
-    response = httpx.get(f"{service.url}/nowhere", headers={"X-Request-ID": bad})
+    response = httpx.get(f"{service.url}/nowhere", headers={b"X-Request-ID": bad})
 
     new = response.headers["x-request-id"]
     assert new.encode() != bad
@@ -81,7 +81,7 @@ def test_model_servers_own_request_id_is_logged(service: Service) -> None:
 
 def test_500_has_the_error_body_and_the_id() -> None:
     """An unexpected exception: the one error shape, the id echoed, no traceback in the body."""
-    settings = chatsvc.Settings(OPENAI_BASE_URL="http://127.0.0.1:9/v1", _env_file=None)  # type: ignore[call-arg]
+    settings = chatsvc.Settings(OPENAI_BASE_URL="http://127.0.0.1:9/v1", _env_file=None)
     app = chatsvc.create_app(settings)
 
     async def boom(request: Request) -> Response:

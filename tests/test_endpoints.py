@@ -90,7 +90,7 @@ def test_unknown_path_and_wrong_method_use_the_error_body(service: Service) -> N
 
 
 def app_routes() -> set[tuple[str, str]]:
-    app = chatsvc.create_app(chatsvc.Settings(_env_file=None))  # type: ignore[call-arg]
+    app = chatsvc.create_app(chatsvc.Settings(_env_file=None))
     routes = set()
     for route in app.routes:
         assert isinstance(route, Route)
@@ -117,7 +117,7 @@ def test_spec_documents_every_status_chat_can_answer() -> None:
 
 def test_spec_request_schema_matches_the_model_and_defaults() -> None:
     schema = spec()["components"]["schemas"]["ChatRequest"]
-    defaults = chatsvc.Settings(_env_file=None)  # type: ignore[call-arg]
+    defaults = chatsvc.Settings(_env_file=None)
 
     assert set(schema["properties"]) == set(chatsvc.ChatRequest.model_fields)
     assert schema["required"] == ["message"]

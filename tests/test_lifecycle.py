@@ -27,9 +27,7 @@ def open_stream(service: Service, message: str, rid: str) -> Iterator[tuple[http
 
 
 @pytest.mark.parametrize("after", [0, 3], ids=["before-first-token", "mid-stream"])
-def test_client_disconnect_closes_upstream_within_a_second(
-    service: Service, fake_model: FakeModel, after: int
-) -> None:
+def test_client_disconnect_closes_upstream_within_a_second(service: Service, fake_model: FakeModel, after: int) -> None:
     rid = f"leave-{after}"
     with open_stream(service, f"fake:deltas=10,stall_after={after}", rid) as (_, events):
         assert [next(events).event for _ in range(1 + after)] == ["meta"] + ["delta"] * after
@@ -52,7 +50,7 @@ def test_streams_over_the_limit_get_503_overloaded(start_service: Any, fake_mode
     ):
         assert next(first).event == "meta"
         assert next(second).event == "meta"
-        assert 'chatsvc_active_streams 2.0' in httpx.get(f"{svc.url}/metrics").text
+        assert "chatsvc_active_streams 2.0" in httpx.get(f"{svc.url}/metrics").text
 
         refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
         assert refused.status_code == 503

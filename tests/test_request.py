@@ -21,7 +21,11 @@ def post(service: Service, body: Any = None, **kwargs: Any) -> httpx.Response:
 def small(start_service: Any) -> Service:
     """A service with small limits, so that the limits are cheap to cross."""
     svc: Service = start_service(
-        MAX_MESSAGE_CHARS="100", MAX_HISTORY="2", MAX_TOKENS="50", MAX_BODY_BYTES="2048", SERVICE_API_KEYS="key-one,key-two"
+        MAX_MESSAGE_CHARS="100",
+        MAX_HISTORY="2",
+        MAX_TOKENS="50",
+        MAX_BODY_BYTES="2048",
+        SERVICE_API_KEYS="key-one,key-two",
     )
     return svc
 

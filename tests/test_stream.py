@@ -38,7 +38,8 @@ def test_stream_headers_and_event_sequence(service: Service) -> None:
     assert done.data["correlation_id"] == "seq-1"
     assert done.data["usage"]["source"] == "upstream"
     assert done.data["usage"]["completion_tokens"] == len([e for e in events if e.event == "delta"])
-    assert done.data["ttft_ms"] > 0 and done.data["duration_ms"] >= done.data["ttft_ms"]
+    assert done.data["ttft_ms"] > 0
+    assert done.data["duration_ms"] >= done.data["ttft_ms"]
 
 
 def test_usage_is_estimated_when_upstream_sends_none(service: Service) -> None:

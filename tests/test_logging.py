@@ -1,0 +1,157 @@
+"""Logs: one JSON object per line with the agreed fields, the agreed events, no user text by default,
+and no secret at any level, the libraries' records included."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from datetime import datetime
+from typing import Any
+
+import pytest
+from pythonjsonlogger.json import JsonFormatter
+
+from logging_conf import MASK, RedactionFilter, Redactor, configure_logging, correlation_id
+from tests.conftest import Service
+
+PRIVATE_MESSAGE = "my private words about the merger, call +1 415 555 0100 or mail jane.doe@example.com"
+
+
+def test_every_line_is_json_with_the_common_fields(service: Service) -> None:
+    service.chat({"message": "hi"}, {"X-Request-ID": "fields-1"})
+    service.wait_for_log("request_completed", "fields-1")
+
+    records = service.logs()  # raises if any line is not JSON
+    assert records
+    for record in records:
+        assert {"timestamp", "level", "logger", "event", "correlation_id"} <= set(record), record
+        assert datetime.fromisoformat(record["timestamp"]).utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+        assert "color_message" not in record
+
+
+def test_request_events_carry_their_fields(service: Service) -> None:
+    service.chat({"message": "fake:deltas=3"}, {"X-Request-ID": "ev-1"})
+    completed = service.wait_for_log("request_completed", "ev-1")
+
+    assert completed["status"] == 200
+    assert completed["finish_reason"] == "stop"
+    assert completed["completion_tokens"] == 3
+    assert completed["total_tokens"] == completed["prompt_tokens"] + 3
+    assert completed["usage_source"] == "upstream"
+    assert completed["duration_ms"] >= completed["ttft_ms"] > 0
+    assert service.wait_for_log("first_token", "ev-1")["ttft_ms"] > 0
+    opened = service.wait_for_log("upstream_opened", "ev-1")
+    assert opened["retries"] == 0
+
+
+def test_failures_are_logged_with_code_status_and_exception(service: Service) -> None:
+    service.chat({"message": "fake:deltas=3,die_after=1"}, {"X-Request-ID": "fail-1"})
+    failed = service.wait_for_log("request_failed", "fail-1")
+    assert failed["code"] == "upstream_error"
+    assert failed["status"] == 200
+    assert failed["exception"] == "APIConnectionError"
+
+    service.chat({"message": ""}, {"X-Request-ID": "fail-2"})
+    failed = service.wait_for_log("request_failed", "fail-2")
+    assert (failed["code"], failed["status"], failed["exception"]) == ("validation_error", 422, "ServiceError")
+
+
+def test_user_text_is_not_logged_by_default(service: Service) -> None:
+    service.chat({"message": PRIVATE_MESSAGE}, {"X-Request-ID": "priv-1"})
+    request = service.wait_for_log("chat_request", "priv-1")
+
+    assert request["message_chars"] == len(PRIVATE_MESSAGE)
+    assert re.fullmatch(r"[0-9a-f]{12}", request["message_sha256"])
+    assert "merger" not in service.output()
+
+
+def test_log_content_logs_truncated_masked_text(start_service: Any) -> None:
+    svc: Service = start_service(LOG_CONTENT="true")
+    svc.chat({"message": PRIVATE_MESSAGE + " token sk-abcdef123456789 " + "x" * 500}, {"X-Request-ID": "content-1"})
+    logged = svc.wait_for_log("chat_request", "content-1")["content"]
+
+    assert logged.startswith("my private words about the merger")
+    assert len(logged) < 260
+    assert "jane.doe@example.com" not in logged
+    assert "555 0100" not in logged
+    assert MASK in logged
+
+
+def test_debug_run_never_prints_the_key_or_the_users_text(start_service: Any) -> None:
+    key = "sk-unique-test-key-3f9a8b7c6d5e4f3a2b1c"
+    service_key = "svc-key-9e8d7c6b5a4f"
+    svc: Service = start_service(LOG_LEVEL="DEBUG", OPENAI_API_KEY=key, SERVICE_API_KEYS=service_key)
+    auth = {"Authorization": f"Bearer {service_key}"}
+    for message in [
+        PRIVATE_MESSAGE,
+        "fake:deltas=3,die_after=1",
+        "fake:status=401",  # the fake's error message holds an sk- key
+        "fake:status=500,fail_times=1,key=debug",
+        "fake:deltas=2,error_after=1",
+    ]:
+        svc.chat({"message": message}, auth)
+    svc.chat({"message": "hi"}, {"Authorization": "Bearer wrong-key-guess-123"})
+    svc.stop()
+
+    output = svc.output()
+    assert "request_completed" in output  # the run did log
+    for leaked in (key, service_key, "wrong-key-guess-123", "sk-leakedkey123456", "merger", "Bearer s"):
+        assert leaked not in output
+
+
+# The redaction filter itself, on any record --------------------------------------------------------
+
+
+@pytest.fixture
+def captured() -> Any:
+    """Our handler, as configure_logging sets it up, writing to a buffer."""
+    configure_logging("DEBUG", secrets=["exact-secret-value-42"])
+    ours = [h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter)]
+    assert len(ours) == 1
+    handler = ours[0]
+    assert isinstance(handler, logging.StreamHandler)
+    buffer = io.StringIO()
+    handler.setStream(buffer)
+    yield buffer.getvalue
+    logging.getLogger().removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["sk-proj-abcdefghijklmnop", "exact-secret-value-42", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.abc"],
+)
+def test_redaction_covers_message_args_extras_and_tracebacks(captured: Any, secret: str) -> None:
+    log = logging.getLogger("some.library")
+    log.warning("key is %s", secret)
+    log.info("nested", extra={"payload": {"headers": [{"authorization": secret}], "deep": {"a": {"b": secret}}}})
+    try:
+        raise ValueError(f"bad key {secret}")
+    except ValueError:
+        log.exception("failed")
+    out = captured()
+
+    assert out.count(MASK) >= 4
+    assert secret not in out
+    assert secret.split()[-1] not in out
+
+
+def test_authorization_header_value_is_masked_whatever_the_scheme() -> None:
+    redacted = Redactor().text("headers: {'Authorization': 'Basic dXNlcjpwYXNz'}")
+    assert "dXNlcjpwYXNz" not in redacted
+
+
+def test_correlation_id_is_on_records_of_any_logger(captured: Any) -> None:
+    token = correlation_id.set("ctx-7")
+    try:
+        logging.getLogger("uvicorn.error").info("hello")
+    finally:
+        correlation_id.reset(token)
+    assert '"correlation_id": "ctx-7"' in captured()
+
+
+def test_redacting_a_record_leaves_ordinary_text_alone() -> None:
+    record = logging.makeLogRecord({"msg": "served %d requests", "args": (3,), "path": "/chat"})
+    assert RedactionFilter(redactor=Redactor(["xyz-secret"])).filter(record)
+    assert record.getMessage() == "served 3 requests"
+    assert getattr(record, "path", None) == "/chat"

@@ -1,0 +1,104 @@
+"""Configuration: typed, from the environment and .env, secrets hidden, bad values stop the start."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+import chatsvc
+from tests.conftest import ROOT, Service
+from tests.fake_model import FakeModel
+
+
+def start_with(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "chatsvc.py")],
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_TOKENS", "lots"),
+        ("MAX_TOKENS", "0"),
+        ("LOG_LEVEL", "LOUD"),
+        ("PORT", "70000"),
+        ("REQUEST_TIMEOUT_S", "-1"),
+        ("LOG_CONTENT", "perhaps"),
+        ("MAX_BODY_BYTES", "10"),
+    ],
+)
+def test_bad_value_exits_2_with_a_three_part_message(tmp_path: Path, name: str, value: str) -> None:
+    result = start_with({name: value, "OPENAI_API_KEY": "sk-never-printed-123456"}, tmp_path)
+
+    assert result.returncode == 2
+    message = json.loads(result.stderr)
+    assert set(message) == {"error", "detail", "action"}
+    assert message["detail"].startswith(name)
+    assert "Traceback" not in result.stderr
+    assert "sk-never-printed" not in result.stderr + result.stdout
+
+
+def test_dotenv_file_in_the_working_directory_is_read(tmp_path: Path, fake_model: FakeModel) -> None:
+    (tmp_path / ".env").write_text(f"OPENAI_MODEL=model-from-dotenv\nOPENAI_BASE_URL={fake_model.base_url}\n")
+    svc = Service({}, tmp_path).start()
+    try:
+        assert httpx.get(f"{svc.url}/readyz").json() == {"status": "ready", "model": "model-from-dotenv"}
+    finally:
+        svc.stop()
+
+
+def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("OPENAI_MODEL=from-file\n")
+    monkeypatch.setenv("OPENAI_MODEL", "from-env")
+    assert chatsvc.Settings(_env_file=tmp_path / ".env").OPENAI_MODEL == "from-env"
+
+
+def test_secrets_never_show_in_repr() -> None:
+    settings = chatsvc.Settings(
+        _env_file=None, OPENAI_API_KEY="sk-hidden-value-987", SERVICE_API_KEYS="svc-hidden-1,svc-hidden-2"
+    )
+    assert "hidden" not in repr(settings)
+    assert "hidden" not in str(settings.model_dump())
+    assert settings.service_keys == (b"svc-hidden-1", b"svc-hidden-2")
+
+
+def test_comma_lists_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLOWED_MODELS", " a , b,,c ")
+    monkeypatch.setenv("CORS_ALLOW_ORIGINS", "https://x.example")
+    settings = chatsvc.Settings(_env_file=None)
+    assert settings.allowed_models == ("a", "b", "c")
+    assert settings.CORS_ALLOW_ORIGINS == ("https://x.example",)
+
+
+def test_env_example_lists_exactly_the_settings() -> None:
+    text = (ROOT / ".env.example").read_text()
+    listed = re.findall(r"^([A-Z_]+)=", text, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(chatsvc.Settings.model_fields)
+    assert len(listed) == len(set(listed))
+    defaults = chatsvc.Settings(_env_file=None)
+    for name, value in re.findall(r"^([A-Z_]+)=(.+)$", text, flags=re.MULTILINE):
+        assert str(getattr(defaults, name)).lower().removesuffix(".0") == value.lower(), name
+
+
+def test_cors_is_off_by_default_and_on_when_configured(service: Service, start_service: object) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(f"{service.url}/chat", headers=preflight).headers
+
+    svc: Service = start_service(CORS_ALLOW_ORIGINS="https://app.example")  # type: ignore[operator]
+    response = httpx.options(f"{svc.url}/chat", headers=preflight)
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
+    chat = httpx.post(f"{svc.url}/chat", json={"message": "hi"}, headers={"Origin": "https://app.example"})
+    assert "x-request-id" in chat.headers["access-control-expose-headers"].lower()
