@@ -1071,7 +1071,7 @@ class DrainingServer(uvicorn.Server):
 
 def main() -> None:
     settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.LOG_CONTENT)
+    configure_logging(settings.LOG_LEVEL, settings.secrets)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -1095,7 +1095,7 @@ def main() -> None:
 
 def _module_app() -> Starlette:
     settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.LOG_CONTENT)
+    configure_logging(settings.LOG_LEVEL, settings.secrets)
     return create_app(settings)
 
 

@@ -5,9 +5,10 @@ Both filters sit on the *handler*, not on our logger: a filter on a logger sees 
 own records, while uvicorn's, openai's and httpx's records reach the handler through propagation.
 
 Notes:
-1. Library loggers that print request or response bodies at DEBUG (openai logs the request options,
-   which hold the user's messages; sse-starlette logs every chunk of the answer) stay at INFO unless
-   LOG_CONTENT is true. LOG_LEVEL=DEBUG is for our own records; it never turns on content logging.
+1. Library loggers that can print request or response bodies at DEBUG (sse-starlette logs every
+   chunk of the answer; openai has logged request options, which hold the user's messages) stay at
+   INFO whatever LOG_LEVEL says, LOG_CONTENT=true included: their copies would be neither truncated
+   nor PII-masked. Content is logged only by our own `chat_request` line, as LOG_CONTENT specifies.
 2. Redaction masks, in the message, in every extra field at any nesting, and in tracebacks: the exact
    configured secrets, anything shaped like an `sk-` key, bearer tokens and Authorization headers.
    With LOG_CONTENT=true (and only then, since content is not logged otherwise) e-mail addresses and
@@ -131,8 +132,8 @@ def text_fingerprint(text: str) -> dict[str, Any]:
     return {"message_chars": len(text), "message_sha256": hashlib.sha256(text.encode()).hexdigest()[:12]}
 
 
-def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_content: bool = False) -> None:
-    library_level = level if log_content else _at_least_info(level)  # note 1
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    library_level = _at_least_info(level)  # note 1
     logging.config.dictConfig(
         {
             "version": 1,

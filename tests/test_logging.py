@@ -78,13 +78,22 @@ def test_log_content_logs_truncated_masked_text(start_service: Any) -> None:
     assert MASK in logged
 
 
-def test_debug_run_never_prints_the_key_or_the_users_text(start_service: Any) -> None:
+PASTED_SECRETS = "my key is sk-usertyped0123456789abc and my token Bearer eyJpYXQiOjE3MDB9.c2lnbmF0dXJl"
+
+
+@pytest.mark.parametrize("log_content", ["false", "true"])
+def test_debug_run_never_prints_a_key_or_token(start_service: Any, log_content: str) -> None:
+    """At DEBUG, and with LOG_CONTENT=true (which lets the libraries log request bodies and logs the
+    user's text), no configured key, no pasted key and no token reaches stdout or stderr."""
     key = "sk-unique-test-key-3f9a8b7c6d5e4f3a2b1c"
     service_key = "svc-key-9e8d7c6b5a4f"
-    svc: Service = start_service(LOG_LEVEL="DEBUG", OPENAI_API_KEY=key, SERVICE_API_KEYS=service_key)
+    svc: Service = start_service(
+        LOG_LEVEL="DEBUG", LOG_CONTENT=log_content, OPENAI_API_KEY=key, SERVICE_API_KEYS=service_key
+    )
     auth = {"Authorization": f"Bearer {service_key}"}
     for message in [
         PRIVATE_MESSAGE,
+        PASTED_SECRETS,
         "fake:deltas=3,die_after=1",
         "fake:status=401",  # the fake's error message holds an sk- key
         "fake:status=500,fail_times=1,key=debug",
@@ -96,8 +105,14 @@ def test_debug_run_never_prints_the_key_or_the_users_text(start_service: Any) ->
 
     output = svc.output()
     assert "request_completed" in output  # the run did log
-    for leaked in (key, service_key, "wrong-key-guess-123", "sk-leakedkey123456", "merger", "Bearer s"):
+    for leaked in (key, service_key, "wrong-key-guess-123", "sk-leakedkey123456", "Bearer s", "Bearer eyJ"):
         assert leaked not in output
+    for part in ("sk-usertyped0123456789abc", "eyJpYXQiOjE3MDB9", "jane.doe@example.com"):
+        assert part not in output
+    if log_content == "false":
+        assert "merger" not in output
+    else:
+        assert "merger" in output  # content logging is on: the text is there, masked
 
 
 # The redaction filter itself, on any record --------------------------------------------------------
