@@ -55,6 +55,7 @@ from types import FrameType
 from typing import Annotated, Any, Literal
 
 import anyio
+import httpx2
 import openai
 import uvicorn
 import yaml
@@ -258,6 +259,8 @@ def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> Servic
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
+        if isinstance(exc.__cause__, httpx2.ConnectTimeout):  # openai calls it a timeout; it is unreachable
+            return ServiceError("upstream_unreachable", "connecting to the model server took over CONNECT_TIMEOUT_S")
         return ServiceError("upstream_timeout", "the model server went silent for longer than IDLE_TIMEOUT_S")
     if isinstance(exc, openai.APIConnectionError):
         cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"

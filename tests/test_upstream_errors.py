@@ -3,6 +3,8 @@ clocks (idle, budget, connect) end what they should."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -103,6 +105,35 @@ def test_unreachable_upstream_is_504(start_service: Any) -> None:
 
     assert response.status_code == 504
     assert_error(response.json(), "upstream_unreachable")
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A loopback port where connecting hangs: a listener that never accepts, its backlog full."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []
+    for _ in range(4):
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        queued.append(client)
+    yield port
+    for sock in [*queued, listener]:
+        sock.close()
+
+
+def test_connect_that_hangs_is_cut_at_connect_timeout(start_service: Any, black_hole: int) -> None:
+    svc: Service = start_service(
+        OPENAI_BASE_URL=f"http://127.0.0.1:{black_hole}/v1", CONNECT_TIMEOUT_S="0.5", UPSTREAM_MAX_RETRIES="0"
+    )
+    response, _ = svc.chat({"message": "hi"})
+
+    assert response.status_code == 504
+    assert_error(response.json(), "upstream_unreachable")
+    assert "CONNECT_TIMEOUT_S" in response.json()["detail"]
 
 
 def test_silence_before_headers_is_504_upstream_timeout(quick: Service) -> None:
