@@ -6,6 +6,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import yaml
 
@@ -23,6 +24,12 @@ def validate(schema_name: str, instance: Any) -> None:
     """Validate against components.schemas[schema_name], resolving $refs within the document."""
     schema = {"$ref": f"#/components/schemas/{schema_name}", "components": spec()["components"]}
     jsonschema.Draft202012Validator(schema).validate(instance)
+
+
+def assert_error_response(response: httpx.Response, status: int, code: str) -> None:
+    """An HTTP error: this status, the error body with this code, and the id the response carries."""
+    assert response.status_code == status, response.text
+    assert_error(response.json(), code, response.headers["x-request-id"])
 
 
 def assert_error(body: Any, code: str, correlation_id: str | None = None) -> None:

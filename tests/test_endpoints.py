@@ -12,7 +12,7 @@ from starlette.routing import Route
 import chatsvc
 from tests.conftest import Service
 from tests.fake_model import FakeModel
-from tests.spec import assert_error, spec, validate
+from tests.spec import assert_error_response, spec, validate
 
 
 def test_healthz_is_ok_and_never_calls_the_model(service: Service, fake_model: FakeModel) -> None:
@@ -34,12 +34,10 @@ def test_not_configured_service_says_so(start_service: Any) -> None:
     bare: Service = start_service(OPENAI_BASE_URL="<unset>", OPENAI_API_KEY="<unset>")
 
     ready = httpx.get(f"{bare.url}/readyz")
-    assert ready.status_code == 503
-    assert_error(ready.json(), "not_configured")
+    assert_error_response(ready, 503, "not_configured")
     assert "OPENAI_API_KEY" in ready.json()["action"]
     chat = httpx.post(f"{bare.url}/chat", json={"message": "hi"})
-    assert chat.status_code == 503
-    assert_error(chat.json(), "not_configured")
+    assert_error_response(chat, 503, "not_configured")
     assert httpx.get(f"{bare.url}/healthz").status_code == 200
 
 
@@ -77,12 +75,10 @@ def test_openapi_json_is_the_yaml_in_the_repo(service: Service) -> None:
 
 def test_unknown_path_and_wrong_method_use_the_error_body(service: Service) -> None:
     missing = httpx.get(f"{service.url}/v1/chat/completions")
-    assert missing.status_code == 404
-    assert_error(missing.json(), "not_found")
+    assert_error_response(missing, 404, "not_found")
 
     wrong = httpx.put(f"{service.url}/chat", json={"message": "hi"})
-    assert wrong.status_code == 405
-    assert_error(wrong.json(), "method_not_allowed")
+    assert_error_response(wrong, 405, "method_not_allowed")
     assert wrong.headers["allow"] == "POST"
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import Event, Service, iter_sse
 from tests.fake_model import FakeModel
-from tests.spec import assert_error, validate
+from tests.spec import assert_error_response, validate
 
 
 @contextmanager
@@ -53,8 +53,7 @@ def test_streams_over_the_limit_get_503_overloaded(start_service: Any, fake_mode
         assert "chatsvc_active_streams 2.0" in httpx.get(f"{svc.url}/metrics").text
 
         refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
-        assert refused.status_code == 503
-        assert_error(refused.json(), "overloaded")
+        assert_error_response(refused, 503, "overloaded")
         assert int(refused.headers["retry-after"]) >= 1
     svc.wait_for_log("client_disconnected", "slot-1")
     svc.wait_for_log("client_disconnected", "slot-2")
@@ -90,11 +89,9 @@ def test_sigterm_drains_then_exits(start_service: Any, fake_model: FakeModel) ->
         svc.wait_for_log("draining")
 
         ready = httpx.get(f"{svc.url}/readyz")
-        assert ready.status_code == 503
-        assert_error(ready.json(), "shutting_down")
+        assert_error_response(ready, 503, "shutting_down")
         refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
-        assert refused.status_code == 503
-        assert_error(refused.json(), "shutting_down")
+        assert_error_response(refused, 503, "shutting_down")
         assert "retry-after" in refused.headers
 
         for reader in readers:

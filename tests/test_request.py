@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import Service
 from tests.fake_model import FakeModel
-from tests.spec import assert_error
+from tests.spec import assert_error, assert_error_response
 
 
 def post(service: Service, body: Any = None, **kwargs: Any) -> httpx.Response:
@@ -76,8 +76,7 @@ def test_invalid_json_is_400(small: Service) -> None:
     response = httpx.post(
         f"{small.url}/chat", content=b'{"message": "hi"', headers={**AUTH, "Content-Type": "application/json"}
     )
-    assert response.status_code == 400
-    assert_error(response.json(), "invalid_json")
+    assert_error_response(response, 400, "invalid_json")
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
@@ -85,8 +84,7 @@ def test_wrong_content_type_is_415(small: Service, content_type: str | None) -> 
     headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
     response = httpx.post(f"{small.url}/chat", content=b'{"message": "hi"}', headers=headers)
 
-    assert response.status_code == 415
-    assert_error(response.json(), "unsupported_media_type")
+    assert_error_response(response, 415, "unsupported_media_type")
 
 
 def test_json_content_type_with_charset_is_accepted(small: Service) -> None:
@@ -124,8 +122,7 @@ def test_chunked_oversize_body_is_413(small: Service) -> None:
     response = httpx.post(
         f"{small.url}/chat", content=chunks(), headers={**AUTH, "Content-Type": "application/json"}, timeout=10
     )
-    assert response.status_code == 413
-    assert_error(response.json(), "payload_too_large")
+    assert_error_response(response, 413, "payload_too_large")
 
 
 @pytest.mark.parametrize(

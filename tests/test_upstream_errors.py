@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Service, free_port
 from tests.fake_model import FakeModel
-from tests.spec import assert_error, validate
+from tests.spec import assert_error, assert_error_response, validate
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,7 @@ def test_unreachable_upstream_is_504(start_service: Any) -> None:
     dead = start_service(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", UPSTREAM_MAX_RETRIES="0")
     response, _ = dead.chat({"message": "hi"})
 
-    assert response.status_code == 504
-    assert_error(response.json(), "upstream_unreachable")
+    assert_error_response(response, 504, "upstream_unreachable")
 
 
 @pytest.fixture
@@ -131,16 +130,14 @@ def test_connect_that_hangs_is_cut_at_connect_timeout(start_service: Any, black_
     )
     response, _ = svc.chat({"message": "hi"})
 
-    assert response.status_code == 504
-    assert_error(response.json(), "upstream_unreachable")
+    assert_error_response(response, 504, "upstream_unreachable")
     assert "CONNECT_TIMEOUT_S" in response.json()["detail"]
 
 
 def test_silence_before_headers_is_504_upstream_timeout(quick: Service) -> None:
     response, _ = quick.chat({"message": "fake:header_delay=1.5"})
 
-    assert response.status_code == 504
-    assert_error(response.json(), "upstream_timeout")
+    assert_error_response(response, 504, "upstream_timeout")
 
 
 @pytest.mark.parametrize("after", [0, 2])
