@@ -1,0 +1,218 @@
+"""The image: built from the Dockerfile, run, probed, stopped mid-stream, removed; and the
+Dockerfile and Kubernetes manifests checked by their linters.
+
+The engine: `../shared/tools/container-engine.sh` (rootful podman with a local stand-in for
+python:3.11-slim) where it exists; otherwise a docker engine if one answers; otherwise the tests
+are skipped, saying why. The container reaches the fake model on the host's loopback through
+slirp4netns (`allow_host_loopback`: 10.0.2.2 inside is 127.0.0.1 outside), so nothing but loopback
+is ever addressed on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Event, free_port, iter_sse
+from tests.fake_model import FakeModel
+from tests.spec import validate
+
+ENGINE_TOOL = ROOT.parent / "shared" / "tools" / "container-engine.sh"
+GRACE_S = 2
+BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+
+
+@dataclass
+class Engine:
+    command: str
+    env: dict[str, str]
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [self.command, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{self.command} {' '.join(args)} failed: {result.stderr[-2000:]}")
+        return result
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    if ENGINE_TOOL.exists():
+        prepared = subprocess.run(["bash", str(ENGINE_TOOL)], capture_output=True, text=True, timeout=1200, check=False)
+        assert prepared.returncode == 0, f"container-engine.sh failed: {prepared.stderr[-2000:]}"
+        env = dict(os.environ)
+        for name, value in re.findall(r"(\w+)='([^']*)'", prepared.stdout):
+            env[name] = value
+        return Engine("podman", env)
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0:
+        return Engine("docker", dict(os.environ))
+    pytest.skip("no container engine: ../shared/tools/container-engine.sh is absent and no docker engine answers")
+
+
+@pytest.fixture(scope="module")
+def image(engine: Engine) -> Iterator[str]:
+    tag = f"localhost/chatsvc:test-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    engine("build", "--pull=never", "--format", "docker", "-t", tag, str(ROOT), timeout=900)
+    size = engine("image", "inspect", tag, "--format", "{{.Size}}").stdout.strip()
+    print(f"\nimage {tag}: built in {time.monotonic() - started:.1f} s, {int(size) / 1e6:.0f} MB")
+    yield tag
+    engine("rmi", "-f", tag, check=False)
+
+
+@dataclass
+class Container:
+    name: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def container(engine: Engine, image: str, fake_model: FakeModel) -> Iterator[Container]:
+    name = f"chatsvc-test-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    engine(
+        "run", "-d", "--name", name, "--read-only",
+        "--network", "slirp4netns:allow_host_loopback=true",
+        "-p", f"127.0.0.1:{port}:8000",
+        "-e", f"OPENAI_BASE_URL=http://10.0.2.2:{fake_model.port}/v1",
+        "-e", f"SHUTDOWN_GRACE_S={GRACE_S}",
+        "-e", "IDLE_TIMEOUT_S=60",
+        image,
+    )  # fmt: skip
+    box = Container(name, port)
+    try:
+        wait_healthy(box)
+        yield box
+    finally:
+        engine("rm", "-f", name, check=False)
+
+
+def wait_healthy(box: Container, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{box.url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)  # waiting for a container's port to open: there is no event to await
+    raise AssertionError("the container did not become healthy")
+
+
+def stream(url: str, message: str) -> Iterator[Event]:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", f"{url}/chat", json={"message": message}) as response,
+    ):
+        assert response.status_code == 200
+        yield from (e for e in iter_sse(response) if e.comment is None)
+
+
+@pytest.mark.container
+def test_image_serves_streams_and_probes_as_non_root(engine: Engine, container: Container) -> None:
+    assert httpx.get(f"{container.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{container.url}/readyz").status_code == 200
+
+    events = list(stream(container.url, "fake:deltas=20"))
+    assert events[0].event == "meta"
+    assert "".join(e.data["content"] for e in events if e.event == "delta") == "".join(f"w{i} " for i in range(20))
+    assert events[-1].event == "done"
+
+    assert engine("healthcheck", "run", container.name, check=False).returncode == 0
+    assert engine("exec", container.name, "id", "-u").stdout.strip() == "10001"
+    assert engine("exec", container.name, "id", "-g").stdout.strip() == "10001"
+    app_files = engine("exec", container.name, "ls", "-A", "/app").stdout.split()
+    assert sorted(app_files) == ["chatsvc.py", "logging_conf.py", "openapi.yaml", "requirements.txt"]
+    pid1 = engine("exec", container.name, "cat", "/proc/1/cmdline").stdout.split("\0")
+    assert pid1[:2] == ["python", "chatsvc.py"], pid1
+
+
+@pytest.mark.container
+def test_stop_drains_the_stream_in_flight_and_exits_0(engine: Engine, container: Container) -> None:
+    events = stream(container.url, "fake:deltas=5,stall_after=1")
+    assert next(events).event == "meta"
+    assert next(events).event == "delta"
+
+    stopped: dict[str, Any] = {}
+
+    def stop() -> None:
+        begun = time.monotonic()
+        stopped["result"] = engine("stop", "-t", "30", container.name, check=False)
+        stopped["seconds"] = time.monotonic() - begun
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    rest = list(events)  # the stall outlives the grace: the drain must end it
+    stopper.join(timeout=60)
+
+    assert rest[-1].event == "error"
+    validate("ErrorEvent", rest[-1].data)
+    assert rest[-1].data["code"] == "shutting_down"
+    assert stopped["result"].returncode == 0
+    assert stopped["seconds"] < 30  # podman's own kill timeout was never reached
+    exit_code = engine("inspect", container.name, "--format", "{{.State.ExitCode}}").stdout.strip()
+    assert exit_code == "0"
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [str(BIN / "hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_manifests_validate_against_the_schemas(tmp_path: Path) -> None:
+    manifests = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+    assert {m.name for m in manifests} >= {"deployment.yaml", "service.yaml", "hpa.yaml"}
+    ok = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "--quiet", *map(str, manifests)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    # The validator does reject a broken manifest (a misspelt field, under --strict).
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((ROOT / "deploy/kubernetes/deployment.yaml").read_text().replace("replicas:", "replica:"))
+    bad = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(broken)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode != 0
+
+
+def test_deployment_follows_the_services_contract() -> None:
+    import yaml
+
+    deployment = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    (box,) = pod["containers"]
+    env = {e["name"]: e for e in box["env"]}
+
+    assert spec["replicas"] >= 2
+    assert box["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert box["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["terminationGracePeriodSeconds"] > float(env["SHUTDOWN_GRACE_S"]["value"]) + 5
+    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "chatsvc-secrets"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert box["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"requests", "limits"} <= set(box["resources"])
