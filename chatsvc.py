@@ -94,6 +94,7 @@ class Settings(BaseSettings):
 
     OPENAI_API_KEY: SecretStr | None = None
     OPENAI_BASE_URL: str | None = None
+    UPSTREAM_HEALTH_URL: str | None = None
     OPENAI_MODEL: str = "gpt-4o-mini"
     ALLOWED_MODELS: Annotated[tuple[str, ...], NoDecode] = ()
     SYSTEM_PROMPT: str | None = None
@@ -230,10 +231,11 @@ ERRORS: dict[str, ErrorKind] = {
 class ServiceError(Exception):
     """An error with a stable code; rendered as an HTTP body before the stream, as an event after."""
 
-    def __init__(self, code: str, detail: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, code: str, detail: str, *, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(code, detail)
         self.code = code
         self.kind = ERRORS[code]
+        self.status = status or self.kind.status  # /readyz answers 503 whatever the reason
         self.detail = detail
         self.retry_after = retry_after
 
@@ -334,13 +336,13 @@ async def render_error(request: Request, exc: Exception) -> Response:
     else:
         # uvicorn logs the traceback (through our redaction) once this handler has answered.
         error = ServiceError("internal_error", f"unexpected {type(exc).__name__}")
-    log_request_failed(request.scope, error, error.kind.status, exc)
+    log_request_failed(request.scope, error, error.status, exc)
     headers = {**error.headers(), REQUEST_ID_HEADER: correlation_id.get() or ""}
     if exc.__class__ is HTTPException and exc.headers:  # 405 carries Allow
         headers.update(exc.headers)
     if error.code == "unauthorized":
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error.body(), status_code=error.kind.status, headers=headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -619,6 +621,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = create_upstream_client(settings)
+        self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.metrics = Metrics()
         self.relays: set[Relay] = set()
         self.slots_in_use = 0  # streams plus requests still opening one
@@ -651,6 +654,15 @@ class Service:
             self._drained = anyio.Event()
             with anyio.move_on_after(self.settings.SHUTDOWN_GRACE_S + 2):
                 await self._drained.wait()
+
+    async def upstream_answers(self) -> bool:
+        """Whether UPSTREAM_HEALTH_URL answers 2xx within CONNECT_TIMEOUT_S (for /readyz)."""
+        assert self.settings.UPSTREAM_HEALTH_URL
+        try:
+            response = await self.health_client.get(self.settings.UPSTREAM_HEALTH_URL)
+        except httpx2.HTTPError:
+            return False
+        return response.is_success
 
     def take_slot(self) -> None:
         # No await between the check and the increment: concurrent requests cannot overshoot.
@@ -956,12 +968,18 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """200 when configured, not draining, and (with UPSTREAM_HEALTH_URL) the model server answers;
+    otherwise 503, the code saying which."""
     service = service_of(request)
+    settings = service.settings
     if service.draining:
         raise ServiceError("shutting_down", "the service is draining", retry_after=5)
-    if not service.settings.configured:
+    if not settings.configured:
         raise ServiceError("not_configured", "neither OPENAI_API_KEY nor OPENAI_BASE_URL is set")
-    return JSONResponse({"status": "ready", "model": service.settings.OPENAI_MODEL})
+    if settings.UPSTREAM_HEALTH_URL and not await service.upstream_answers():
+        detail = "the model server does not answer at UPSTREAM_HEALTH_URL"
+        raise ServiceError("upstream_unreachable", detail, status=503)
+    return JSONResponse({"status": "ready", "model": settings.OPENAI_MODEL})
 
 
 async def metrics(request: Request) -> Response:
@@ -1003,6 +1021,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             watcher.cancel()
             await service.client.close()
+            await service.health_client.aclose()
             log.info("service_stopped")
 
     routes = [

@@ -125,6 +125,9 @@ class FakeModel:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
+        if method == "GET" and path.endswith("/models"):
+            await self._send_json(writer, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            return False
         if method != "POST" or not path.endswith("/chat/completions"):
             await self._send_json(writer, 404, {"error": {"message": "not found", "type": "not_found"}})
             return True

@@ -10,7 +10,7 @@ import pytest
 from starlette.routing import Route
 
 import chatsvc
-from tests.conftest import Service
+from tests.conftest import Service, free_port
 from tests.fake_model import FakeModel
 from tests.spec import assert_error_response, spec, validate
 
@@ -39,6 +39,18 @@ def test_not_configured_service_says_so(start_service: Any) -> None:
     chat = httpx.post(f"{bare.url}/chat", json={"message": "hi"})
     assert_error_response(chat, 503, "not_configured")
     assert httpx.get(f"{bare.url}/healthz").status_code == 200
+
+
+def test_readyz_asks_the_health_url_when_one_is_set(start_service: Any, fake_model: FakeModel) -> None:
+    dead: Service = start_service(UPSTREAM_HEALTH_URL=f"http://127.0.0.1:{free_port()}/v1/models")
+    ready = httpx.get(f"{dead.url}/readyz")
+    assert_error_response(ready, 503, "upstream_unreachable")
+    assert "UPSTREAM_HEALTH_URL" in ready.json()["detail"]
+
+    alive: Service = start_service(UPSTREAM_HEALTH_URL=f"{fake_model.base_url}/models")
+    assert httpx.get(f"{alive.url}/readyz").status_code == 200
+    wrong: Service = start_service(UPSTREAM_HEALTH_URL=f"{fake_model.base_url}/no-such-thing")
+    assert_error_response(httpx.get(f"{wrong.url}/readyz"), 503, "upstream_unreachable")
 
 
 def metric(text: str, name: str) -> float:
