@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 
 .PHONY: run test check lint typecheck unit
 
+# With no OPENAI_API_KEY or OPENAI_BASE_URL, run.py also sets up and runs the embedded model.
 run: $(VENV)/.runtime
-	$(BIN)/python chatsvc.py
+	$(BIN)/python run.py
 
 test: $(VENV)/.dev
 	$(BIN)/ruff format --check .
