@@ -11,6 +11,7 @@ run: $(VENV)/.runtime
 	$(BIN)/python run.py
 
 test: $(VENV)/.dev
+	bash tests/install-browser.sh
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -36,7 +36,9 @@ Deliberate departures from the libraries' defaults (the code points back here as
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
+import hashlib
 import json
 import logging
 import math
@@ -70,7 +72,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,6 +116,7 @@ class Settings(BaseSettings):
     CORS_ALLOW_ORIGINS: Annotated[tuple[str, ...], NoDecode] = ()
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     LOG_CONTENT: bool = False
+    SERVE_PAGE: bool = True
     HOST: str = "127.0.0.1"
     PORT: int = Field(8000, ge=0, le=65535)
 
@@ -986,6 +989,48 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+async def page(request: Request) -> Response:
+    chat_page: ChatPage = request.app.state.page
+    return HTMLResponse(chat_page.html, headers=chat_page.headers)
+
+
+@dataclass(frozen=True)
+class ChatPage:
+    """chat.html with its headers: a Content-Security-Policy that allows exactly its own inline
+    script and style (by hash), talks only to this origin, and loads nothing from anywhere."""
+
+    html: str
+    headers: dict[str, str]
+
+    @classmethod
+    def load(cls) -> ChatPage:
+        html = (HERE / "chat.html").read_text(encoding="utf-8")
+        scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
+        styles = re.findall(r"<style>(.*?)</style>", html, flags=re.DOTALL)
+        policy = "; ".join(
+            [
+                "default-src 'none'",
+                "script-src " + " ".join(map(_csp_hash, scripts)),
+                "style-src " + " ".join(map(_csp_hash, styles)),
+                "connect-src 'self'",
+                "base-uri 'none'",
+                "form-action 'none'",
+                "frame-ancestors 'none'",
+            ]
+        )
+        headers = {
+            "Content-Security-Policy": policy,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache",
+        }
+        return cls(html, headers)
+
+
+def _csp_hash(source: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
+
+
 async def openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
@@ -1031,6 +1076,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/metrics", metrics),
         Route("/openapi.json", openapi),
     ]
+    if settings.SERVE_PAGE:
+        routes.append(Route("/", page))
     middleware = [Middleware(RequestContextMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)]
     if settings.CORS_ALLOW_ORIGINS:
         middleware.append(
@@ -1050,6 +1097,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.service = service
     app.state.openapi = load_openapi()
+    app.state.page = ChatPage.load() if settings.SERVE_PAGE else None
     app.state.redactor = Redactor(settings.secrets)
     return app
 

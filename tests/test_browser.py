@@ -1,0 +1,203 @@
+"""The chat page at GET /, driven in headless Chromium (Debian's chromium and chromium-driver, put
+there by tests/install-browser.sh) against chatsvc and the fake model."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver import Chrome as WebDriver  # Chromium's driver: it has get_log()
+from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import ROOT, Service
+from tests.fake_model import FakeModel, expected_text
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+SCREENSHOT = ROOT / "docs" / "chat-page.png"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium and chromium-driver are not installed (tests/install-browser.sh installs them as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=900,700",
+    ):  # fmt: skip
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=DriverService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser: WebDriver, service: Service) -> WebDriver:
+    browser.get(f"{service.url}/")
+    console(browser)  # start each test with an empty console
+    return browser
+
+
+def console(driver: WebDriver) -> list[dict[str, Any]]:
+    """The browser console's entries since the last call (CSP violations would be SEVERE ones)."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return entries
+
+
+def ask(driver: WebDriver, message: str) -> None:
+    box = driver.find_element(By.ID, "message")
+    box.send_keys(message)
+    box.send_keys(Keys.ENTER)
+
+
+def last_answer(driver: WebDriver) -> Any:
+    return driver.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1]
+
+
+def wait(driver: WebDriver, condition: Any, timeout: float = 20) -> Any:
+    return WebDriverWait(driver, timeout, poll_frequency=0.02).until(condition)
+
+
+def answer_text(driver: WebDriver) -> str:
+    # textContent, not .text: the exact characters inserted, not a rendering of them.
+    text: str = last_answer(driver).find_element(By.CSS_SELECTOR, ".content").get_attribute("textContent")
+    return text
+
+
+def finished(driver: WebDriver) -> bool:
+    return bool(last_answer(driver).find_elements(By.CSS_SELECTOR, ".meta"))
+
+
+def test_answer_streams_in_and_ends_with_usage(page: WebDriver) -> None:
+    message = "fake:deltas=30,delay=0.1"
+    ask(page, message)
+
+    # Watch the answer while it streams: it must grow before the stream is over.
+    seen: list[str] = []
+    while not finished(page):
+        text = answer_text(page)
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+        time.sleep(0.02)  # sampling the page as it renders: the growth itself is what is measured
+    assert len(seen) >= 3, seen
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen))
+
+    assert answer_text(page) == expected_text(message)
+    note = last_answer(page).find_element(By.CSS_SELECTOR, ".meta").text
+    assert re.search(r"30 tokens \(upstream\), first token [\d.]+ ms, [\d.]+ ms in all · stop", note), note
+    assert page.switch_to.active_element.get_attribute("id") == "message"  # focus back for the next turn
+    assert not [entry for entry in console(page) if entry["level"] == "SEVERE"]
+
+
+def test_history_is_sent_with_the_next_message(page: WebDriver, fake_model: FakeModel) -> None:
+    ask(page, "first question")
+    wait(page, finished)
+    ask(page, "second question")
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".meta")) == 2)
+
+    messages = fake_model.last().body["messages"]
+    assert [m["content"] for m in messages[1:]] == [
+        "first question",
+        expected_text("first question"),
+        "second question",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [("fake:deltas=5,die_after=2", "upstream_error"), ("fake:status=401", "upstream_auth")],
+    ids=["mid-stream", "before-the-stream"],
+)
+def test_errors_show_their_three_parts_and_the_correlation_id(
+    page: WebDriver, service: Service, message: str, code: str
+) -> None:
+    ask(page, message)
+    error = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.error"))[-1]
+
+    text = error.text
+    for label in ("Error", "Why", "What to do", "Code", "Correlation id"):
+        assert label in text
+    assert code in text
+    correlation_id = error.find_element(By.CSS_SELECTOR, ".correlation-id").text
+    assert re.fullmatch(r"[0-9a-f-]{36}", correlation_id)
+    assert service.wait_for_log("request_failed", correlation_id)["code"] == code
+
+
+def test_html_in_an_answer_is_shown_as_text(page: WebDriver) -> None:
+    hostile = "<script>window.pwned=1</script>|<img src=x onerror=window.pwned=2>|<b>bold</b>"
+    ask(page, f"fake:text={hostile}")
+    wait(page, finished)
+
+    assert answer_text(page) == hostile.replace("|", "")
+    assert page.execute_script("return window.pwned") is None
+    assert not page.find_elements(By.CSS_SELECTOR, "#log img, #log b, #log script")
+
+
+def test_stop_closes_the_upstream_connection(page: WebDriver, fake_model: FakeModel) -> None:
+    ask(page, "fake:deltas=10,stall_after=2")
+    wait(page, lambda d: answer_text(d) == "w0 w1 ")
+    upstream = fake_model.last()
+
+    page.find_element(By.ID, "stop").click()
+
+    assert upstream.closed.wait(5), "the model server's connection stayed open after Stop"
+    wait(page, lambda d: "Stopped." in last_answer(d).text)
+    assert page.find_element(By.ID, "send").is_enabled()
+    assert not page.find_element(By.ID, "stop").is_enabled()
+
+
+def test_page_is_usable_at_320_px_and_labelled(page: WebDriver) -> None:
+    for field in ("message", "key"):
+        assert page.find_elements(By.CSS_SELECTOR, f"label[for={field}]")
+    page.set_window_size(320, 640)
+    try:
+        inner = page.execute_script("return document.documentElement.clientWidth")
+        wide = page.execute_script("return document.documentElement.scrollWidth")
+        assert wide <= inner, f"the page scrolls sideways at 320 px ({wide} > {inner})"
+        ask(page, "Hello! What can you do?")
+        wait(page, finished)
+        if os.environ.get("UPDATE_SCREENSHOT") == "1":  # refresh the README's picture
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.set_window_size(900, 700)
+            page.save_screenshot(str(SCREENSHOT))
+    finally:
+        page.set_window_size(900, 700)
+
+
+def test_page_is_served_with_a_strict_csp(service: Service) -> None:
+    response = httpx.get(f"{service.url}/")
+    policy = response.headers["content-security-policy"]
+
+    assert response.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in policy
+    assert "connect-src 'self'" in policy
+    assert "unsafe-inline" not in policy
+    assert "http" not in policy  # nothing from any other origin
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", response.text)  # nothing fetched at all
+
+
+def test_page_can_be_turned_off(start_service: Any) -> None:
+    svc: Service = start_service(SERVE_PAGE="false")
+    response = httpx.get(f"{svc.url}/")
+    assert response.status_code == 404
+    assert httpx.get(f"{svc.url}/healthz").status_code == 200
+
+
+def test_screenshot_in_the_readme_exists() -> None:
+    assert SCREENSHOT.exists()
+    assert Path(ROOT / "README.md").read_text().count("docs/chat-page.png") == 1
