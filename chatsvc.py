@@ -30,7 +30,12 @@ Deliberate departures from the libraries' defaults (the code points back here as
    content deltas (one token each from llama.cpp, vLLM and Ollama) and prompt tokens are estimated at
    four characters a token; the `done` event says `"source": "estimated"`.
 7. A stream that ends without a finish_reason was cut (openai's parser ends quietly when `[DONE]`
-   never comes), so it gets an `error` event `upstream_error`, never a `done`.
+   never comes), so it gets an `error` event `upstream_error`, never a `done`. Conversely, once a
+   finish_reason has come the answer is whole: we wait at most FINISH_WAIT_S more (for the usage
+   chunk and `[DONE]`), and a server that stays silent then still gets its `done`.
+8. A client that stops reading is cut off after SEND_TIMEOUT_S (sse-starlette's send timeout), so
+   that it cannot hold a slot and a growing buffer for as long as the model talks. It is logged as
+   `request_failed` with code `client_too_slow`; no event can reach it.
 """
 
 from __future__ import annotations
@@ -62,10 +67,19 @@ import openai
 import uvicorn
 import yaml
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sse_starlette import EventSourceResponse, JSONServerSentEvent, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -84,6 +98,7 @@ HERE = Path(__file__).resolve().parent
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+FINISH_WAIT_S = 2.0  # note 7
 
 
 # --- Settings ---------------------------------------------------------------------------------------
@@ -616,6 +631,10 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
         )
         self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
+        # What leak checks watch: memory and open descriptors (process_*), and tasks on the loop.
+        ProcessCollector(registry=r)
+        tasks = Gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop", registry=r)
+        tasks.set_function(lambda: len(asyncio.all_tasks()))
 
 
 class Service:
@@ -726,6 +745,12 @@ class Relay:
                 chunk = await self.next_chunk()
             except StopAsyncIteration:
                 break
+            except ServiceError as exc:
+                if exc.code == "upstream_timeout" and self.finish_reason is not None:  # note 7
+                    log.warning("upstream_no_done", extra={"finish_reason": self.finish_reason})
+                    break
+                yield self.error_event(exc, exc)
+                return
             except Exception as exc:  # CancelledError is a BaseException: never caught here
                 yield self.error_event(map_upstream_error(exc, streaming=True), exc)
                 return
@@ -749,7 +774,12 @@ class Relay:
 
     async def next_chunk(self) -> ChatCompletionChunk:
         """The next upstream chunk, within the nearest deadline (note 3)."""
-        idle_deadline = time.monotonic() + self.settings.IDLE_TIMEOUT_S
+        idle = (
+            self.settings.IDLE_TIMEOUT_S
+            if self.finish_reason is None
+            else min(FINISH_WAIT_S, self.settings.IDLE_TIMEOUT_S)
+        )
+        idle_deadline = time.monotonic() + idle
         with anyio.CancelScope(deadline=min(idle_deadline, self.deadline, self.service.drain_deadline)) as scope:
             self.wait_scope = scope
             try:
@@ -830,6 +860,18 @@ class Relay:
         )
         return self.event("error", {**error.body(), "usage": usage})
 
+    def client_too_slow(self) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = "client_too_slow"
+        usage = self.usage()
+        self.record(usage)
+        log.warning(
+            "request_failed",
+            extra={"code": "client_too_slow", "status": 200, "exception": "SendTimeoutError", "path": "/chat",
+                   "send_timeout_s": self.settings.SEND_TIMEOUT_S, **self.timings(), **_flat_usage(usage)},
+        )  # fmt: skip
+
     def record(self, usage: dict[str, Any]) -> None:
         metrics = self.service.metrics
         metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
@@ -894,6 +936,8 @@ class RelayResponse(EventSourceResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            self.relay.client_too_slow()  # note 8; uvicorn closes the connection
         finally:
             await self.relay.close()
 

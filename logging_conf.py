@@ -10,9 +10,8 @@ Notes:
    INFO whatever LOG_LEVEL says, LOG_CONTENT=true included: their copies would be neither truncated
    nor PII-masked. Content is logged only by our own `chat_request` line, as LOG_CONTENT specifies.
 2. Redaction masks, in the message, in every extra field at any nesting, and in tracebacks: the exact
-   configured secrets, anything shaped like an `sk-` key, bearer tokens and Authorization headers.
-   With LOG_CONTENT=true (and only then, since content is not logged otherwise) e-mail addresses and
-   phone numbers are masked as well.
+   configured secrets, anything shaped like an `sk-` key, bearer tokens, Authorization headers and
+   e-mail addresses. In logged content (LOG_CONTENT=true) phone numbers are masked as well.
 """
 
 from __future__ import annotations
@@ -33,16 +32,16 @@ correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=No
 MASK = "[REDACTED]"
 CONTENT_LOG_CHARS = 200
 
-# Always masked, whatever the level (see note 2).
+# Always masked, whatever the level (see note 2). E-mail addresses too: they are personal data.
 _SECRET_PATTERNS = [
+    re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"),
     re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"),
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=\-]{4,}"),
     re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:[A-Za-z]+\s+)?[^\s\"',}]+"),
     re.compile(r"(?i)(api[_-]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
 ]
-# Masked in logged content (LOG_CONTENT=true).
+# Masked in logged content (LOG_CONTENT=true) as well. Not everywhere: it would eat IP addresses.
 _PII_PATTERNS = [
-    re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"),
     re.compile(r"(?<!\w)\+?\d[\d\s().\-]{7,}\d(?!\w)"),
 ]
 

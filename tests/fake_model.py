@@ -21,6 +21,10 @@ Directives:
     error_after=N    after N deltas send an in-band {"error": ...} chunk
     garbage_after=N  after N deltas send a frame that is not JSON
     no_finish=1      end the body after the deltas, with no finish_reason and no [DONE]
+    hang_after_finish=1  send the finish_reason, then neither usage nor [DONE] (until the peer leaves)
+    truncate_after=N after N deltas send half a frame, then end the body
+    reset_before_headers=1  read the request, then reset the connection
+    huge=N           answer with one delta of N characters
     usage=0          send no usage chunk (like llama.cpp and many local servers)
     request_id=0     send no x-request-id header
 """
@@ -141,16 +145,20 @@ class FakeModel:
             await self._stream(seen, _directives(body), writer)
         finally:
             watcher.cancel()
+            # Every chat response ends its connection; when we end it first, it is closed all the same.
+            writer.close()
+            _mark_closed(seen)
         return False
 
     async def _watch_close(self, reader: asyncio.StreamReader, seen: Seen) -> None:
         await reader.read()  # b"" at EOF; the relay sends no more after the request body
-        seen.closed_at = time.monotonic()
-        seen.closed.set()
-        seen.closed_here.set()
+        _mark_closed(seen)
 
     async def _stream(self, seen: Seen, d: dict[str, str], writer: asyncio.StreamWriter) -> bool:
         await asyncio.sleep(float(d.get("header_delay", 0)))
+        if d.get("reset_before_headers") == "1":
+            writer.transport.abort()
+            return False
         if "status" in d:
             key = d.get("key", "default")
             self.fail_counts[key] = self.fail_counts.get(key, 0) + 1
@@ -207,6 +215,9 @@ class FakeModel:
             await chunk(b"")  # the body ends: no finish_reason, no [DONE]
             return False
         await chunk(frame({}, finish="stop"))
+        if d.get("hang_after_finish") == "1":
+            await seen.closed_here.wait()
+            return False
         if d.get("usage") != "0":
             prompt = sum(len(str(m.get("content", ""))) for m in seen.body.get("messages", []))
             usage = {"prompt_tokens": prompt, "completion_tokens": len(deltas), "total_tokens": prompt + len(deltas)}
@@ -227,6 +238,12 @@ class FakeModel:
             await chunk(b'data: {"error": {"message": "the model broke", "type": "server_error", "code": "boom"}}\n\n')
             await chunk(b"")
             return True
+        if d.get("truncate_after") == str(i):
+            delta = {"index": 0, "delta": {"content": "cut"}, "finish_reason": None}
+            whole = b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "choices": [delta]}).encode()
+            await chunk(whole[: len(whole) // 2])
+            await chunk(b"")
+            return True
         if d.get("garbage_after") == str(i):
             await chunk(b"data: {this is not json\n\n")
             await chunk(b"")
@@ -244,6 +261,13 @@ class FakeModel:
         await writer.drain()
 
 
+def _mark_closed(seen: Seen) -> None:
+    if not seen.closed.is_set():
+        seen.closed_at = time.monotonic()
+        seen.closed.set()
+        seen.closed_here.set()
+
+
 def _directives(body: dict[str, Any]) -> dict[str, str]:
     messages = body.get("messages") or [{}]
     text = str(messages[-1].get("content", ""))
@@ -259,6 +283,8 @@ UTF8_DELTAS = ["Grüße ", "aus ", "日本", "語 ", "👍", "🏽 ", "и ", "ε
 def _deltas(d: dict[str, str]) -> list[str]:
     if "text" in d:
         return d["text"].split("|")
+    if "huge" in d:
+        return ["x" * int(d["huge"])]
     if d.get("utf8") == "1":
         return UTF8_DELTAS
     if "deltas" in d:
