@@ -85,7 +85,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -966,7 +966,13 @@ async def chat(request: Request) -> Response:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise ServiceError("unsupported_media_type", f"got {media_type or 'no content type'!r}")
-    chat_request = parse_chat_request(await request.body(), settings)
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        # The client left before sending the body it announced: nobody is there to answer.
+        log.info("client_disconnected", extra={"path": "/chat", "while": "reading the request body"})
+        return Response(status_code=400)
+    chat_request = parse_chat_request(body, settings)
 
     messages = chat_request.messages(settings.SYSTEM_PROMPT)
     prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
