@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,13 +38,21 @@ class Result:
 LIMIT_S = 120  # no single stream of the tests takes longer
 
 
-async def chat(port: int, body: dict[str, Any], *, rid: str | None = None, behaviour: Behaviour = "read_all") -> Result:
-    """POST /chat on 127.0.0.1:port and follow the answer as `behaviour` says."""
+async def chat(
+    port: int,
+    body: dict[str, Any],
+    *,
+    rid: str | None = None,
+    behaviour: Behaviour = "read_all",
+    on_meta: Callable[[], None] | None = None,
+) -> Result:
+    """POST /chat on 127.0.0.1:port and follow the answer as `behaviour` says; `on_meta` is called
+    when the stream has started."""
     result = Result()
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=SLOW_READ_BYTES)
     try:
         async with asyncio.timeout(LIMIT_S):
-            await _exchange(reader, writer, body, rid, behaviour, result)
+            await _exchange(reader, writer, body, rid, behaviour, result, on_meta)
     except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
         result.error = type(exc).__name__
     finally:
@@ -60,6 +69,7 @@ async def _exchange(
     rid: str | None,
     behaviour: Behaviour,
     result: Result,
+    on_meta: Callable[[], None] | None,
 ) -> None:
     payload = json.dumps(body).encode()
     head = "POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -83,6 +93,8 @@ async def _exchange(
         for event in parser.feed(data):
             result.events.append(event)
             name = event[0]
+            if name == "meta" and on_meta is not None:
+                on_meta()
             if behaviour == "leave_before_first_token" and name == "meta":
                 return
             if behaviour == "leave_mid_stream" and name == "delta":
