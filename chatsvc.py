@@ -489,7 +489,8 @@ class ChatRequest(BaseModel):
     message: str
     history: list[ChatTurn] = []
     model: str | None = None
-    max_tokens: int | None = None
+    # JSON Schema counts 1000.0 as an integer; strict pydantic would not. Strings and booleans stay refused.
+    max_tokens: float | None = None  # a whole number, checked below
     temperature: float | None = Field(None, ge=0, le=2)
 
     @field_validator("message")
@@ -520,11 +521,15 @@ class ChatRequest(BaseModel):
 
     @field_validator("max_tokens")
     @classmethod
-    def _max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+    def _max_tokens(cls, value: float | None, info: ValidationInfo) -> int | None:
         limit = _limits(info).MAX_TOKENS
-        if value is not None and not 1 <= value <= limit:
+        if value is None:
+            return None
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("must be a whole number")
+        if not 1 <= value <= limit:
             raise ValueError(f"must be from 1 to {limit}")
-        return value
+        return int(value)
 
     def messages(self, system_prompt: str | None) -> list[ChatCompletionMessageParam]:
         out: list[ChatCompletionMessageParam] = []
@@ -581,7 +586,7 @@ async def open_upstream(
                     messages=messages,
                     stream=True,
                     stream_options={"include_usage": True},
-                    max_tokens=chat.max_tokens or settings.MAX_TOKENS,
+                    max_tokens=int(chat.max_tokens or settings.MAX_TOKENS),
                     temperature=chat.temperature if chat.temperature is not None else openai.omit,
                     extra_headers={"X-Client-Request-Id": correlation_id.get() or ""},
                 )
@@ -1085,9 +1090,18 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
 
-def load_openapi() -> dict[str, Any]:
+def load_openapi(settings: Settings) -> dict[str, Any]:
+    """openapi.yaml with this deployment's values: the models it allows and its limits, so that the
+    served contract is exact (the file documents the defaults)."""
     spec = yaml.safe_load((HERE / "openapi.yaml").read_text(encoding="utf-8"))
     assert isinstance(spec, dict)
+    schemas = spec["components"]["schemas"]
+    fields = schemas["ChatRequest"]["properties"]
+    fields["model"]["enum"] = [*settings.allowed_models, None]
+    fields["message"]["maxLength"] = settings.MAX_MESSAGE_CHARS
+    fields["history"]["maxItems"] = settings.MAX_HISTORY
+    fields["max_tokens"]["maximum"] = settings.MAX_TOKENS
+    schemas["ChatTurn"]["properties"]["content"]["maxLength"] = settings.MAX_MESSAGE_CHARS
     return spec
 
 
@@ -1146,7 +1160,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.state.openapi = load_openapi()
+    app.state.openapi = load_openapi(settings)
     app.state.page = ChatPage.load() if settings.SERVE_PAGE else None
     app.state.redactor = Redactor(settings.secrets)
     return app

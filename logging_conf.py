@@ -35,8 +35,9 @@ CONTENT_LOG_CHARS = 200
 # Always masked, whatever the level (see note 2). E-mail addresses too: they are personal data.
 _SECRET_PATTERNS = [
     re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"),
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"),
-    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=\-]{4,}"),
+    # Key-length sk- strings wherever they stand; shorter ones only at a word start ("task-group").
+    re.compile(r"sk-[A-Za-z0-9_\-]{20,}|\bsk-[A-Za-z0-9_\-]{6,}"),
+    re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=\-]{4,}"),
     re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:[A-Za-z]+\s+)?[^\s\"',}]+"),
     re.compile(r"(?i)(api[_-]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
 ]

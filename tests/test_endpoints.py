@@ -81,8 +81,20 @@ def test_metrics_count_outcomes_tokens_and_timings(service: Service) -> None:
     assert metric(text, "chatsvc_active_streams") == 0
 
 
-def test_openapi_json_is_the_yaml_in_the_repo(service: Service) -> None:
-    assert httpx.get(f"{service.url}/openapi.json").json() == spec()
+def test_openapi_json_is_the_yaml_with_this_deployments_values(start_service: Any) -> None:
+    svc: Service = start_service(ALLOWED_MODELS="m1,m2", MAX_MESSAGE_CHARS="100", MAX_HISTORY="3", MAX_TOKENS="9")
+    served = httpx.get(f"{svc.url}/openapi.json").json()
+    fields = served["components"]["schemas"]["ChatRequest"]["properties"]
+
+    assert fields["model"]["enum"] == ["m1", "m2", None]
+    assert fields["message"]["maxLength"] == 100
+    assert fields["history"]["maxItems"] == 3
+    assert fields["max_tokens"]["maximum"] == 9
+    assert served["components"]["schemas"]["ChatTurn"]["properties"]["content"]["maxLength"] == 100
+    for name in ("model", "message", "history", "max_tokens"):
+        fields[name] = spec()["components"]["schemas"]["ChatRequest"]["properties"][name]
+    served["components"]["schemas"]["ChatTurn"] = spec()["components"]["schemas"]["ChatTurn"]
+    assert served == spec()  # and nothing else differs from the file
 
 
 def test_unknown_path_and_wrong_method_use_the_error_body(service: Service) -> None:

@@ -4,6 +4,7 @@ and no secret at any level, the libraries' records included."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from datetime import datetime
@@ -88,9 +89,10 @@ def test_debug_run_never_prints_a_key_or_token(start_service: Any, log_content: 
     key = "sk-unique-test-key-3f9a8b7c6d5e4f3a2b1c"
     service_key = "svc-key-9e8d7c6b5a4f"
     svc: Service = start_service(
-        LOG_LEVEL="DEBUG", LOG_CONTENT=log_content, OPENAI_API_KEY=key, SERVICE_API_KEYS=service_key
+        LOG_LEVEL="DEBUG", LOG_CONTENT=log_content, OPENAI_API_KEY=key, SERVICE_API_KEYS=service_key, IDLE_TIMEOUT_S="1"
     )
     auth = {"Authorization": f"Bearer {service_key}"}
+    client_saw: list[str] = []  # error bodies and events: the grep covers what clients get too
     for message in [
         PRIVATE_MESSAGE,
         PASTED_SECRETS,
@@ -98,12 +100,16 @@ def test_debug_run_never_prints_a_key_or_token(start_service: Any, log_content: 
         "fake:status=401",  # the fake's error message holds an sk- key
         "fake:status=500,fail_times=1,key=debug",
         "fake:deltas=2,error_after=1",
+        "fake:deltas=3,stall_after=1",
     ]:
-        svc.chat({"message": message}, auth)
-    svc.chat({"message": "hi"}, {"Authorization": "Bearer wrong-key-guess-123"})
+        response, events = svc.chat({"message": message}, auth)
+        client_saw.append(response.text if events == [] else json.dumps([e.data for e in events]))
+    response, _ = svc.chat({"message": "hi"}, {"Authorization": "Bearer wrong-key-guess-123"})
+    client_saw.append(response.text)
     svc.stop()
 
-    output = svc.output()
+    output = svc.output() + "\n".join(client_saw)
+    assert "upstream_auth" in output  # the scenarios did fail as intended
     assert "request_completed" in output  # the run did log
     for leaked in (key, service_key, "wrong-key-guess-123", "sk-leakedkey123456", "Bearer s", "Bearer eyJ"):
         assert leaked not in output

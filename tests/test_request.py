@@ -48,6 +48,8 @@ AUTH = {"Authorization": "Bearer key-one"}
         ({"message": "hi", "max_tokens": 0}, "max_tokens"),
         ({"message": "hi", "max_tokens": 51}, "max_tokens"),
         ({"message": "hi", "max_tokens": "10"}, "max_tokens"),
+        ({"message": "hi", "max_tokens": 10.5}, "max_tokens"),
+        ({"message": "hi", "max_tokens": True}, "max_tokens"),
         ({"message": "hi", "temperature": 2.5}, "temperature"),
         ({"message": "hi", "temperature": -0.1}, "temperature"),
         ({"message": "hi", "stream": False}, "stream"),
@@ -151,7 +153,7 @@ def test_open_service_needs_no_key(service: Service) -> None:
 
 def test_messages_reach_the_model_in_order(service: Service, fake_model: FakeModel) -> None:
     history = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "second"}]
-    body = {"message": "third", "history": history, "model": "other-model", "max_tokens": 7, "temperature": 0.5}
+    body = {"message": "third", "history": history, "model": "other-model", "max_tokens": 7.0, "temperature": 0.5}
     response, _ = service.chat(body)
 
     sent = fake_model.last().body
