@@ -750,9 +750,9 @@ class Relay:
                 chunk = await self.next_chunk()
             except StopAsyncIteration:
                 break
-            except ServiceError as exc:
-                if exc.code == "upstream_timeout" and self.finish_reason is not None:  # note 7
-                    log.warning("upstream_no_done", extra={"finish_reason": self.finish_reason})
+            except ServiceError as exc:  # a deadline passed while waiting
+                if self.finish_reason is not None:  # note 7: the answer is whole already
+                    log.warning("upstream_no_done", extra={"finish_reason": self.finish_reason, "waited_for": exc.code})
                     break
                 yield self.error_event(exc, exc)
                 return
