@@ -1,0 +1,1 @@
+"""The relay benchmark: see run.py."""

@@ -1,0 +1,106 @@
+"""The benchmark's load generator, run as its own process: N streams at concurrency C against
+chatsvc (POST /chat) or straight against the fake upstream (POST /v1/chat/completions), each
+checked for integrity (the text that arrives equals what the model sent, in order). Prints one
+JSON object: time to first delta and stream time per stream, and the failures.
+
+    python bench/load_generator.py --port 8000 --target chatsvc --streams 100 --concurrency 10 --message bench:chunks=20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+LIMIT_S = 120  # per stream
+
+
+async def one(port: int, target: str, message: str, expected: str) -> dict[str, Any]:
+    path, body = (
+        ("/chat", {"message": message})
+        if target == "chatsvc"
+        else (
+            "/v1/chat/completions",
+            {"model": "bench", "stream": True, "messages": [{"role": "user", "content": message}]},
+        )
+    )
+    payload = json.dumps(body).encode()
+    sent = time.perf_counter()
+    first = None
+    text: list[str] = []
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (path.encode(), len(payload), payload)
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                return {"ok": False, "why": head.split(b"\r\n")[0].decode()}
+            buffer, event = b"", b""
+            while chunk := await reader.read(65536):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    line = line.rstrip(b"\r")
+                    if line.startswith(b"event: "):
+                        event = line[7:]
+                    elif line.startswith(b"data: {"):
+                        content = _content(json.loads(line[6:]), target, event)
+                        if content:
+                            first = first or time.perf_counter()
+                            text.append(content)
+            writer.close()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        return {"ok": False, "why": type(exc).__name__}
+    done = time.perf_counter()
+    joined = "".join(text)
+    return {
+        "ok": joined == expected,
+        "why": None if joined == expected else "text differs",
+        "ttfb": (first or done) - sent,
+        "total": done - sent,
+    }
+
+
+def _content(obj: dict[str, Any], target: str, event: bytes) -> str | None:
+    if target == "chatsvc":
+        return obj.get("content") if event == b"delta" else None
+    choices = obj.get("choices") or [{}]
+    return (choices[0].get("delta") or {}).get("content")
+
+
+async def run(port: int, target: str, streams: int, concurrency: int, message: str) -> dict[str, Any]:
+    chunks = int(dict(item.split("=") for item in message.removeprefix("bench:").split(","))["chunks"])
+    expected = "".join(f"t{i} " for i in range(chunks))
+    gate = asyncio.Semaphore(concurrency)
+
+    async def gated() -> dict[str, Any]:
+        async with gate:
+            return await one(port, target, message, expected)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(gated() for _ in range(streams)))
+    good = [r for r in results if r["ok"]]
+    return {
+        "streams": streams,
+        "failed": streams - len(good),
+        "wall_s": time.perf_counter() - started,
+        "why": sorted({r["why"] for r in results if not r["ok"]}),
+        "ttfb": sorted(r["ttfb"] for r in good),
+        "total": sorted(r["total"] for r in good),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--target", choices=["chatsvc", "upstream"], required=True)
+    parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--message", default="bench:chunks=20")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.port, args.target, args.streams, args.concurrency, args.message))))
