@@ -830,18 +830,14 @@ class Relay:
             "source": "estimated",
         }
 
-    def timings(self) -> dict[str, float | None]:
+    def timings(self) -> dict[str, Any]:
         end = time.monotonic()
         ttft = None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000, 1)
         return {"ttft_ms": ttft, "duration_ms": round((end - self.started) * 1000, 1)}
 
     def done_event(self) -> ServerSentEvent:
-        self.outcome = "ok"
-        usage, timings = self.usage(), self.timings()
-        self.record(usage)
-        log.info(
-            "request_completed",
-            extra={"status": 200, "finish_reason": self.finish_reason, **timings, **_flat_usage(usage)},
+        usage, timings = self.conclude(
+            "ok", logging.INFO, "request_completed", status=200, finish_reason=self.finish_reason
         )
         return self.event(
             "done",
@@ -849,38 +845,35 @@ class Relay:
         )
 
     def error_event(self, error: ServiceError, exc: BaseException | None) -> ServerSentEvent:
-        self.outcome = error.code
-        usage = self.usage()
-        self.record(usage)
-        log.warning(
+        exception = type(exc).__name__ if exc else None
+        usage, _ = self.conclude(
+            error.code,
+            logging.WARNING,
             "request_failed",
-            extra={
-                "code": error.code,
-                "status": 200,
-                "exception": type(exc).__name__ if exc else None,
-                "path": "/chat",
-                **self.timings(),
-                **_flat_usage(usage),
-            },
+            code=error.code,
+            status=200,
+            exception=exception,
+            path="/chat",
         )
         return self.event("error", {**error.body(), "usage": usage})
 
     def client_too_slow(self) -> None:
-        if self.outcome is not None:
-            return
-        self.outcome = "client_too_slow"
-        usage = self.usage()
-        self.record(usage)
-        log.warning(
-            "request_failed",
-            extra={"code": "client_too_slow", "status": 200, "exception": "SendTimeoutError", "path": "/chat",
-                   "send_timeout_s": self.settings.SEND_TIMEOUT_S, **self.timings(), **_flat_usage(usage)},
-        )  # fmt: skip
+        if self.outcome is None:
+            self.conclude(
+                "client_too_slow", logging.WARNING, "request_failed", code="client_too_slow", status=200,
+                exception="SendTimeoutError", path="/chat", send_timeout_s=self.settings.SEND_TIMEOUT_S,
+            )  # fmt: skip
 
-    def record(self, usage: dict[str, Any]) -> None:
+    def conclude(self, outcome: str, level: int, event: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Record the one outcome of this stream: its tokens in the metrics and its log line, with the
+        timings and usage. Returns the usage and timings, for the terminal event to carry."""
+        self.outcome = outcome
+        usage, timings = self.usage(), self.timings()
         metrics = self.service.metrics
         metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
         metrics.tokens.labels("completion").inc(usage["completion_tokens"])
+        log.log(level, event, extra={**fields, **timings, **_flat_usage(usage)})
+        return usage, timings
 
     async def close(self) -> None:
         """Release everything, whatever happened: runs when the response ends, is cancelled, or never
@@ -892,10 +885,7 @@ class Relay:
             with anyio.move_on_after(5):
                 await self.stream.close()
             if self.outcome is None:
-                usage = self.usage()
-                self.record(usage)
-                self.outcome = "client_disconnected"
-                log.info("client_disconnected", extra={**self.timings(), **_flat_usage(usage)})
+                self.conclude("client_disconnected", logging.INFO, "client_disconnected")
             metrics = self.service.metrics
             metrics.requests.labels(self.outcome).inc()
             metrics.duration.observe(time.monotonic() - self.started)
@@ -1204,9 +1194,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.secrets)
-    app = create_app(settings)
+    app = _module_app()
+    settings: Settings = app.state.service.settings
     config = uvicorn.Config(
         app,
         host=settings.HOST,
@@ -1228,6 +1217,7 @@ def main() -> None:
 
 
 def _module_app() -> Starlette:
+    """The app from the environment, with logging configured: for `python chatsvc.py` and `uvicorn`."""
     settings = load_settings()
     configure_logging(settings.LOG_LEVEL, settings.secrets)
     return create_app(settings)

@@ -65,6 +65,22 @@ def free_port() -> int:
         return port
 
 
+def wait_until_answers(url: str, limit: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until GET `url` answers 200. A child's socket opening sends no event to await, so this polls;
+    it stops early, with an error, if `process` exits."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the process exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer 200 within {limit} s")
+
+
 class Service:
     """chatsvc in a child process, with its own environment and a log file."""
 
@@ -86,17 +102,11 @@ class Service:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "chatsvc.py")], cwd=self.workdir, env=self.env, stdout=out, stderr=err
             )
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chatsvc exited {self.proc.returncode}: {self.err_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)  # waiting for a child's socket to open: there is no event to await
-        raise RuntimeError("chatsvc did not start in time")
+        try:
+            wait_until_answers(f"{self.url}/healthz", STARTUP_LIMIT_S, self.proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"chatsvc exited {self.proc.returncode}: {self.err_path.read_text()}") from exc
+        return self
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Event, free_port, iter_sse
+from tests.conftest import ROOT, Event, free_port, iter_sse, wait_until_answers
 from tests.fake_model import FakeModel
 from tests.spec import validate
 
@@ -109,22 +109,10 @@ def container(engine: Engine, image: str, fake_model: FakeModel) -> Iterator[Con
     )  # fmt: skip
     box = Container(name, port)
     try:
-        wait_healthy(box)
+        wait_until_answers(f"{box.url}/healthz", 60)
         yield box
     finally:
         engine("rm", "-f", name, check=False)
-
-
-def wait_healthy(box: Container, limit: float = 60) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{box.url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # waiting for a container's port to open: there is no event to await
-    raise AssertionError("the container did not become healthy")
 
 
 def stream(url: str, message: str) -> Iterator[Event]:

@@ -19,8 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from run import answers
-from tests.conftest import ROOT, free_port, iter_sse
+from tests.conftest import ROOT, free_port, iter_sse, wait_until_answers
 from tests.fake_model import FakeModel
 
 SETUP_LIMIT_S = 1500  # a first build from source, with room to spare on a busy machine
@@ -148,9 +147,7 @@ def test_run_command_with_a_configured_server_is_just_chatsvc(fake_model: FakeMo
         )
     command = RunCommand(proc, port, tmp_path / "unused", err)
     try:
-        deadline = time.monotonic() + 30
-        while not answers(f"{command.url}/readyz") and time.monotonic() < deadline:
-            time.sleep(0.1)  # waiting for a child's port: there is no event to await
+        wait_until_answers(f"{command.url}/readyz", 30, proc)
         ready = httpx.get(f"{command.url}/readyz").json()
         assert ready["model"] == "gpt-4o-mini"
         assert "embedded" not in command.progress()

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Event, Service, free_port, iter_sse
+from tests.conftest import ROOT, Event, Service, free_port, iter_sse, wait_until_answers
 from tests.fake_model import FakeModel
 from tests.spec import assert_error_response, validate
 
@@ -133,13 +133,7 @@ def test_plain_uvicorn_drains_streams_too(fake_model: FakeModel, tmp_path: Any) 
     svc = Service({}, tmp_path)
     svc.port = port
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{svc.url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)  # waiting for a child's socket to open: there is no event to await
+        wait_until_answers(f"{svc.url}/healthz", 30, uvicorn)
         with open_stream(svc, "fake:deltas=5,stall_after=1", "plain-1") as (_, events):
             assert next(events).event == "meta"
             assert next(events).event == "delta"
