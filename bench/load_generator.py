@@ -17,7 +17,9 @@ from typing import Any
 LIMIT_S = 120  # per stream
 
 
-async def one(port: int, target: str, message: str, expected: str) -> dict[str, Any]:
+async def one(port: int, target: str, message: str, expected: str, leave_after: int | None = None) -> dict[str, Any]:
+    """One stream. With `leave_after`, close the connection once the stream is open (0) or after
+    that many deltas, and note when (CLOCK_MONOTONIC, shared with the fake upstream)."""
     path, body = (
         ("/chat", {"message": message})
         if target == "chatsvc"
@@ -53,6 +55,9 @@ async def one(port: int, target: str, message: str, expected: str) -> dict[str, 
                         if content:
                             first = first or time.perf_counter()
                             text.append(content)
+                if leave_after is not None and len(text) >= leave_after:
+                    writer.close()
+                    return {"ok": True, "why": None, "left_at": time.monotonic()}
             writer.close()
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         return {"ok": False, "why": type(exc).__name__}
@@ -73,17 +78,28 @@ def _content(obj: dict[str, Any], target: str, event: bytes) -> str | None:
     return (choices[0].get("delta") or {}).get("content")
 
 
-async def run(port: int, target: str, streams: int, concurrency: int, message: str) -> dict[str, Any]:
+async def run(
+    port: int, target: str, streams: int, concurrency: int, message: str, leave_after: int | None = None
+) -> dict[str, Any]:
     chunks = int(dict(item.split("=") for item in message.removeprefix("bench:").split(","))["chunks"])
     expected = "".join(f"t{i} " for i in range(chunks))
     gate = asyncio.Semaphore(concurrency)
 
-    async def gated() -> dict[str, Any]:
+    async def gated(i: int) -> dict[str, Any]:
         async with gate:
-            return await one(port, target, message, expected)
+            if leave_after is None:
+                return await one(port, target, message, expected)
+            return await one(port, target, f"{message},tag={i}", expected, leave_after)
 
     started = time.perf_counter()
-    results = await asyncio.gather(*(gated() for _ in range(streams)))
+    results = await asyncio.gather(*(gated(i) for i in range(streams)))
+    if leave_after is not None:
+        return {
+            "streams": streams,
+            "failed": sum(not r["ok"] for r in results),
+            "why": sorted({r["why"] for r in results if not r["ok"]}),
+            "left_at": {str(i): r.get("left_at") for i, r in enumerate(results)},
+        }
     good = [r for r in results if r["ok"]]
     return {
         "streams": streams,
@@ -102,5 +118,7 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--message", default="bench:chunks=20")
+    parser.add_argument("--leave-after", type=int, help="close each stream after this many deltas")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.port, args.target, args.streams, args.concurrency, args.message))))
+    result = run(args.port, args.target, args.streams, args.concurrency, args.message, args.leave_after)
+    print(json.dumps(asyncio.run(result)))

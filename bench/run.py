@@ -1,15 +1,18 @@
-"""The relay benchmark: chatsvc against the fake upstream directly, in one run.
+"""The relay benchmark: chatsvc, the obvious relay and the fake upstream directly, in one run.
 
-    .venv/bin/python bench/run.py           # the full scenarios (a few minutes)
+    .venv/bin/python bench/run.py           # the full scenarios (about three minutes)
     .venv/bin/python bench/run.py --smoke   # a small run, to see that it works (the tests run this)
 
-chatsvc is pinned to core 0 with taskset; the fake upstream and the load generator (each its own
-process) share core 1. Scenarios:
-  A. added time to first delta, p50 at concurrency 1 (chatsvc minus upstream direct);
-  B. CPU seconds of chatsvc per 10,000 deltas, 32 streams at once, chunks back to back;
+Each relay in turn is pinned to core 0 with taskset; the fake upstream and the load generator (each
+its own process) share core 1. Scenarios:
+  A. time to first delta, p50 at concurrency 1 (added: relay minus upstream direct);
+  B. CPU seconds of the relay per 10,000 deltas, 32 streams at once, chunks back to back;
   C. the same with one chunk every 20 ms (what real models do);
   D. 1000 streams at once, one chunk every 500 ms: p99 time to first delta, p99 stream time
-     against the ideal, and chatsvc's memory per open stream.
+     against the ideal, memory per open stream, and (chatsvc's own metrics) the longest event-loop
+     stall and garbage-collection pause;
+  E. a client that leaves before the first token, and one that leaves after it: how long until
+     the fake upstream sees its connection closed.
 Every stream is checked for integrity. Every process and wait is bounded; all stop by themselves.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -27,7 +31,9 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+PURE_PYTHON = ["--loop", "asyncio", "--http", "h11", "--no-access-log"]
 
 
 def free_port() -> int:
@@ -45,7 +52,7 @@ def free_port() -> int:
 
 
 def pinned(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if os.cpu_count() and os.cpu_count() > 1 else []  # type: ignore[operator]
+    return ["taskset", "-c", str(core)] if (os.cpu_count() or 1) > 1 else []
 
 
 def cpu_seconds(pid: int) -> float:
@@ -57,34 +64,28 @@ def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (our own loopback URL)
+        body: bytes = response.read()
+        return body
+
+
 def wait_http(url: str, limit: float = 30) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 (our own loopback URL)
-                return
+            get(url)
+            return
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"bench: {url} did not answer")
 
 
-def load(port: int, target: str, streams: int, concurrency: int, message: str) -> dict[str, Any]:
+def load(port: int, target: str, streams: int, concurrency: int, message: str, *extra: str) -> dict[str, Any]:
+    args = ["--port", str(port), "--target", target, "--streams", str(streams)]
+    args += ["--concurrency", str(concurrency), "--message", message, *extra]
     out = subprocess.run(
-        [
-            *pinned(1),
-            PY,
-            str(ROOT / "bench/load_generator.py"),
-            "--port",
-            str(port),
-            "--target",
-            target,
-            "--streams",
-            str(streams),
-            "--concurrency",
-            str(concurrency),
-            "--message",
-            message,
-        ],
+        [*pinned(1), PY, str(ROOT / "bench/load_generator.py"), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -98,6 +99,26 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
 
 
+def histogram(metrics: str, name: str) -> dict[float, float]:
+    """Cumulative bucket counts of a Prometheus histogram, summed over its labels."""
+    counts: dict[float, float] = {}
+    for le, value in re.findall(rf'^{name}_bucket{{.*?le="([^"]+)".*?}} (\S+)$', metrics, re.M):
+        counts[float(le)] = counts.get(float(le), 0.0) + float(value)
+    return counts
+
+
+def longest(before: dict[float, float], after: dict[float, float]) -> str:
+    """The bucket that holds the longest sample observed between two readings of a histogram."""
+    grew = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    total = grew.get(float("inf"), 0)
+    if not total:
+        return "none"
+    bound = min(le for le, n in grew.items() if n == total)
+    over = {le: total - n for le, n in grew.items()}
+    over_50ms = over.get(0.05, 0)
+    return f"≤ {bound * 1000:g} ms ({int(over_50ms)} of {int(total)} over 50 ms)"
+
+
 @dataclass(frozen=True)
 class Sizes:
     """Streams (and chunks each) per scenario."""
@@ -106,105 +127,200 @@ class Sizes:
     b: tuple[int, int]
     c: tuple[int, int]
     d: tuple[int, int]
+    e: int
+
+
+@dataclass
+class Relay:
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    has_metrics: bool = False
+
+
+@contextmanager
+def running(command: list[str], env: dict[str, str], health: str) -> Iterator[subprocess.Popen[bytes]]:
+    workdir = tempfile.mkdtemp(prefix="chatsvc-bench-")  # no .env of anyone's applies here
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, **env},
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(health)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Bench:
+    def __init__(self, size: Sizes, up_port: int) -> None:
+        self.size = size
+        self.up_port = up_port
+        self.results: dict[str, dict[str, str]] = {}
+        self.figures: dict[str, dict[str, float]] = {}
+        self.failures = 0
+
+    def put(self, scenario: str, target: str, text: str, figure: float | None = None) -> None:
+        self.results.setdefault(scenario, {})[target] = text
+        if figure is not None:
+            self.figures.setdefault(scenario, {})[target] = figure
+
+    def count(self, result: dict[str, Any]) -> None:
+        self.failures += result["failed"]
+        if result["failed"]:
+            print(f"bench: {result['failed']} streams failed: {result['why']}", file=sys.stderr)
+
+    def direct(self) -> None:
+        size, port = self.size, self.up_port
+        result = load(port, "upstream", size.a, 1, "bench:chunks=5")
+        self.count(result)
+        self.put(
+            "A", "upstream", f"{statistics.median(result['ttfb']) * 1000:.2f} ms", statistics.median(result["ttfb"])
+        )
+        streams, chunks = size.d
+        result = load(port, "upstream", streams, streams, f"bench:chunks={chunks},delay=0.5")
+        self.count(result)
+        self.put("D", "upstream", f"{pct(result['ttfb'], 0.99):.3f} s / {pct(result['total'], 0.99):.2f} s")
+
+    def relay(self, relay: Relay) -> None:
+        size, name = self.size, relay.name
+        port = free_port()
+        env = {**relay.env, "PORT": str(port)}
+        command = [*pinned(0), *(arg.format(port=port) for arg in relay.command)]
+        with running(command, env, f"http://127.0.0.1:{port}/healthz") as p:
+            self.count(load(port, "chatsvc", 20, 5, "bench:chunks=5"))  # warm-up
+
+            result = load(port, "chatsvc", size.a, 1, "bench:chunks=5")
+            self.count(result)
+            ttfb = statistics.median(result["ttfb"])
+            added = ttfb - self.figures["A"]["upstream"]
+            self.put("A", name, f"{ttfb * 1000:.2f} ms, added {added * 1000:.2f} ms", added)
+
+            for scenario, (streams, chunks), delay in (("B", size.b, 0.0), ("C", size.c, 0.02)):
+                before = cpu_seconds(p.pid)
+                result = load(port, "chatsvc", streams, 32, f"bench:chunks={chunks},delay={delay}")
+                spent = cpu_seconds(p.pid) - before
+                self.count(result)
+                per_10k = spent / (streams * chunks) * 10_000
+                self.put(scenario, name, f"{per_10k:.3f} CPU s ({per_10k * 100:.0f} µs a delta)", per_10k)
+
+            metrics_url = f"http://127.0.0.1:{port}/metrics"
+            before_metrics = get(metrics_url).decode() if relay.has_metrics else ""
+            streams, chunks = size.d
+            base_rss, peak = rss_bytes(p.pid), [0]
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.wait(0.25):
+                    peak[0] = max(peak[0], rss_bytes(p.pid))
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            result = load(port, "chatsvc", streams, streams, f"bench:chunks={chunks},delay=0.5")
+            stop.set()
+            sampler.join()
+            self.count(result)
+            p99_first, p99_total = pct(result["ttfb"], 0.99), pct(result["total"], 0.99)
+            self.put("D", name, f"{p99_first:.3f} s / {p99_total:.2f} s", p99_total)
+            kb = (peak[0] - base_rss) / streams / 1024
+            self.put("D mem", name, f"{kb:.0f} KB", kb)
+            if relay.has_metrics:
+                after_metrics = get(metrics_url).decode()
+                for row, metric in (("D lag", "chatsvc_event_loop_lag_seconds"), ("D gc", "chatsvc_gc_pause_seconds")):
+                    self.put(row, name, longest(histogram(before_metrics, metric), histogram(after_metrics, metric)))
+
+            for row, message, leave_after in (
+                ("E before", "bench:chunks=5,first=10", 0),
+                ("E after", "bench:chunks=100,delay=0.2", 1),
+            ):
+                result = load(port, "chatsvc", size.e, size.e, message, "--leave-after", str(leave_after))
+                self.count(result)
+                left_at = {tag: left for tag, left in result["left_at"].items() if left is not None}
+                deadline = time.monotonic() + 3  # far past the 50 ms goal: a close later than this is "never"
+                while True:
+                    closes = json.loads(get(f"http://127.0.0.1:{self.up_port}/closes"))
+                    if set(left_at) <= set(closes) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                lags = sorted((closes[tag] - left) * 1000 for tag, left in left_at.items() if tag in closes)
+                missing = size.e - len(lags)
+                if relay.has_metrics:  # chatsvc's promise; the obvious relay is only measured
+                    self.failures += missing
+                text = f"p50 {statistics.median(lags):.1f} ms, max {max(lags):.1f} ms" if lags else "never"
+                self.put(row, name, text + (f" ({missing} never closed)" if missing else ""))
+                get(f"http://127.0.0.1:{self.up_port}/closes?reset")
+
+    def table(self, relays: list[str]) -> str:
+        rows = {
+            "A": "A. time to first delta, p50, c=1",
+            "B": "B. CPU per 10,000 deltas, c=32, back to back",
+            "C": "C. CPU per 10,000 deltas, c=32, a chunk every 20 ms",
+            "D": f"D. {self.size.d[0]} streams, a chunk every 500 ms: p99 first delta / p99 stream"
+            f" (ideal {(self.size.d[1] - 1) * 0.5:.1f} s)",
+            "D mem": "D. memory per open stream",
+            "D lag": "D. longest event-loop stall",
+            "D gc": "D. longest garbage-collection pause",
+            "E before": "E. upstream closed after the client left, before the first token",
+            "E after": "E. upstream closed after the client left, after the first token",
+        }
+        targets = ["upstream", *relays]
+        lines = ["| scenario | " + " | ".join(targets) + " | ratio |", "|---" * (len(targets) + 2) + "|"]
+        for key, label in rows.items():
+            cells = [self.results.get(key, {}).get(t, "—") for t in targets]
+            figures = self.figures.get(key, {})
+            ratio = "—"
+            if key in ("B", "C", "D mem") and len(relays) > 1 and figures.get(relays[0]):
+                ratio = f"{figures[relays[1]] / figures[relays[0]]:.1f} times leaner"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+        return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
-    smoke = parser.parse_args().smoke
-    size = Sizes(20, (32, 50), (8, 10), (50, 4)) if smoke else Sizes(300, (320, 500), (64, 50), (1000, 20))
-
-    up_port, svc_port = free_port(), free_port()
-    upstream = subprocess.Popen([*pinned(1), PY, str(ROOT / "bench/fake_upstream.py"), "--port", str(up_port)])
-    env = {
-        **os.environ,
+    parser.add_argument("--relays", default="chatsvc,obvious", help="comma-separated: chatsvc, obvious, chatsvc-h11")
+    args = parser.parse_args()
+    size = Sizes(20, (32, 50), (8, 10), (50, 4), 3) if args.smoke else Sizes(300, (320, 500), (64, 50), (1000, 20), 20)
+    up_port = free_port()
+    upstream_env = {
         "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+        "OPENAI_API_KEY": "bench",
         "OPENAI_MODEL": "bench",
-        "PORT": str(svc_port),
         "MAX_CONCURRENT_STREAMS": "5000",
         "REQUEST_TIMEOUT_S": "120",
     }
-    workdir = tempfile.mkdtemp(prefix="chatsvc-bench-")  # no .env of anyone's applies here
-    service = subprocess.Popen(
-        [*pinned(0), PY, str(ROOT / "chatsvc.py")],
-        env=env,
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    rows: list[tuple[str, str, str]] = []
-    failures = 0
-    try:
-        wait_http(f"http://127.0.0.1:{up_port}/v1/models")
-        wait_http(f"http://127.0.0.1:{svc_port}/healthz")
-        load(svc_port, "chatsvc", 5, 5, "bench:chunks=5")  # warm-up
-
-        # A. Added time to first delta at concurrency 1.
-        via = load(svc_port, "chatsvc", size.a, 1, "bench:chunks=5")
-        direct = load(up_port, "upstream", size.a, 1, "bench:chunks=5")
-        failures += via["failed"] + direct["failed"]
-        added = (statistics.median(via["ttfb"]) - statistics.median(direct["ttfb"])) * 1000
-        rows.append(
-            (
-                "A. time to first delta, p50, c=1",
-                f"{statistics.median(via['ttfb']) * 1000:.2f} ms via chatsvc",
-                f"{statistics.median(direct['ttfb']) * 1000:.2f} ms direct; added {added:.2f} ms",
-            )
-        )
-
-        # B and C. CPU of chatsvc per delta.
-        for name, (streams, chunks), delay in (("B", size.b, 0.0), ("C", size.c, 0.02)):
-            before = cpu_seconds(service.pid)
-            result = load(svc_port, "chatsvc", streams, 32, f"bench:chunks={chunks},delay={delay}")
-            spent = cpu_seconds(service.pid) - before
-            failures += result["failed"]
-            deltas = streams * chunks
-            how = "chunks back to back" if delay == 0 else f"one chunk every {delay * 1000:.0f} ms"
-            note = f"{deltas} deltas in {result['wall_s']:.1f} s, {result['failed']} streams failed"
-            rows.append(
-                (f"{name}. chatsvc CPU per 10,000 deltas, c=32, {how}", f"{spent / deltas * 10_000:.2f} CPU s", note)
-            )
-
-        # D. Many open streams, one chunk every 500 ms.
-        streams, chunks = size.d
-        ideal = (chunks - 1) * 0.5
-        base_rss, peak = rss_bytes(service.pid), [0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.wait(0.25):
-                peak[0] = max(peak[0], rss_bytes(service.pid))
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        result = load(svc_port, "chatsvc", streams, streams, f"bench:chunks={chunks},delay=0.5")
-        stop.set()
-        sampler.join()
-        failures += result["failed"]
-        per_stream_kb = (peak[0] - base_rss) / streams / 1024
-        p99_first, p99_total = pct(result["ttfb"], 0.99), pct(result["total"], 0.99)
-        rows.append(
-            (
-                f"D. {streams} open streams, a chunk every 500 ms",
-                f"p99 first delta {p99_first:.3f} s; p99 stream {p99_total:.2f} s (ideal {ideal:.1f} s)",
-                f"{per_stream_kb:.0f} KB of RSS per open stream; {result['failed']} failed",
-            )
-        )
-    finally:
-        for process in (service, upstream):
-            process.send_signal(signal.SIGTERM)
-        for process in (service, upstream):
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-    width = max(len(r[0]) for r in rows)
-    print(f"{'scenario':<{width}} | chatsvc | notes")
-    for row in rows:
-        print(f"{row[0]:<{width}} | {row[1]} | {row[2]}")
-    print(f"streams failed or not intact: {failures}")
-    return 1 if failures else 0
+    available = {
+        "chatsvc": Relay("chatsvc", [PY, str(ROOT / "chatsvc.py")], upstream_env, has_metrics=True),
+        # The same app on uvicorn's pure-Python stack (asyncio loop, h11), to show what the stack adds.
+        "chatsvc-h11": Relay(
+            "chatsvc-h11",
+            [PY, "-m", "uvicorn", "chatsvc:app", "--app-dir", str(ROOT), "--port", "{port}", *PURE_PYTHON],
+            upstream_env,
+            has_metrics=True,
+        ),
+        "obvious": Relay("obvious", [PY, str(ROOT / "bench/obvious_relay.py"), "--port", "{port}"], upstream_env),
+    }
+    relays = [available[name] for name in args.relays.split(",")]
+    bench = Bench(size, up_port)
+    with running(
+        [*pinned(1), PY, str(ROOT / "bench/fake_upstream.py"), "--port", str(up_port)],
+        {},
+        f"http://127.0.0.1:{up_port}/v1/models",
+    ):
+        bench.direct()
+        for relay in relays:
+            bench.relay(relay)
+    print(bench.table([r.name for r in relays]))
+    print(f"streams failed or not intact: {bench.failures}")
+    return 1 if bench.failures else 0
 
 
 if __name__ == "__main__":

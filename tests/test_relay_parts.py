@@ -1,0 +1,60 @@
+"""The relay's two hand-made parts against the libraries' behaviour they stand in for (note 9):
+the upstream SSE parser, and the one-piece encoding of deltas."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sse_starlette import JSONServerSentEvent
+
+from chatsvc import UpstreamFrames, encode_deltas
+
+texts = st.text(st.characters(codec="utf-8"), max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(texts, max_size=8), st.integers(0, 10**6))
+def test_deltas_encode_as_sse_starlette_encodes_each_event(contents: list[str], first: int) -> None:
+    expected = b"".join(
+        JSONServerSentEvent({"content": c}, event="delta", id=str(first + i)).encode() for i, c in enumerate(contents)
+    )
+    assert encode_deltas(first, contents) == expected
+
+
+def frames_of(body: bytes, cuts: list[int]) -> list[bytes]:
+    parser, out, start = UpstreamFrames(), [], 0
+    for cut in [*sorted(cuts), len(body)]:
+        out += parser.feed(body[start:cut])
+        start = cut
+    return out + parser.end()
+
+
+line = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=12)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.lists(line, min_size=1, max_size=3), min_size=1, max_size=6),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    st.data(),
+)
+def test_frames_come_out_whole_and_in_order_wherever_the_reads_cut(
+    events: list[list[str]], eol: bytes, data: st.DataObject
+) -> None:
+    """Each event is one or more `data:` lines; its frame is those lines joined by \n."""
+    body = b"".join(b"".join(b"data: " + text.encode() + eol for text in lines) + eol for lines in events)
+    cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=10))
+    assert frames_of(body, cuts) == ["\n".join(lines).encode() for lines in events]
+
+
+def test_only_data_lines_count_and_several_make_one_frame() -> None:
+    body = b': a comment\nevent: message\nid: 7\nretry: 10\ndata: {"a":\ndata:1}\n\ndata: [DONE]\n\n'
+    assert frames_of(body, [3, 40]) == [b'{"a":\n1}', b"[DONE]"]
+
+
+def test_an_event_without_end_beyond_the_limit_is_refused() -> None:
+    parser = UpstreamFrames()
+    parser.feed(b"data: " + b"x" * (UpstreamFrames.MAX_EVENT_BYTES - 6))
+    with pytest.raises(ValueError, match="MAX_EVENT_BYTES"):
+        parser.feed(b"x")
