@@ -679,23 +679,38 @@ class Metrics:
             "chatsvc_event_loop_lag_seconds", "How late a timer fires", registry=r, buckets=stall_buckets
         )
         self.gc_pause = Histogram(
-            "chatsvc_gc_pause_seconds", "Garbage collection pauses", ["generation"], registry=r, buckets=stall_buckets
+            "chatsvc_gc_pause_seconds",
+            "Garbage collection pauses; when=idle: the full collections we run when no stream is open",
+            ["generation", "when"],
+            registry=r,
+            buckets=stall_buckets,
         )
         self._gc_started = 0.0
+        self.collecting_when_idle = False
+        self.idle_collections = 0  # the lag probe leaves out the samples that span one
 
     LAG_PROBE_S = 0.01
 
     async def watch_loop_lag(self) -> None:
         while True:
-            planned = time.perf_counter() + self.LAG_PROBE_S
+            planned, idle_collections = time.perf_counter() + self.LAG_PROBE_S, self.idle_collections
             await asyncio.sleep(self.LAG_PROBE_S)
-            self.loop_lag.observe(max(0.0, time.perf_counter() - planned))
+            if idle_collections == self.idle_collections:
+                self.loop_lag.observe(max(0.0, time.perf_counter() - planned))
 
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
         else:
-            self.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+            when = "idle" if self.collecting_when_idle else "serving"
+            self.gc_pause.labels(str(info["generation"]), when).observe(time.perf_counter() - self._gc_started)
+
+    def collect_when_idle(self) -> None:
+        self.collecting_when_idle, self.idle_collections = True, self.idle_collections + 1
+        try:
+            gc.collect()
+        finally:
+            self.collecting_when_idle = False
 
 
 class Service:
@@ -764,7 +779,7 @@ class Service:
                 self._drained.set()
             if time.monotonic() - self.last_full_gc > IDLE_GC_INTERVAL_S:  # note 10
                 self.last_full_gc = time.monotonic()
-                gc.collect()
+                self.metrics.collect_when_idle()
 
 
 class UpstreamFrames:
