@@ -78,6 +78,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Literal
 
+import aiohttp
 import anyio
 import httpx2
 import openai
@@ -295,15 +296,22 @@ def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> Servic
     sent, so a broken connection is an `upstream_error` event, not an unreachable server."""
     if isinstance(exc, ServiceError):
         return exc
-    if isinstance(exc, openai.APITimeoutError):
-        if isinstance(exc.__cause__, httpx2.ConnectTimeout):  # openai calls it a timeout; it is unreachable
-            return ServiceError("upstream_unreachable", "connecting to the model server took over CONNECT_TIMEOUT_S")
-        return ServiceError("upstream_timeout", "the model server went silent for longer than IDLE_TIMEOUT_S")
-    if isinstance(exc, openai.APIConnectionError):
-        cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
+        failure = _transport_failure(exc)
+        name = type(failure).__name__
+        if isinstance(failure, TimeoutError | httpx2.TimeoutException):
+            if isinstance(failure, httpx2.ConnectTimeout | httpx2.PoolTimeout | aiohttp.ConnectionTimeoutError):
+                return ServiceError(
+                    "upstream_unreachable", "connecting to the model server took over CONNECT_TIMEOUT_S"
+                )
+            return ServiceError("upstream_timeout", "the model server went silent for longer than IDLE_TIMEOUT_S")
         if streaming:
-            return ServiceError("upstream_error", f"the connection to the model server broke mid-stream ({cause})")
-        return ServiceError("upstream_unreachable", f"could not connect to the model server ({cause})")
+            return ServiceError("upstream_error", f"the connection to the model server broke mid-stream ({name})")
+        if isinstance(failure, aiohttp.ServerDisconnectedError | httpx2.RemoteProtocolError):
+            return ServiceError(
+                "upstream_unreachable", f"the model server closed the connection before answering ({name})"
+            )
+        return ServiceError("upstream_unreachable", f"could not connect to the model server ({name})")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         upstream_code = _upstream_error_code(exc.body)
@@ -323,6 +331,16 @@ def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> Servic
     if isinstance(exc, ValueError | AttributeError | TypeError | KeyError | IndexError):
         return ServiceError("upstream_error", f"the model server sent a malformed stream ({type(exc).__name__})")
     return ServiceError("internal_error", f"unexpected {type(exc).__name__}")
+
+
+def _transport_failure(exc: openai.APIConnectionError) -> BaseException:
+    """What really failed beneath openai's wrapping. openai's aiohttp transport raises httpx's
+    ConnectTimeout for every aiohttp connection error, a refused or hung-up connection included:
+    there, the aiohttp error underneath tells."""
+    cause = exc.__cause__
+    if cause is not None and isinstance(cause.__cause__, aiohttp.ClientError | TimeoutError):
+        return cause.__cause__
+    return cause or exc
 
 
 def _upstream_error_code(body: object) -> str | None:
@@ -905,13 +923,11 @@ class Relay:
                     self.take_frames(frames.end(), request)
             if scope.cancelled_caught and not self.upstream_ended:
                 self.fail_on_deadline()
-        except httpx2.TimeoutException:
-            self.timed_out = True
-            self.failure = ServiceError("upstream_timeout", _TIMEOUT_DETAILS["upstream_timeout"](self.settings))
         except (httpx2.RequestError, anyio.EndOfStream) as exc:  # the transport errors openai wraps
             error = openai.APIConnectionError(request=request)
             error.__cause__ = exc
             self.failure, self.failure_exc = map_upstream_error(error, streaming=True), error
+            self.timed_out = self.failure.code == "upstream_timeout"  # the idle limit (note 7)
         except Exception as exc:  # malformed frames and in-band errors; CancelledError passes
             self.failure, self.failure_exc = map_upstream_error(exc, streaming=True), exc
         finally:

@@ -104,6 +104,18 @@ def test_unreachable_upstream_is_504(start_service: Any) -> None:
     response, _ = dead.chat({"message": "hi"})
 
     assert_error_response(response, 504, "upstream_unreachable")
+    assert "could not connect" in response.json()["detail"]
+
+
+def test_hang_up_before_headers_is_named_not_called_a_timeout(no_retry: Service) -> None:
+    """openai's aiohttp transport reports every aiohttp connection error as httpx's ConnectTimeout;
+    a server that hangs up at once must not be reported as slow."""
+    response, _ = no_retry.chat({"message": "fake:reset_before_headers=1"})
+
+    assert_error_response(response, 504, "upstream_unreachable")
+    detail = response.json()["detail"]
+    assert "CONNECT_TIMEOUT_S" not in detail
+    assert "closed the connection" in detail or "Disconnected" in detail
 
 
 @pytest.fixture
