@@ -12,6 +12,10 @@ Notes:
 2. Redaction masks, in the message, in every extra field at any nesting, and in tracebacks: the exact
    configured secrets, anything shaped like an `sk-` key, bearer tokens, Authorization headers and
    e-mail addresses. In logged content (LOG_CONTENT=true) phone numbers are masked as well.
+3. httpx's own INFO line per upstream request ("HTTP Request: POST ... 200 OK") is left out unless
+   LOG_LEVEL=DEBUG: our `upstream_opened` and `upstream_retry` lines say the same with the
+   correlation id, and every log line costs CPU on the event loop (README "Performance").
+   httpx's warnings still come through.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ class Redactor:
     def text(self, value: str) -> str:
         for secret in self.secrets:
             value = value.replace(secret, MASK)
-        for pattern in _SECRET_PATTERNS:
-            value = pattern.sub(_mask_keeping_prefix, value)
+        if _may_hold_secret(value):
+            for pattern in _SECRET_PATTERNS:
+                value = pattern.sub(_mask_keeping_prefix, value)
         return value
 
     def content(self, value: str) -> str:
@@ -86,6 +91,16 @@ class Redactor:
         if value is None or isinstance(value, bool | int | float):
             return value
         return self.text(str(value))
+
+
+def _may_hold_secret(value: str) -> bool:
+    """False only when no _SECRET_PATTERNS can match: each needs one of these substrings. Most of
+    what we log has none, and the five regular expressions were most of a log line's cost."""
+    if "@" in value or "sk-" in value:
+        return True
+    # The two letters that case-insensitive matching takes for "i" but lower() does not turn into it.
+    low = value.lower().replace("\u0131", "i").replace("\u0307", "")
+    return "bearer" in low or "authorization" in low or ("api" in low and "key" in low)
 
 
 def _mask_keeping_prefix(match: re.Match[str]) -> str:
@@ -167,10 +182,20 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
                 "uvicorn.error": {"level": level, "handlers": [], "propagate": True},
                 "uvicorn.access": {"level": level, "handlers": [], "propagate": True},
                 **{name: {"level": library_level} for name in CONTENT_BEARING_LOGGERS},
+                **{name: {"level": _quiet_httpx(level)} for name in ("httpx", "httpx2")},  # note 3
             },
         }
     )
 
 
 def _at_least_info(level: str) -> str:
-    return "INFO" if logging.getLevelName(level) < logging.INFO else level
+    return _at_least("INFO", level)
+
+
+def _quiet_httpx(level: str) -> str:
+    """WARNING at LOG_LEVEL=INFO and above; at DEBUG its request lines show, at INFO (note 1)."""
+    return "INFO" if logging.getLevelName(level) < logging.INFO else _at_least("WARNING", level)
+
+
+def _at_least(floor: str, level: str) -> str:
+    return floor if logging.getLevelName(level) < logging.getLevelName(floor) else level

@@ -31,6 +31,18 @@ def test_every_line_is_json_with_the_common_fields(service: Service) -> None:
         assert "color_message" not in record
 
 
+def test_a_request_writes_our_five_lines_and_no_copy_of_them_from_httpx(service: Service) -> None:
+    """At INFO, httpx's own line per upstream request is left out (logging_conf note 3): it repeats
+    upstream_opened, and every line costs CPU per stream."""
+    service.chat({"message": "hi"}, {"X-Request-ID": "five-1"})
+    service.wait_for_log("request_completed", "five-1")
+
+    mine = [r for r in service.logs() if r["correlation_id"] == "five-1"]
+    assert [r["event"] for r in mine] == [
+        "request_received", "chat_request", "upstream_opened", "first_token", "request_completed"
+    ]  # fmt: skip
+
+
 def test_request_events_carry_their_fields(service: Service) -> None:
     service.chat({"message": "fake:deltas=3"}, {"X-Request-ID": "ev-1"})
     completed = service.wait_for_log("request_completed", "ev-1")
@@ -160,6 +172,22 @@ def test_redaction_covers_message_args_extras_and_tracebacks(captured: Any, secr
 def test_authorization_header_value_is_masked_whatever_the_scheme() -> None:
     redacted = Redactor().text("headers: {'Authorization': 'Basic dXNlcjpwYXNz'}")
     assert "dXNlcjpwYXNz" not in redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AUTHORIZATION: Basic dXNlcjpwYXNz",
+        "author\u0130zation=dXNlcjpwYXNz",  # dotted capital I: matches "i" case-insensitively
+        "Author\u0131zation: dXNlcjpwYXNz",  # dotless small i: the same
+        "BEARER dXNlcjpwYXNz",
+        "Api-Key: dXNlcjpwYXNz",
+    ],
+)
+def test_the_quick_check_before_the_patterns_lets_no_spelling_through(text: str) -> None:
+    """Redactor skips its patterns for text that cannot match them; every spelling the patterns
+    catch must still reach them."""
+    assert "dXNlcjpwYXNz" not in Redactor().text(text)
 
 
 def test_correlation_id_is_on_records_of_any_logger(captured: Any) -> None:
