@@ -1156,26 +1156,19 @@ class RelayResponse(EventSourceResponse):
             send_timeout=settings.SEND_TIMEOUT_S,
             shutdown_event=relay.service.drain_event,
             shutdown_grace_period=settings.SHUTDOWN_GRACE_S + 2,  # note 5
+            # The pump runs in the response's own task group, beside the sender (note 3): it ends
+            # with the response, and the response does not end with it.
+            data_sender_callable=relay.pump,
         )
         self.relay = relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        failed: Exception | None = None
         try:
-            async with anyio.create_task_group() as pump:
-                pump.start_soon(self.relay.pump)
-                try:
-                    await super().__call__(scope, receive, send)
-                except SendTimeoutError:
-                    self.relay.client_too_slow()  # note 8; uvicorn closes the connection
-                except Exception as exc:  # raised below as it is, not inside an ExceptionGroup
-                    failed = exc
-                finally:
-                    pump.cancel_scope.cancel()  # the response is over: stop reading upstream
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            self.relay.client_too_slow()  # note 8; uvicorn closes the connection
         finally:
             await self.relay.close()
-        if failed is not None:
-            raise failed
 
 
 # --- Endpoints --------------------------------------------------------------------------------------
