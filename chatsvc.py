@@ -926,13 +926,18 @@ class Relay:
         except (httpx2.RequestError, anyio.EndOfStream) as exc:  # the transport errors openai wraps
             error = openai.APIConnectionError(request=request)
             error.__cause__ = exc
-            self.failure, self.failure_exc = map_upstream_error(error, streaming=True), error
-            self.timed_out = self.failure.code == "upstream_timeout"  # the idle limit (note 7)
+            self.fail(map_upstream_error(error, streaming=True), error)
         except Exception as exc:  # malformed frames and in-band errors; CancelledError passes
-            self.failure, self.failure_exc = map_upstream_error(exc, streaming=True), exc
+            self.fail(map_upstream_error(exc, streaming=True), exc)
         finally:
             self.read_scope = None
             self.end_upstream()
+
+    def fail(self, error: ServiceError, exc: BaseException) -> None:
+        if self.upstream_ended:  # [DONE] came: what breaks while the rest is drained changes nothing
+            return
+        self.failure, self.failure_exc = error, exc
+        self.timed_out = error.code == "upstream_timeout"  # the idle limit (note 7)
 
     def take_frames(self, frames: list[bytes], request: httpx2.Request) -> None:
         """Add the deltas of these frames to `pending`; note usage, finish_reason and [DONE]. The
