@@ -921,23 +921,25 @@ class Relay:
                         await self.room.wait()
                 if not self.upstream_ended:
                     self.take_frames(frames.end(), request)
-            if scope.cancelled_caught and not self.upstream_ended:
+            if scope.cancelled_caught:
                 self.fail_on_deadline()
         except (httpx2.RequestError, anyio.EndOfStream) as exc:  # the transport errors openai wraps
             error = openai.APIConnectionError(request=request)
             error.__cause__ = exc
-            self.fail(map_upstream_error(error, streaming=True), error)
+            mapped = map_upstream_error(error, streaming=True)
+            self.fail(mapped, error, timed_out=mapped.code == "upstream_timeout")  # the idle limit
         except Exception as exc:  # malformed frames and in-band errors; CancelledError passes
-            self.fail(map_upstream_error(exc, streaming=True), exc)
+            self.fail(map_upstream_error(exc, streaming=True), exc, timed_out=False)
         finally:
             self.read_scope = None
             self.end_upstream()
 
-    def fail(self, error: ServiceError, exc: BaseException) -> None:
+    def fail(self, error: ServiceError, exc: BaseException | None, *, timed_out: bool) -> None:
+        """Record how the read ended; `timed_out`: a deadline, not a fault (note 7 ends those with done
+        once a finish_reason has come)."""
         if self.upstream_ended:  # [DONE] came: what breaks while the rest is drained changes nothing
             return
-        self.failure, self.failure_exc = error, exc
-        self.timed_out = error.code == "upstream_timeout"  # the idle limit (note 7)
+        self.failure, self.failure_exc, self.timed_out = error, exc, timed_out
 
     def take_frames(self, frames: list[bytes], request: httpx2.Request) -> None:
         """Add the deltas of these frames to `pending`; note usage, finish_reason and [DONE]. The
@@ -993,8 +995,7 @@ class Relay:
             code = "deadline_exceeded"
         else:
             code = "upstream_timeout"
-        self.timed_out = True
-        self.failure = ServiceError(code, _TIMEOUT_DETAILS[code](self.settings))
+        self.fail(ServiceError(code, _TIMEOUT_DETAILS[code](self.settings)), None, timed_out=True)
 
     def tighten_deadline(self) -> None:
         if self.read_scope is not None:
@@ -1346,8 +1347,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # Drain when sse-starlette sees uvicorn shutting down, or when DrainingServer says so.
         watcher = asyncio.create_task(_drain_when_told(service))
         lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
+        tune_gc()  # before the pause metric starts: its start-up collection stalls no stream
         gc.callbacks.append(service.metrics.on_gc)
-        tune_gc()
         log.info(
             "service_started",
             extra={

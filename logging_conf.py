@@ -148,7 +148,7 @@ def text_fingerprint(text: str) -> dict[str, Any]:
 
 
 def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
-    library_level = _at_least_info(level)  # note 1
+    library_level = _at_least("INFO", level)  # note 1
     logging.config.dictConfig(
         {
             "version": 1,
@@ -186,10 +186,6 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
             },
         }
     )
-
-
-def _at_least_info(level: str) -> str:
-    return _at_least("INFO", level)
 
 
 def _quiet_httpx(level: str) -> str:

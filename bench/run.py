@@ -117,8 +117,7 @@ def longest(before: dict[float, float], after: dict[float, float]) -> str:
     if not total:
         return "none"
     bound = min(le for le, n in grew.items() if n == total)
-    over = {le: total - n for le, n in grew.items()}
-    over_50ms = over.get(0.05, 0)
+    over_50ms = total - grew.get(0.05, total)
     return f"≤ {bound * 1000:g} ms ({int(over_50ms)} of {int(total)} over 50 ms)"
 
 
