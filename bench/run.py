@@ -13,6 +13,7 @@ its own process) share core 1. Scenarios:
      stall and garbage-collection pause;
   E. a client that leaves before the first token, and one that leaves after it: how long until
      the fake upstream sees its connection closed.
+`--costs` instead prints chatsvc's CPU per stream (with its logs and without) and per lone delta.
 Every stream is checked for integrity. Every process and wait is bounded; all stop by themselves.
 """
 
@@ -42,6 +43,7 @@ PY = sys.executable
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PURE_PYTHON = ["--loop", "asyncio", "--http", "h11", "--no-access-log"]
+GRANIAN = ["--working-dir", str(ROOT), "--loop", "uvloop", "--no-ws", "chatsvc:app"]
 
 
 def free_port() -> int:
@@ -289,10 +291,37 @@ class Bench:
         return "\n".join(lines)
 
 
+def costs(upstream_env: dict[str, str], streams: int) -> None:
+    """What chatsvc costs: CPU per stream (one-delta streams, 32 at a time) with its usual logs and
+    with them off, and CPU per delta when every delta arrives alone (32 streams, one every 5 ms)."""
+    for label, message, count, env in (
+        ("CPU per stream, LOG_LEVEL=INFO", "bench:chunks=1", streams, {}),
+        ("CPU per stream, LOG_LEVEL=WARNING", "bench:chunks=1", streams, {"LOG_LEVEL": "WARNING"}),
+        ("CPU per delta arriving alone", "bench:chunks=500,delay=0.005", 32, {}),
+    ):
+        port = free_port()
+        env = {**upstream_env, **env, "PORT": str(port)}
+        command = [*pinned(0), PY, str(ROOT / "chatsvc.py")]
+        with running(command, env, f"http://127.0.0.1:{port}/healthz") as p:
+            load(port, "chatsvc", 50, 10, "bench:chunks=5")  # warm-up
+            before = cpu_seconds(p.pid)
+            result = load(port, "chatsvc", count, 32, message)
+            spent = cpu_seconds(p.pid) - before
+        if result["failed"]:
+            raise SystemExit(f"bench: {result['failed']} streams failed: {result['why']}")
+        units = count * (500 if "500" in message else 1)
+        print(f"{label}: {spent / units * 1e6:.0f} µs ({units} {'deltas' if units > count else 'streams'})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--relays", default="chatsvc,obvious", help="comma-separated: chatsvc, obvious, chatsvc-h11")
+    parser.add_argument(
+        "--relays",
+        default="chatsvc,obvious",
+        help="comma-separated: chatsvc, obvious, chatsvc-h11, chatsvc-granian (after `pip install granian`)",
+    )
+    parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
     args = parser.parse_args()
     size = Sizes(20, (32, 50), (8, 10), (50, 4), 3) if args.smoke else Sizes(300, (320, 500), (64, 50), (1000, 20), 20)
     up_port = free_port()
@@ -312,6 +341,14 @@ def main() -> int:
             upstream_env,
             has_metrics=True,
         ),
+        # The same app on granian, a Rust HTTP server, when installed. Its CPU and memory sit in a
+        # worker process that this benchmark does not add up: compare only A, D's times and E.
+        "chatsvc-granian": Relay(
+            "chatsvc-granian",
+            [PY, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{port}", *GRANIAN],
+            upstream_env,
+            has_metrics=True,
+        ),
         "obvious": Relay("obvious", [PY, str(ROOT / "bench/obvious_relay.py"), "--port", "{port}"], upstream_env),
     }
     relays = [available[name] for name in args.relays.split(",")]
@@ -321,6 +358,9 @@ def main() -> int:
         {},
         f"http://127.0.0.1:{up_port}/v1/models",
     ):
+        if args.costs:
+            costs(upstream_env, 200 if args.smoke else 6000)
+            return 0
         bench.direct()
         for relay in relays:
             bench.relay(relay)

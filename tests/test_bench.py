@@ -22,3 +22,23 @@ def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
     for scenario in ("A.", "B.", "C.", "D.", "E."):
         assert rows[scenario][column].strip() not in ("", "—"), rows[scenario]
     assert "streams failed or not intact: 0" in result.stdout
+
+
+def test_cost_measurements_run() -> None:
+    """bench/run.py --costs and bench/client_cost.py, in their smoke mode: each prints its rows."""
+    costs = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--costs", "--smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    for row in (
+        "CPU per stream, LOG_LEVEL=INFO: ",
+        "CPU per stream, LOG_LEVEL=WARNING: ",
+        "CPU per delta arriving alone: ",
+    ):
+        assert row in costs, costs
+    clients = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "client_cost.py"), "--smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    for way in ("create, httpx transport", "create, aiohttp transport", "post, aiohttp transport", "aiohttp alone"):
+        assert f"| {way} | " in clients, clients
