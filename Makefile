@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 run: $(VENV)/.runtime
 	$(BIN)/python run.py
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev tests/js/node_modules/.installed
 	bash tests/install-browser.sh
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
@@ -29,3 +29,8 @@ $(VENV)/.runtime: requirements.txt $(VENV)/.created
 $(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.created
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.runtime
+
+# The real JS clients the tests drive (tests/test_js_clients.py), exactly as the lockfile pins them.
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+	touch $@

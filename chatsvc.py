@@ -1,8 +1,8 @@
 """chatsvc: relay an OpenAI-compatible chat model's answer as Server-Sent Events.
 
-Read top-down: settings, errors, the request middleware, the upstream client, the relay (the event
-generator and its response), the endpoints, `create_app`, and the launcher that `python chatsvc.py`
-runs.
+Read top-down: settings, errors, the request middleware, the upstream client, the service state,
+the relay (the stream log, its producer and its followers), the endpoints, `create_app`, and the
+launcher that `python chatsvc.py` runs.
 
 Deliberate departures from the libraries' defaults (the code points back here as "note N"):
 
@@ -13,14 +13,16 @@ Deliberate departures from the libraries' defaults (the code points back here as
 2. A declared Content-Length over MAX_BODY_BYTES is refused by our middleware, not by Starlette's
    `max_body_size`: Starlette replaces *any* response to such a request with a plain-text 413, which
    would lose our error body. Starlette's limit still guards bodies without a length, or that lie.
-3. The upstream body is read by its own task (`Relay.pump`) beside the response, and the response's
-   generator sends whatever has arrived since its last send: deltas that arrived together leave in
-   one write, and none ever waits for another. The read is bounded by one cancel scope in that task
-   (the request budget and, while draining, the shutdown grace; a finish_reason moves it to
-   FINISH_WAIT_S ahead) and by the client's read timeout (IDLE_TIMEOUT_S, between any two reads).
-   No scope spans a `yield`: it would cancel the consumer (sse-starlette's send), not the read.
-   The pump stops reading when PENDING_LIMIT characters wait for a slow client, so the model
-   server sees TCP back-pressure rather than us buffering without end.
+3. One producer, a log, followers. Each stream's upstream body is read by one task of its own
+   (`Producer.run`), which appends every event to the stream's `StreamLog`, decides the one outcome
+   and logs it, and releases the slot and the upstream connection in one `finally`. Each client
+   connection is a follower (`FollowerResponse`): it replays the log from a position, then sends
+   whatever has been appended since its last send, so deltas that arrived together leave in one
+   write and none waits for another. The log is the only channel between them. The read is bounded
+   by one cancel scope in the producer (the request budget and, while draining, the shutdown grace;
+   a finish_reason moves it to FINISH_WAIT_S ahead) and by the client's read timeout
+   (IDLE_TIMEOUT_S, between any two reads). The producer reads ahead of a slow client: the answer
+   must be kept for resuming anyway, and all logs together are bounded by RESUME_BUFFER_MB.
 4. Shutdown drains before uvicorn stops listening. uvicorn closes its socket the moment SIGTERM
    arrives, so a load balancer would see refused connections instead of a 503 `shutting_down`.
    `DrainingServer` first flips /readyz to 503, answers new chats 503 with Retry-After, lets streams
@@ -38,8 +40,9 @@ Deliberate departures from the libraries' defaults (the code points back here as
    finish_reason has come the answer is whole: we wait at most FINISH_WAIT_S more (for the usage
    chunk and `[DONE]`), and a server that stays silent then still gets its `done`.
 8. A client that stops reading is cut off after SEND_TIMEOUT_S (sse-starlette's send timeout), so
-   that it cannot hold a slot and a growing buffer for as long as the model talks. It is logged as
-   `request_failed` with code `client_too_slow`; no event can reach it.
+   that it cannot hold a connection and a growing send buffer for as long as the model talks. Its
+   stream is then detached like any other (note 11); if nobody resumes it, it is logged as
+   `request_failed` with code `client_too_slow`.
 9. The openai client opens the stream (request building, auth, errors and their status codes), but
    its body is parsed here, not by openai's `AsyncStream`: profiled under load, its per-chunk
    model construction was half of the service's CPU (README "Performance"). `UpstreamFrames`
@@ -52,6 +55,27 @@ Deliberate departures from the libraries' defaults (the code points back here as
     thresholds are raised and full collections are left to idle moments: when the last stream
     ends (at most every IDLE_GC_INTERVAL_S), or after 1000 middle collections. The pauses are
     in /metrics (`chatsvc_gc_pause_seconds`), beside the event loop's lag.
+11. Streams survive a dropped connection. Each has a `stream_id` (128 random bits, as hex: hex has
+    no `-`, so no id can look like an `sk-` key to the log redaction) and each event's id is
+    `<stream_id>:<seq>`. A follower can start at any seq: GET /chat/streams/{id} (EventSource),
+    or POST /chat with Last-Event-ID (fetch-event-source's retry), which never runs the body.
+    - The `id:` line is the event's last line, not its first as in sse-starlette: the most used
+      fetch-based client, @microsoft/fetch-event-source, takes the id the moment it reads that
+      line, so with the id first a cut inside the event's data would skip the event on resume.
+      Last, a cut anywhere before the id line leaves the previous id. One position is left that no
+      server can cover for such a client: between the id line's line break and the blank line that
+      ends the event (2 bytes); each event leaves in one write, so a network cut falls there only
+      when a TCP segment boundary does. EventSource takes the id only when it dispatches the event.
+    - When the last follower leaves before the end, the producer goes on for RESUME_GRACE_S (a
+      timer, cancelled by a resume); nobody back, the stream is forgotten at once (so no follower
+      can attach to it any more), the read is cancelled and `client_disconnected` logged. 0: at
+      once, as before resuming existed. DELETE cancels the read and ends the log with `done`
+      finish_reason "cancelled".
+    - Finished logs are kept RESUME_TTL_S, within RESUME_BUFFER_MB for all logs together (oldest
+      dropped first); expired ones are dropped at the next look-up, admission or metrics scrape,
+      not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
+    - With SERVICE_API_KEYS, a stream is bound to a SHA-256 digest of the key that started it;
+      another key gets 404, as for a stream that does not exist.
 """
 
 from __future__ import annotations
@@ -96,7 +120,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sse_starlette import EventSourceResponse, JSONServerSentEvent, ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
@@ -114,6 +138,7 @@ log = logging.getLogger("chatsvc")
 
 HERE = Path(__file__).resolve().parent
 REQUEST_ID_HEADER = "X-Request-ID"
+STREAM_ID_HEADER = "X-Stream-ID"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 FINISH_WAIT_S = 2.0  # note 7
@@ -145,6 +170,9 @@ class Settings(BaseSettings):
     MAX_CONCURRENT_STREAMS: int = Field(256, ge=1)
     SHUTDOWN_GRACE_S: float = Field(25.0, ge=0)
     SEND_TIMEOUT_S: float = Field(30.0, gt=0)
+    RESUME_GRACE_S: float = Field(20.0, ge=0)
+    RESUME_TTL_S: float = Field(60.0, ge=0)
+    RESUME_BUFFER_MB: float = Field(64.0, gt=0)
     SERVICE_API_KEYS: SecretStr | None = None
     CORS_ALLOW_ORIGINS: Annotated[tuple[str, ...], NoDecode] = ()
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -219,6 +247,12 @@ ERRORS: dict[str, ErrorKind] = {
         401, "missing or wrong API key", "send the header 'Authorization: Bearer <key>' with a valid key", False
     ),
     "not_found": ErrorKind(404, "no such endpoint", "see /openapi.json for the endpoints", False),
+    "stream_not_found": ErrorKind(
+        404,
+        "no such stream",
+        "start a new chat: a stream can be resumed while it runs and for RESUME_TTL_S after it ends",
+        False,
+    ),
     "method_not_allowed": ErrorKind(
         405, "method not allowed on this endpoint", "see /openapi.json for the methods", False
     ),
@@ -407,7 +441,6 @@ _HTTP_DETAILS: dict[int, Callable[[Request], str]] = {
 
 
 def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: BaseException | None) -> None:
-    scope.setdefault("state", {})["chatsvc_logged"] = True
     level = logging.ERROR if error.code == "internal_error" else logging.WARNING
     log.log(
         level,
@@ -426,8 +459,9 @@ def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: Base
 
 class RequestContextMiddleware:
     """Gives every request a correlation id (validated incoming X-Request-ID, else a new UUID4), echoes
-    it on the response, refuses over-long declared bodies (note 2) and logs the request's arrival and,
-    unless the endpoint logged its own outcome, its completion."""
+    it on the response, refuses over-long declared bodies (note 2) and logs the request's arrival and
+    the completion of a plain response. The others have their outcome logged where it is decided:
+    an error where it is rendered, a stream by its producer."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
@@ -451,19 +485,22 @@ class RequestContextMiddleware:
         log.log(level, "request_received", extra={"method": scope["method"], "path": path})
         started = time.monotonic()
         status = 0
+        plain = False  # a response whose outcome nobody else logs
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, plain
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                response_headers = MutableHeaders(scope=message)
+                response_headers[REQUEST_ID_HEADER] = request_id
+                plain = status < 400 and not response_headers.get("content-type", "").startswith("text/event-stream")
             await send(message)
 
         if _declared_length(headers) > self.max_body_bytes:
             await self._refuse_too_large(scope, receive, send_with_id)
             return
         await self.app(scope, receive, send_with_id)
-        if not scope.get("state", {}).get("chatsvc_logged"):
+        if plain:
             duration_ms = round((time.monotonic() - started) * 1000, 1)
             log.log(level, "request_completed", extra={"status": status, "path": path, "duration_ms": duration_ms})
 
@@ -536,7 +573,7 @@ class ChatRequest(BaseModel):
     @classmethod
     def _message(cls, value: str, info: ValidationInfo) -> str:
         limit = _limits(info).MAX_MESSAGE_CHARS
-        if not value.strip():
+        if not _NON_SPACE.search(value):
             raise ValueError("must contain text, not only whitespace")
         if len(value) > limit:
             raise ValueError(f"must be at most {limit} characters")
@@ -581,6 +618,11 @@ class ChatRequest(BaseModel):
                 out.append({"role": "assistant", "content": turn.content})
         out.append({"role": "user", "content": self.message})
         return out
+
+
+#: openapi.yaml's pattern `\S` as JSON Schema reads it, in ECMAScript: Python's str.isspace() also
+#: counts the separators U+001C-U+001F and U+0085, which the contract lets through.
+_NON_SPACE = re.compile("[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
 
 
 def _limits(info: ValidationInfo) -> Settings:
@@ -662,7 +704,7 @@ def _backoff(retries: int, exc: openai.APIError) -> float:
     return min(0.5 * 2.0**retries, 8.0) * (1 - 0.25 * random.random())
 
 
-# --- The relay --------------------------------------------------------------------------------------
+# --- Service state ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -672,7 +714,7 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter("chatsvc_requests", "Chat requests by outcome code", ["code"], registry=r)
-        self.active = Gauge("chatsvc_active_streams", "Streams in progress", registry=r)
+        self.active = Gauge("chatsvc_active_streams", "Streams in progress, detached ones included", registry=r)
         self.ttft = Histogram(
             "chatsvc_time_to_first_token_seconds",
             "Request start to first delta",
@@ -686,6 +728,11 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
         )
         self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
+        self.resumes = Counter(
+            "chatsvc_resumes", "Resume requests by outcome: resumed, finished (204), not_found", ["outcome"], registry=r
+        )
+        self.detached = Gauge("chatsvc_detached_streams", "Streams running with no client attached", registry=r)
+        self.log_bytes = Gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)", registry=r)
         # What leak checks watch: memory and open descriptors (process_*), and tasks on the loop.
         ProcessCollector(registry=r)
         tasks = Gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop", registry=r)
@@ -732,15 +779,22 @@ class Metrics:
 
 
 class Service:
-    """The state one app shares across requests: settings, the upstream client, slots, drain."""
+    """The state one app shares across requests: settings, the upstream client, slots, the stream
+    logs and their producers, drain."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = create_upstream_client(settings)
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.metrics = Metrics()
-        self.relays: set[Relay] = set()
-        self.slots_in_use = 0  # streams plus requests still opening one
+        self.metrics.log_bytes.set_function(self.held_log_bytes)
+        self.producers: set[asyncio.Task[None]] = set()  # asyncio's idiom: a task is kept until done
+        self.live: set[Producer] = set()  # for the drain, which tightens their deadlines
+        self.streams: dict[str, StreamLog] = {}  # every resumable stream, by id
+        self.finished: dict[str, StreamLog] = {}  # the finished ones, oldest first (dicts keep order)
+        self.log_bytes = 0  # held by the logs in `streams`
+        self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
+        self.slots_in_use = 0  # streams (detached ones too) plus requests still opening one
         self.draining = False
         self.drain_deadline = math.inf
         self._drain_event: anyio.Event | None = None
@@ -761,9 +815,9 @@ class Service:
         self.draining = True
         self.drain_deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE_S
         self.drain_event.set()
-        log.info("draining", extra={"active_streams": len(self.relays), "grace_s": self.settings.SHUTDOWN_GRACE_S})
-        for relay in list(self.relays):
-            relay.tighten_deadline()
+        log.info("draining", extra={"active_streams": len(self.live), "grace_s": self.settings.SHUTDOWN_GRACE_S})
+        for producer in list(self.live):
+            producer.tighten_deadline()
 
     async def wait_drained(self) -> None:
         """Until the last stream has ended, or the grace (and a margin for final events) is over."""
@@ -782,10 +836,13 @@ class Service:
         return response.is_success
 
     def take_slot(self) -> None:
-        # No await between the check and the increment: concurrent requests cannot overshoot.
-        if self.slots_in_use >= self.settings.MAX_CONCURRENT_STREAMS:
-            limit = self.settings.MAX_CONCURRENT_STREAMS
+        # No await between the checks and the increment: concurrent requests cannot overshoot.
+        limit = self.settings.MAX_CONCURRENT_STREAMS
+        if self.slots_in_use >= limit:
             raise ServiceError("overloaded", f"{limit} streams are in progress", retry_after=1)
+        self.trim()
+        if self.log_bytes > self.buffer_bytes:  # only live streams are left in the logs (note 11)
+            raise ServiceError("overloaded", "the running streams fill RESUME_BUFFER_MB", retry_after=1)
         self.slots_in_use += 1
         self.metrics.active.inc()
 
@@ -798,6 +855,61 @@ class Service:
             if time.monotonic() - self.last_full_gc > IDLE_GC_INTERVAL_S:  # note 10
                 self.last_full_gc = time.monotonic()
                 self.metrics.collect_when_idle()
+
+    # The stream logs (note 11)
+
+    def start_stream(self, owner: bytes | None, make_producer: Callable[[StreamLog], Producer]) -> StreamLog:
+        """A new stream's log, and its producer running in a task of its own: it outlives the request."""
+        stream_log = StreamLog(self, secrets.token_hex(16), owner)
+        self.streams[stream_log.stream_id] = stream_log
+        producer = make_producer(stream_log)
+        stream_log.producer = producer
+        self.live.add(producer)
+        task = asyncio.create_task(producer.run())  # copies the request's context: its correlation id
+        self.producers.add(task)
+        task.add_done_callback(self.producers.discard)
+        return stream_log
+
+    def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog:
+        """The stream with this id, started with this key (another key's stream is not revealed)."""
+        self.trim()
+        stream_log = self.streams.get(stream_id)
+        if stream_log is None or not _same_owner(stream_log.owner, owner):
+            raise ServiceError("stream_not_found", "no stream with this id is running or kept")
+        return stream_log
+
+    def on_finished(self, stream_log: StreamLog) -> None:
+        if stream_log.stream_id in self.streams:
+            self.finished[stream_log.stream_id] = stream_log
+            self.trim()
+
+    def drop(self, stream_log: StreamLog) -> None:
+        """Forget a stream: it can no longer be resumed (followers reading it keep their reference)."""
+        if self.streams.pop(stream_log.stream_id, None) is not None:
+            self.log_bytes -= stream_log.size
+        self.finished.pop(stream_log.stream_id, None)
+
+    def trim(self) -> None:
+        """Drop finished logs past RESUME_TTL_S, and the oldest finished ones while over RESUME_BUFFER_MB."""
+        expired = time.monotonic() - self.settings.RESUME_TTL_S
+        for stream_log in list(self.finished.values()):
+            assert stream_log.finished_at is not None
+            if stream_log.finished_at > expired and self.log_bytes <= self.buffer_bytes:
+                break
+            self.drop(stream_log)
+
+    def held_log_bytes(self) -> float:
+        self.trim()
+        return self.log_bytes
+
+
+def _same_owner(a: bytes | None, b: bytes | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return secrets.compare_digest(a, b)
+
+
+# --- The relay --------------------------------------------------------------------------------------
 
 
 class UpstreamFrames:
@@ -840,33 +952,97 @@ class UpstreamFrames:
         return self.feed(b"\n") if self.buffer.endswith(b"\r") else []
 
 
-_json_string = json.JSONEncoder(ensure_ascii=False).encode  # as JSONServerSentEvent encodes strings
+_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode  # as sse-starlette's
 
 
-def encode_deltas(first_id: int, contents: list[str]) -> bytes:
-    """Delta events numbered from `first_id`, encoded in one piece exactly as sse-starlette encodes
-    each `JSONServerSentEvent` (tests/test_relay_parts.py holds the two equal): one write for all
-    the deltas that arrived together."""
-    return "".join(
-        [
-            f'id: {first_id + i}\r\nevent: delta\r\ndata: {{"content":{_json_string(content)}}}\r\n\r\n'
-            for i, content in enumerate(contents)
-        ]
-    ).encode()
+def encode_event(stream_id: str, seq: int, name: str, data: dict[str, Any]) -> bytes:
+    """One event as sse-starlette's JSONServerSentEvent encodes it, but with the `id:` line last
+    (note 11): a client that takes the id as soon as it reads the line has the data by then."""
+    return f"event: {name}\r\ndata: {_json(data)}\r\nid: {stream_id}:{seq}\r\n\r\n".encode()
 
 
-class Relay:
-    """One chat stream: the upstream body, its clocks and counts, and its terminal outcome.
+def encode_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes]:
+    """Delta events numbered from `first` (tests/test_relay_parts.py holds them equal to
+    encode_event's), a separate entry each so that a replay can start at any of them."""
+    return [
+        f'event: delta\r\ndata: {{"content":{_json(content)}}}\r\nid: {stream_id}:{first + i}\r\n\r\n'.encode()
+        for i, content in enumerate(contents)
+    ]
 
-    Two tasks share it (note 3): `pump()` reads the upstream body into `pending` as bytes arrive,
-    and `events()`, the response's generator, sends what is pending. Deltas that arrived together
-    thus leave in one write, and none waits for another."""
 
-    PENDING_LIMIT = 256 * 1024  # characters read ahead of a slow client before the pump stops reading
+EVENT_ID_PATTERN = re.compile(r"^([0-9a-f]{32}):(0|[1-9][0-9]{0,8})$")
+
+
+class StreamLog:
+    """One stream's events in order, each encoded once (note 11). Its producer alone appends, ending
+    with the one terminal event; any number of followers read it from any position."""
+
+    def __init__(self, service: Service, stream_id: str, owner: bytes | None) -> None:
+        self.service = service
+        self.stream_id = stream_id
+        self.owner = owner  # a digest of the key that started it, when SERVICE_API_KEYS is set
+        self.entries: list[bytes] = []
+        self.size = 0
+        self.finished_at: float | None = None
+        self.followers = 0
+        self.producer: Producer | None = None  # while the stream runs
+        # A broadcast: set() wakes every follower waiting now, clear() at once readies the next wait.
+        # A follower checks `entries` and waits with no await in between, so no append is missed.
+        self._appended = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def append(self, entries: list[bytes], *, terminal: bool = False) -> None:
+        assert not self.finished, "a stream has exactly one terminal event"
+        self.entries += entries
+        added = sum(map(len, entries))
+        self.size += added
+        if self.stream_id in self.service.streams:
+            self.service.log_bytes += added
+        if terminal:
+            self.finished_at = time.monotonic()
+            self.service.on_finished(self)
+        self._appended.set()
+        self._appended.clear()
+
+    async def follow(self, position: int) -> AsyncIterator[bytes]:
+        """The events from `position` on, then each as it is appended, to the terminal one. All that
+        arrived since the last send leaves in one write (note 3)."""
+        while True:
+            entries = self.entries
+            if position < len(entries):
+                batch = entries[position] if position + 1 == len(entries) else b"".join(entries[position:])
+                position = len(entries)
+                yield batch
+            elif self.finished:
+                return
+            else:
+                await self._appended.wait()
+
+    def attach(self) -> None:
+        self.followers += 1
+        if self.producer is not None and self.producer.keep():
+            log.info("stream_reattached", extra={"stream_id": self.stream_id})
+
+    def detach(self, *, too_slow: bool) -> None:
+        self.followers -= 1
+        if self.followers == 0 and self.producer is not None and not self.finished:
+            self.producer.alone(too_slow=too_slow)
+
+
+class Producer:
+    """The one reader of a stream's upstream body (note 3). It appends every event to the stream's
+    log, decides the one outcome and logs it, and releases the slot and the upstream connection.
+
+    It runs in a task of its own, so that it outlives a dropped client: when the last follower
+    leaves, it goes on for RESUME_GRACE_S, then stops unless someone resumed (note 11)."""
 
     def __init__(
         self,
         service: Service,
+        stream_log: StreamLog,
         stream: openai.AsyncStream[ChatCompletionChunk],
         model: str,
         prompt_chars: int,
@@ -875,50 +1051,68 @@ class Relay:
     ) -> None:
         self.service = service
         self.settings = service.settings
+        self.log = stream_log
         self.stream = stream  # only its raw response is read (note 9); close() closes it
         self.model = model
         self.prompt_chars = prompt_chars
         self.started = started
         self.deadline = deadline
-        self.event_id = 0
         self.deltas = 0
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
         self.upstream_usage: Mapping[str, Any] | None = None
-        self.outcome: str | None = None  # "ok" or an error code once a terminal event is sent
-        # Between the pump and events(). asyncio's own Event, which can be cleared and reused: the
-        # relay runs under uvicorn's asyncio loop only, and anyio's Event would be one object per wait.
-        self.pending: list[str] = []
-        self.pending_chars = 0
-        self.arrived = asyncio.Event()  # the pump added to `pending`, or the upstream ended
-        self.room = asyncio.Event()  # events() took what was pending
+        self.outcome = "shutting_down"  # until conclude() records the real one: only shutdown cancels us
         self.upstream_ended = False
         self.failure: ServiceError | None = None  # how the upstream body ended, if not well
         self.failure_exc: BaseException | None = None
         self.timed_out = False
         self.read_scope: anyio.CancelScope | None = None
-        self.closed = False
-        service.relays.add(self)  # the slot taken by the endpoint is now ours to release
+        # Stops the read early: DELETE (`cancelled`), or nobody back within the grace (`abandoned`).
+        self.stop_scope = anyio.CancelScope()
+        self.cancelled = False
+        self.abandoned = False
+        self.too_slow = False  # the last follower was cut off for not reading (note 8)
+        self.grace_timer: asyncio.TimerHandle | None = None
 
-    # The upstream side
+    # The stream's life
 
-    async def pump(self) -> None:
-        """Read the upstream body until it ends, a deadline passes or the response is over. Never
-        raises: how the body ended is left in `failure` for events() to report."""
+    async def run(self) -> None:
+        """Meta, the deltas as they come, then exactly one terminal event; or, abandoned, nothing more."""
+        stream_log = self.log
+        try:
+            meta = {"correlation_id": correlation_id.get(), "model": self.model, "stream_id": stream_log.stream_id}
+            stream_log.append([self.event("meta", meta)])
+            with self.stop_scope:
+                await self.read()
+            if self.abandoned:
+                self.abandon()
+            elif self.cancelled:
+                stream_log.append([self.cancelled_event()], terminal=True)
+            else:
+                stream_log.append([self.terminal_event()], terminal=True)
+        except Exception as exc:  # a bug of ours: the stream still ends with one terminal event
+            log.exception("producer_failed")
+            if not stream_log.finished:
+                stream_log.append(
+                    [self.error_event(ServiceError("internal_error", "unexpected failure"), exc)], terminal=True
+                )
+        finally:
+            await self.close()
+
+    async def read(self) -> None:
+        """Read the upstream body until it ends or a deadline passes. How it ended is left in
+        `failure` for terminal_event(); the deltas go to the log as they arrive."""
         frames = UpstreamFrames()
         request = self.stream.response.request
         try:
             # One scope for the whole read: the request budget and, while draining, the grace. The
-            # idle limit is the client's read timeout, applied by httpx to every read.
+            # idle limit is the client's read timeout, applied to every read.
             with anyio.CancelScope(deadline=min(self.deadline, self.service.drain_deadline)) as scope:
                 self.read_scope = scope
                 async for data in self.stream.response.aiter_bytes():
                     if self.upstream_ended:  # after [DONE]: drain, so the connection can be reused
                         continue
                     self.take_frames(frames.feed(data), request)
-                    if self.pending_chars > self.PENDING_LIMIT:  # the client reads slower than the model talks
-                        self.room.clear()
-                        await self.room.wait()
                 if not self.upstream_ended:
                     self.take_frames(frames.end(), request)
             if scope.cancelled_caught:
@@ -932,23 +1126,15 @@ class Relay:
             self.fail(map_upstream_error(exc, streaming=True), exc, timed_out=False)
         finally:
             self.read_scope = None
-            self.end_upstream()
-
-    def fail(self, error: ServiceError, exc: BaseException | None, *, timed_out: bool) -> None:
-        """Record how the read ended; `timed_out`: a deadline, not a fault (note 7 ends those with done
-        once a finish_reason has come)."""
-        if self.upstream_ended:  # [DONE] came: what breaks while the rest is drained changes nothing
-            return
-        self.failure, self.failure_exc, self.timed_out = error, exc, timed_out
 
     def take_frames(self, frames: list[bytes], request: httpx2.Request) -> None:
-        """Add the deltas of these frames to `pending`; note usage, finish_reason and [DONE]. The
+        """Append the deltas of these frames to the log; note usage, finish_reason and [DONE]. The
         deltas before a bad frame are kept: the error comes after them, as it did upstream."""
         contents: list[str] = []
         try:
             for data in frames:
                 if data.startswith(b"[DONE]"):
-                    self.end_upstream()
+                    self.upstream_ended = True
                     break
                 chunk = json.loads(data)
                 if chunk.get("error"):  # an in-band error, raised as openai would (note 9)
@@ -971,19 +1157,23 @@ class Relay:
                     contents.append(content)
         finally:
             if contents:
-                self.pending.extend(contents)
-                self.pending_chars += sum(map(len, contents))
-                self.arrived.set()
+                if self.first_token_at is None:
+                    self.on_first_token()
+                self.log.append(encode_deltas(self.log.stream_id, len(self.log.entries), contents))
+                self.deltas += len(contents)
+
+    def fail(self, error: ServiceError, exc: BaseException | None, *, timed_out: bool) -> None:
+        """Record how the read ended; `timed_out`: a deadline, not a fault (note 7 ends those with done
+        once a finish_reason has come)."""
+        if self.upstream_ended:  # [DONE] came: what breaks while the rest is drained changes nothing
+            return
+        self.failure, self.failure_exc, self.timed_out = error, exc, timed_out
 
     def expect_end(self) -> None:
         """A finish_reason came: the answer is whole, wait at most FINISH_WAIT_S more (note 7)."""
         if self.read_scope is not None:
             wait = min(FINISH_WAIT_S, self.settings.IDLE_TIMEOUT_S)
             self.read_scope.deadline = min(self.read_scope.deadline, time.monotonic() + wait)
-
-    def end_upstream(self) -> None:
-        self.upstream_ended = True
-        self.arrived.set()
 
     def fail_on_deadline(self) -> None:
         """Name the deadline that cut the read, reading the drain deadline afresh (draining may have
@@ -1001,47 +1191,88 @@ class Relay:
         if self.read_scope is not None:
             self.read_scope.deadline = min(self.read_scope.deadline, self.service.drain_deadline)
 
-    # The client side
+    # Followers come and go; DELETE stops (note 11)
 
-    def event(self, name: str, data: dict[str, Any]) -> ServerSentEvent:
-        event = JSONServerSentEvent(data, event=name, id=str(self.event_id))
-        self.event_id += 1
-        return event
+    def keep(self) -> bool:
+        """A follower is attached, or the stream ended: no grace runs. True if one was running."""
+        if self.grace_timer is None:
+            return False
+        self.grace_timer.cancel()
+        self.grace_timer = None
+        self.service.metrics.detached.dec()
+        return True
 
-    def delta_events(self, contents: list[str]) -> bytes:
-        first = self.event_id
-        self.event_id += len(contents)
-        return encode_deltas(first, contents)
+    def alone(self, *, too_slow: bool) -> None:
+        """The last follower left before the end: wait RESUME_GRACE_S for a resume."""
+        if self.log.finished:
+            return
+        self.too_slow = too_slow
+        grace = self.settings.RESUME_GRACE_S
+        log.info(
+            "stream_detached",
+            extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1, "grace_s": grace},
+        )
+        self.service.metrics.detached.inc()
+        self.grace_timer = asyncio.get_running_loop().call_later(grace, self.stop_abandoned)
 
-    async def events(self) -> AsyncIterator[ServerSentEvent | bytes]:
-        """The whole stream: meta, the deltas as they come, then exactly one terminal event."""
-        yield self.event("meta", {"correlation_id": correlation_id.get(), "model": self.model})
-        while True:
-            if self.pending:
-                contents, self.pending, self.pending_chars = self.pending, [], 0
-                self.room.set()
-                if self.first_token_at is None:
-                    self.on_first_token()
-                self.deltas += len(contents)
-                yield self.delta_events(contents)
-            elif self.upstream_ended:
-                break
-            else:
-                self.arrived.clear()  # no await since `pending` was seen empty: no wake-up is lost
-                await self.arrived.wait()
+    def stop_abandoned(self) -> None:
+        self.grace_timer = None
+        self.service.metrics.detached.dec()
+        if not (self.log.finished or self.cancelled):
+            self.abandoned = True
+            self.service.drop(self.log)  # from now on a resume finds nothing: no follower can attach
+            self.stop_scope.cancel()
+
+    def cancel(self) -> None:
+        """DELETE: stop the generation; followers get `done` with finish_reason "cancelled"."""
+        if not (self.cancelled or self.abandoned):
+            self.cancelled = True
+            log.info("stream_cancelled", extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1})
+            self.stop_scope.cancel()
+
+    # Events and the outcome
+
+    def event(self, name: str, data: dict[str, Any]) -> bytes:
+        return encode_event(self.log.stream_id, len(self.log.entries), name, data)
+
+    def terminal_event(self) -> bytes:
         if self.failure is not None:
             if self.timed_out and self.finish_reason is not None:  # note 7: the answer is whole already
                 log.warning(
                     "upstream_no_done", extra={"finish_reason": self.finish_reason, "waited_for": self.failure.code}
                 )
             else:
-                yield self.error_event(self.failure, self.failure_exc or self.failure)
-                return
+                return self.error_event(self.failure, self.failure_exc or self.failure)
         if self.finish_reason is None:  # note 7
             error = ServiceError("upstream_error", "the model server ended the stream before the answer was finished")
-            yield self.error_event(error, None)
-            return
-        yield self.done_event()
+            return self.error_event(error, None)
+        return self.done_event(self.finish_reason, "ok", "request_completed")
+
+    def cancelled_event(self) -> bytes:
+        return self.done_event("cancelled", "cancelled", "request_completed")
+
+    def done_event(self, finish_reason: str, outcome: str, line: str) -> bytes:
+        usage, timings = self.conclude(outcome, logging.INFO, line, status=200, finish_reason=finish_reason)
+        data = {"finish_reason": finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()}
+        return self.event("done", data)
+
+    def error_event(self, error: ServiceError, exc: BaseException | None) -> bytes:
+        exception = type(exc).__name__ if exc else None
+        level = logging.ERROR if error.code == "internal_error" else logging.WARNING
+        usage, _ = self.conclude(
+            error.code, level, "request_failed", code=error.code, status=200, exception=exception, path="/chat"
+        )
+        return self.event("error", {**error.body(), "usage": usage})
+
+    def abandon(self) -> None:
+        """Nobody came back within the grace: the answer so far is lost, as a client's leaving says."""
+        if self.too_slow:  # note 8
+            self.conclude(
+                "client_too_slow", logging.WARNING, "request_failed", code="client_too_slow", status=200,
+                exception="SendTimeoutError", path="/chat", send_timeout_s=self.settings.SEND_TIMEOUT_S,
+            )  # fmt: skip
+        else:
+            self.conclude("client_disconnected", logging.INFO, "client_disconnected")
 
     def on_first_token(self) -> None:
         self.first_token_at = time.monotonic()
@@ -1072,35 +1303,6 @@ class Relay:
         ttft = None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000, 1)
         return {"ttft_ms": ttft, "duration_ms": round((end - self.started) * 1000, 1)}
 
-    def done_event(self) -> ServerSentEvent:
-        usage, timings = self.conclude(
-            "ok", logging.INFO, "request_completed", status=200, finish_reason=self.finish_reason
-        )
-        return self.event(
-            "done",
-            {"finish_reason": self.finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()},
-        )
-
-    def error_event(self, error: ServiceError, exc: BaseException | None) -> ServerSentEvent:
-        exception = type(exc).__name__ if exc else None
-        usage, _ = self.conclude(
-            error.code,
-            logging.WARNING,
-            "request_failed",
-            code=error.code,
-            status=200,
-            exception=exception,
-            path="/chat",
-        )
-        return self.event("error", {**error.body(), "usage": usage})
-
-    def client_too_slow(self) -> None:
-        if self.outcome is None:
-            self.conclude(
-                "client_too_slow", logging.WARNING, "request_failed", code="client_too_slow", status=200,
-                exception="SendTimeoutError", path="/chat", send_timeout_s=self.settings.SEND_TIMEOUT_S,
-            )  # fmt: skip
-
     def conclude(self, outcome: str, level: int, event: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Record the one outcome of this stream: its tokens in the metrics and its log line, with the
         timings and usage. Returns the usage and timings, for the terminal event to carry."""
@@ -1109,25 +1311,20 @@ class Relay:
         metrics = self.service.metrics
         metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
         metrics.tokens.labels("completion").inc(usage["completion_tokens"])
-        log.log(level, event, extra={**fields, **timings, **_flat_usage(usage)})
+        log.log(level, event, extra={**fields, **timings, **_flat_usage(usage), "stream_id": self.log.stream_id})
         return usage, timings
 
     async def close(self) -> None:
-        """Release everything, whatever happened: runs when the response ends, is cancelled, or never
-        started its body."""
-        if self.closed:
-            return
-        self.closed = True
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(5):
-                await self.stream.close()
-            if self.outcome is None:
-                self.conclude("client_disconnected", logging.INFO, "client_disconnected")
-            metrics = self.service.metrics
-            metrics.requests.labels(self.outcome).inc()
-            metrics.duration.observe(time.monotonic() - self.started)
-            self.service.relays.discard(self)
-            self.service.release_slot()
+        """Release the upstream connection and the slot, whatever happened."""
+        self.keep()  # a grace still running ends with the stream
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self.stream.close()
+        metrics = self.service.metrics
+        metrics.requests.labels(self.outcome).inc()
+        metrics.duration.observe(time.monotonic() - self.started)
+        self.log.producer = None
+        self.service.live.discard(self)
+        self.service.release_slot()
 
 
 _TIMEOUT_DETAILS: dict[str, Callable[[Settings], str]] = {
@@ -1148,33 +1345,31 @@ def _flat_usage(usage: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class RelayResponse(EventSourceResponse):
-    """EventSourceResponse that always closes its relay, even when the body never started (a client
-    that leaves at once cancels the task group before the generator's first step)."""
+class FollowerResponse(EventSourceResponse):
+    """One client's view of a stream: the log from a position, then live to the terminal event. The
+    original POST is the first follower; a resume is another (note 11)."""
 
-    def __init__(self, relay: Relay) -> None:
-        settings = relay.settings
+    def __init__(self, stream_log: StreamLog, position: int, settings: Settings) -> None:
         super().__init__(
-            relay.events(),
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            stream_log.follow(position),
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", STREAM_ID_HEADER: stream_log.stream_id},
             ping=settings.PING_INTERVAL_S,
             ping_message_factory=lambda: ServerSentEvent(comment="ping"),
             send_timeout=settings.SEND_TIMEOUT_S,
-            shutdown_event=relay.service.drain_event,
+            shutdown_event=stream_log.service.drain_event,
             shutdown_grace_period=settings.SHUTDOWN_GRACE_S + 2,  # note 5
-            # The pump runs in the response's own task group, beside the sender (note 3): it ends
-            # with the response, and the response does not end with it.
-            data_sender_callable=relay.pump,
         )
-        self.relay = relay
+        self.stream_log = stream_log
+        stream_log.attach()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        too_slow = False
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
-            self.relay.client_too_slow()  # note 8; uvicorn closes the connection
+            too_slow = True  # note 8; uvicorn closes the connection
         finally:
-            await self.relay.close()
+            self.stream_log.detach(too_slow=too_slow)
 
 
 # --- Endpoints --------------------------------------------------------------------------------------
@@ -1187,15 +1382,18 @@ def service_of(request: Request) -> Service:
 
 
 async def chat(request: Request) -> Response:
+    """POST /chat: a new stream, or (with Last-Event-ID, as fetch-event-source retries) a resume."""
     started = time.monotonic()
     service = service_of(request)
     settings = service.settings
     deadline = started + settings.REQUEST_TIMEOUT_S
-    request.scope.setdefault("state", {})["chatsvc_logged"] = True  # the relay or render_error logs the outcome
 
+    if (last_event_id := request.headers.get("last-event-id")) is not None:
+        stream_id, _, _ = last_event_id.partition(":")
+        return resume(request, stream_id, "post")  # the body is not run again (note 11)
     if service.draining:
         raise ServiceError("shutting_down", "the service is draining and takes no new chats", retry_after=5)
-    authorize(request, settings)
+    owner = authorize(request, settings)
     if not settings.configured:
         raise ServiceError("not_configured", "neither OPENAI_API_KEY nor OPENAI_BASE_URL is set")
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -1233,14 +1431,75 @@ async def chat(request: Request) -> Response:
             "open_ms": round((time.monotonic() - started) * 1000, 1),
         },
     )
-    relay = Relay(service, stream, model, prompt_chars, started, deadline)
-    return RelayResponse(relay)
+    # The slot is the producer's to release from here on.
+    stream_log = service.start_stream(
+        owner, lambda stream_log: Producer(service, stream_log, stream, model, prompt_chars, started, deadline)
+    )
+    return FollowerResponse(stream_log, 0, settings)
 
 
-def authorize(request: Request, settings: Settings) -> None:
+async def stream(request: Request) -> Response:
+    """GET /chat/streams/{stream_id}: replay after Last-Event-ID (or ?after=), then follow live.
+    DELETE: stop the generation; idempotent. (One route: two would answer 405 with half the Allow.)"""
+    if request.method == "GET":
+        return resume(request, request.path_params["stream_id"], "get")
+    service = service_of(request)
+    owner = authorize(request, service.settings)
+    stream_log = service.find_stream(request.path_params["stream_id"], owner)
+    if stream_log.producer is not None:
+        stream_log.producer.cancel()
+    return Response(status_code=204)
+
+
+def resume(request: Request, stream_id: str, via: str) -> Response:
+    """A follower from the position that Last-Event-ID or ?after= names; 204 when the terminal event
+    was delivered already, which tells an EventSource to stop reconnecting (note 11)."""
+    service = service_of(request)
+    metrics = service.metrics
+    try:
+        owner = authorize(request, service.settings)
+        stream_log = service.find_stream(stream_id, owner)
+        after = _resume_after(request, stream_log)
+    except ServiceError as exc:
+        if exc.code == "stream_not_found":
+            metrics.resumes.labels("not_found").inc()
+        raise
+    position = after + 1
+    if stream_log.finished and position >= len(stream_log.entries):
+        metrics.resumes.labels("finished").inc()
+        return Response(status_code=204, headers={STREAM_ID_HEADER: stream_id})
+    metrics.resumes.labels("resumed").inc()
+    log.info("stream_resumed", extra={"stream_id": stream_id, "from_seq": position, "via": via})
+    return FollowerResponse(stream_log, position, service.settings)
+
+
+def _resume_after(request: Request, stream_log: StreamLog) -> int:
+    """The last seq the client has: from Last-Event-ID, else ?after=, else -1 (replay from the start).
+    An id of another stream or a seq not yet sent is malformed: 404, never a guess."""
+    last_event_id = request.headers.get("last-event-id")
+    after = request.query_params.get("after")
+    if last_event_id is not None:
+        match = EVENT_ID_PATTERN.fullmatch(last_event_id)
+        if match is None or match[1] != stream_log.stream_id:
+            raise ServiceError("stream_not_found", "Last-Event-ID does not name an event of this stream")
+        seq = int(match[2])
+    elif after is not None:
+        if not re.fullmatch(r"-1|0|[1-9][0-9]{0,8}", after):
+            raise ServiceError("stream_not_found", "after must be the seq of an event of this stream")
+        seq = int(after)
+    else:
+        return -1
+    if seq >= len(stream_log.entries):
+        raise ServiceError("stream_not_found", f"this stream has sent no event {seq} yet")
+    return seq
+
+
+def authorize(request: Request, settings: Settings) -> bytes | None:
+    """Check the bearer key when SERVICE_API_KEYS is set; return a digest of it, which binds the
+    streams it starts to it (none without keys: then the unguessable stream id is the capability)."""
     keys = settings.service_keys
     if not keys:
-        return
+        return None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     presented = token.strip().encode() if scheme.lower() == "bearer" else b""
     # Compare against every key, so the time taken does not say which key was close.
@@ -1249,6 +1508,7 @@ def authorize(request: Request, settings: Settings) -> None:
         matched |= secrets.compare_digest(presented, key)
     if not matched:
         raise ServiceError("unauthorized", "no valid bearer token in the Authorization header")
+    return hashlib.sha256(presented).digest()
 
 
 async def healthz(request: Request) -> Response:
@@ -1363,6 +1623,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             watcher.cancel()
             lag_probe.cancel()
+            for producer in list(service.producers):  # only those outliving the drain (note 4)
+                producer.cancel()
+            await asyncio.gather(*service.producers, return_exceptions=True)
             gc.callbacks.remove(service.metrics.on_gc)
             await service.client.close()
             await service.health_client.aclose()
@@ -1370,6 +1633,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [
         Route("/chat", chat, methods=["POST"], max_body_size=settings.MAX_BODY_BYTES),  # note 2
+        Route("/chat/streams/{stream_id}", stream, methods=["GET", "DELETE"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
@@ -1383,9 +1647,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.CORS_ALLOW_ORIGINS),
-                allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
-                expose_headers=[REQUEST_ID_HEADER, "Retry-After"],
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID", REQUEST_ID_HEADER],
+                expose_headers=[REQUEST_ID_HEADER, STREAM_ID_HEADER, "Retry-After"],
             )
         )
     app = Starlette(

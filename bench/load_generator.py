@@ -15,11 +15,23 @@ import time
 from typing import Any
 
 LIMIT_S = 120  # per stream
+ROLLBACK = 5  # deltas a resumed stream has lost in flight
 
 
-async def one(port: int, target: str, message: str, expected: str, leave_after: int | None = None) -> dict[str, Any]:
+async def one(
+    port: int,
+    target: str,
+    message: str,
+    expected: str,
+    leave_after: int | None = None,
+    resume_after: int | None = None,
+) -> dict[str, Any]:
     """One stream. With `leave_after`, close the connection once the stream is open (0) or after
-    that many deltas, and note when (CLOCK_MONOTONIC, shared with the fake upstream)."""
+    that many deltas, and note when (CLOCK_MONOTONIC, shared with the fake upstream). With
+    `resume_after`, cut it after that many deltas, as if the last ROLLBACK of them were lost in
+    flight, and resume it at once with GET /chat/streams/{id} and the id of the last one kept,
+    timing the reconnect to the first replayed event (read from the stream's log, not awaited from
+    the model)."""
     path, body = (
         ("/chat", {"message": message})
         if target == "chatsvc"
@@ -32,6 +44,7 @@ async def one(port: int, target: str, message: str, expected: str, leave_after: 
     sent = time.perf_counter()
     first = None
     text: list[str] = []
+    resumed_in: float | None = None
     try:
         async with asyncio.timeout(LIMIT_S):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -42,7 +55,8 @@ async def one(port: int, target: str, message: str, expected: str, leave_after: 
             head = await reader.readuntil(b"\r\n\r\n")
             if not head.startswith(b"HTTP/1.1 200"):
                 return {"ok": False, "why": head.split(b"\r\n")[0].decode()}
-            buffer, event = b"", b""
+            buffer, event, last_id, reconnected = b"", b"", b"", 0.0
+            pending: str | None = None
             while chunk := await reader.read(65536):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
@@ -50,14 +64,33 @@ async def one(port: int, target: str, message: str, expected: str, leave_after: 
                     line = line.rstrip(b"\r")
                     if line.startswith(b"event: "):
                         event = line[7:]
+                    elif line.startswith(b"id: "):
+                        last_id = line[4:]
                     elif line.startswith(b"data: {"):
-                        content = _content(json.loads(line[6:]), target, event)
-                        if content:
-                            first = first or time.perf_counter()
-                            text.append(content)
+                        if reconnected and resumed_in is None:
+                            resumed_in = time.perf_counter() - reconnected
+                        pending = _content(json.loads(line[6:]), target, event)
+                    elif not line and pending:  # an event counts once it is complete, as in EventSource
+                        first = first or time.perf_counter()
+                        text.append(pending)
+                        pending = None
                 if leave_after is not None and len(text) >= leave_after:
                     writer.close()
                     return {"ok": True, "why": None, "left_at": time.monotonic()}
+                if resume_after is not None and not reconnected and len(text) >= resume_after:
+                    writer.close()  # cut: the events read so far are kept, the partial line is not
+                    buffer, pending, reconnected = b"", None, time.perf_counter()
+                    del text[-ROLLBACK:]
+                    stream_id = last_id.split(b":")[0]
+                    last_id = b"%s:%d" % (stream_id, len(text))  # delta k is event k: meta is 0
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(
+                        b"GET /chat/streams/%s HTTP/1.1\r\nHost: x\r\nLast-Event-ID: %s\r\nConnection: close\r\n\r\n"
+                        % (stream_id, last_id)
+                    )
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    if not head.startswith(b"HTTP/1.1 200"):
+                        return {"ok": False, "why": "resume: " + head.split(b"\r\n")[0].decode()}
             writer.close()
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         return {"ok": False, "why": type(exc).__name__}
@@ -68,6 +101,7 @@ async def one(port: int, target: str, message: str, expected: str, leave_after: 
         "why": None if joined == expected else "text differs",
         "ttfb": (first or done) - sent,
         "total": done - sent,
+        "resumed_in": resumed_in,
     }
 
 
@@ -79,7 +113,13 @@ def _content(obj: dict[str, Any], target: str, event: bytes) -> str | None:
 
 
 async def run(
-    port: int, target: str, streams: int, concurrency: int, message: str, leave_after: int | None = None
+    port: int,
+    target: str,
+    streams: int,
+    concurrency: int,
+    message: str,
+    leave_after: int | None = None,
+    resume_after: int | None = None,
 ) -> dict[str, Any]:
     chunks = int(dict(item.split("=") for item in message.removeprefix("bench:").split(","))["chunks"])
     expected = "".join(f"t{i} " for i in range(chunks))
@@ -88,7 +128,7 @@ async def run(
     async def gated(i: int) -> dict[str, Any]:
         async with gate:
             if leave_after is None:
-                return await one(port, target, message, expected)
+                return await one(port, target, message, expected, resume_after=resume_after)
             return await one(port, target, f"{message},tag={i}", expected, leave_after)
 
     started = time.perf_counter()
@@ -108,6 +148,7 @@ async def run(
         "why": sorted({r["why"] for r in results if not r["ok"]}),
         "ttfb": sorted(r["ttfb"] for r in good),
         "total": sorted(r["total"] for r in good),
+        "resumed_in": sorted(r["resumed_in"] for r in good if r["resumed_in"] is not None),
     }
 
 
@@ -119,6 +160,9 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--message", default="bench:chunks=20")
     parser.add_argument("--leave-after", type=int, help="close each stream after this many deltas")
+    parser.add_argument("--resume-after", type=int, help="cut each stream after this many deltas and resume it")
     args = parser.parse_args()
-    result = run(args.port, args.target, args.streams, args.concurrency, args.message, args.leave_after)
+    result = run(
+        args.port, args.target, args.streams, args.concurrency, args.message, args.leave_after, args.resume_after
+    )
     print(json.dumps(asyncio.run(result)))

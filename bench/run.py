@@ -1,10 +1,13 @@
-"""The relay benchmark: chatsvc, the obvious relay and the fake upstream directly, in one run.
+"""The relay benchmark: chatsvc with resume on and off, the floor of its stack, the obvious relay
+and the fake upstream directly, in one run.
 
     .venv/bin/python bench/run.py           # the full scenarios (about three minutes)
     .venv/bin/python bench/run.py --smoke   # a small run, to see that it works (the tests run this)
 
 Each relay in turn is pinned to core 0 with taskset; the fake upstream and the load generator (each
-its own process) share core 1. Scenarios:
+its own process) share core 1. Relays: `floor` (bench/floor_relay.py: the fixed stack, no checks),
+`chatsvc` (resume on, the defaults), `chatsvc-noresume` (RESUME_GRACE_S=0, RESUME_TTL_S=0) and
+`obvious` (bench/obvious_relay.py). Scenarios:
   A. time to first delta, p50 at concurrency 1 (added: relay minus upstream direct);
   B. CPU seconds of the relay per 10,000 deltas, 32 streams at once, chunks back to back;
   C. the same with one chunk every 20 ms (what real models do);
@@ -12,7 +15,9 @@ its own process) share core 1. Scenarios:
      against the ideal, memory per open stream, and (chatsvc's own metrics) the longest event-loop
      stall and garbage-collection pause;
   E. a client that leaves before the first token, and one that leaves after it: how long until
-     the fake upstream sees its connection closed.
+     the fake upstream sees its connection closed (not with resume on: the grace keeps it open);
+  R. resume: streams each cut once mid-stream and resumed at once with GET /chat/streams/{id} and
+     Last-Event-ID: all intact, and the time from the reconnect to the first replayed event.
 `--costs` instead prints chatsvc's CPU per stream (with its logs and without) and per lone delta.
 Every stream is checked for integrity. Every process and wait is bounded; all stop by themselves.
 """
@@ -132,6 +137,7 @@ class Sizes:
     c: tuple[int, int]
     d: tuple[int, int]
     e: int
+    r: int
 
 
 @dataclass
@@ -140,6 +146,8 @@ class Relay:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     has_metrics: bool = False
+    kept_on_leave: str | None = None  # why E does not apply, if it does not
+    resumes: bool = False  # R applies
 
 
 @contextmanager
@@ -245,6 +253,15 @@ class Bench:
                     then, now = histogram(before_metrics, metric, having), histogram(after_metrics, metric, having)
                     self.put(row, name, longest(then, now))
 
+            if relay.resumes:
+                result = load(port, "chatsvc", size.r, 32, "bench:chunks=20,delay=0.02", "--resume-after", "10")
+                self.count(result)
+                waits = result["resumed_in"]
+                self.put("R", name, f"p50 {pct(waits, 0.5) * 1000:.1f} ms, p99 {pct(waits, 0.99) * 1000:.1f} ms")
+            if relay.kept_on_leave:
+                self.put("E before", name, relay.kept_on_leave)
+                self.put("E after", name, relay.kept_on_leave)
+                return
             for row, message, leave_after in (
                 ("E before", "bench:chunks=5,first=10", 0),
                 ("E after", "bench:chunks=100,delay=0.2", 1),
@@ -278,16 +295,19 @@ class Bench:
             "D gc": "D. longest garbage-collection pause while streams are open",
             "E before": "E. upstream closed after the client left, before the first token",
             "E after": "E. upstream closed after the client left, after the first token",
+            "R": f"R. {self.size.r} streams cut once and resumed: reconnect to first replayed event",
         }
         targets = ["upstream", *relays]
-        lines = ["| scenario | " + " | ".join(targets) + " | ratio |", "|---" * (len(targets) + 2) + "|"]
+        ratios = [("chatsvc", "floor", ("A", "B", "C")), ("chatsvc", "chatsvc-noresume", ("B", "C", "D mem"))]
+        ratios = [r for r in ratios if r[0] in relays and r[1] in relays]
+        header = [*targets, *(f"{a} / {b}" for a, b, _ in ratios)]
+        lines = ["| scenario | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
         for key, label in rows.items():
             cells = [self.results.get(key, {}).get(t, "—") for t in targets]
             figures = self.figures.get(key, {})
-            ratio = "—"
-            if key in ("B", "C", "D mem") and len(relays) > 1 and figures.get(relays[0]):
-                ratio = f"{figures[relays[1]] / figures[relays[0]]:.1f} times leaner"
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+            for a, b, keys in ratios:
+                cells.append(f"{figures[a] / figures[b]:.2f}" if key in keys and figures.get(b) else "—")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
@@ -318,12 +338,17 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
         "--relays",
-        default="chatsvc,obvious",
-        help="comma-separated: chatsvc, obvious, chatsvc-h11, chatsvc-granian (after `pip install granian`)",
+        default="floor,chatsvc,chatsvc-noresume,obvious",
+        help="comma-separated: floor, chatsvc, chatsvc-noresume, obvious, chatsvc-h11,"
+        " chatsvc-granian (after `pip install granian`)",
     )
     parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
     args = parser.parse_args()
-    size = Sizes(20, (32, 50), (8, 10), (50, 4), 3) if args.smoke else Sizes(300, (320, 500), (64, 50), (1000, 20), 20)
+    size = (
+        Sizes(20, (32, 50), (8, 10), (50, 4), 3, 10)
+        if args.smoke
+        else Sizes(300, (320, 500), (64, 50), (1000, 20), 20, 100)
+    )
     up_port = free_port()
     upstream_env = {
         "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
@@ -332,13 +357,28 @@ def main() -> int:
         "MAX_CONCURRENT_STREAMS": "5000",
         "REQUEST_TIMEOUT_S": "120",
     }
+    no_resume = {**upstream_env, "RESUME_GRACE_S": "0", "RESUME_TTL_S": "0"}
     available = {
-        "chatsvc": Relay("chatsvc", [PY, str(ROOT / "chatsvc.py")], upstream_env, has_metrics=True),
+        "floor": Relay(
+            "floor",
+            [PY, str(ROOT / "bench/floor_relay.py"), "--port", "{port}"],
+            upstream_env,
+            kept_on_leave="not measured (no disconnect handling)",
+        ),
+        "chatsvc": Relay(
+            "chatsvc",
+            [PY, str(ROOT / "chatsvc.py")],
+            upstream_env,
+            has_metrics=True,
+            kept_on_leave="kept for RESUME_GRACE_S",
+            resumes=True,
+        ),
+        "chatsvc-noresume": Relay("chatsvc-noresume", [PY, str(ROOT / "chatsvc.py")], no_resume, has_metrics=True),
         # The same app on uvicorn's pure-Python stack (asyncio loop, h11), to show what the stack adds.
         "chatsvc-h11": Relay(
             "chatsvc-h11",
             [PY, "-m", "uvicorn", "chatsvc:app", "--app-dir", str(ROOT), "--port", "{port}", *PURE_PYTHON],
-            upstream_env,
+            no_resume,
             has_metrics=True,
         ),
         # The same app on granian, a Rust HTTP server, when installed. Its CPU and memory sit in a
@@ -346,7 +386,7 @@ def main() -> int:
         "chatsvc-granian": Relay(
             "chatsvc-granian",
             [PY, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{port}", *GRANIAN],
-            upstream_env,
+            no_resume,
             has_metrics=True,
         ),
         "obvious": Relay("obvious", [PY, str(ROOT / "bench/obvious_relay.py"), "--port", "{port}"], upstream_env),

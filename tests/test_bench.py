@@ -17,10 +17,16 @@ def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    column = header.index("chatsvc")
-    rows = {line.split("|")[1].strip()[:2]: line.strip("|").split("|") for line in lines[2:] if line.startswith("|")}
-    for scenario in ("A.", "B.", "C.", "D.", "E."):
-        assert rows[scenario][column].strip() not in ("", "—"), rows[scenario]
+    rows: dict[str, list[str]] = {}  # the first row of each scenario letter ("D." has four)
+    for line in lines[2:]:
+        if line.startswith("|"):
+            rows.setdefault(line.split("|")[1].strip()[:2], line.strip("|").split("|"))
+    # Resume on: every scenario but E (the grace keeps a left stream open); resume off: all but R.
+    for relay, scenarios in (("chatsvc", "ABCDR"), ("chatsvc-noresume", "ABCDE"), ("floor", "ABCD")):
+        column = header.index(relay)
+        for scenario in scenarios:
+            assert rows[f"{scenario}."][column].strip() not in ("", "—"), (relay, rows[f"{scenario}."])
+    assert rows["E."][header.index("chatsvc")].strip() == "kept for RESUME_GRACE_S"
     assert "streams failed or not intact: 0" in result.stdout
 
 

@@ -49,6 +49,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
 @pytest.fixture
 def page(browser: WebDriver, service: Service) -> WebDriver:
     browser.get(f"{service.url}/")
+    browser.execute_script("sessionStorage.clear()")  # the page keeps the conversation there
+    browser.get(f"{service.url}/")
     console(browser)  # start each test with an empty console
     return browser
 
@@ -148,7 +150,7 @@ def test_html_in_an_answer_is_shown_as_text(page: WebDriver) -> None:
     assert not page.find_elements(By.CSS_SELECTOR, "#log img, #log b, #log script")
 
 
-def test_stop_closes_the_upstream_connection(page: WebDriver, fake_model: FakeModel) -> None:
+def test_stop_closes_the_upstream_connection(page: WebDriver, service: Service, fake_model: FakeModel) -> None:
     ask(page, "fake:deltas=10,stall_after=2")
     wait(page, lambda d: answer_text(d) == "w0 w1 ")
     upstream = fake_model.last()
@@ -157,8 +159,34 @@ def test_stop_closes_the_upstream_connection(page: WebDriver, fake_model: FakeMo
 
     assert upstream.closed.wait(5), "the model server's connection stayed open after Stop"
     wait(page, lambda d: "Stopped." in last_answer(d).text)
+    assert "cancelled" in last_answer(page).text  # the done event of the DELETE the page sent
+    assert service.wait_for_log("stream_cancelled")
     assert page.find_element(By.ID, "send").is_enabled()
     assert not page.find_element(By.ID, "stop").is_enabled()
+
+
+def test_reload_mid_answer_resumes_and_shows_the_whole_answer(page: WebDriver, fake_model: FakeModel) -> None:
+    message = "fake:deltas=40,delay=0.05"
+    ask(page, "first question")
+    wait(page, finished)
+    ask(page, message)
+    wait(page, lambda d: len(answer_text(d).split()) >= 3)
+    seen = len(fake_model.requests)
+
+    page.refresh()  # the fetch dies with the page; the service keeps the stream for RESUME_GRACE_S
+
+    wait(page, finished)
+    assert answer_text(page) == expected_text(message)
+    assert "stop" in last_answer(page).text  # the done event's finish_reason
+    assert len(fake_model.requests) == seen  # resumed, not asked again
+    turns = page.find_elements(By.CSS_SELECTOR, ".turn")
+    assert [t.find_element(By.CSS_SELECTOR, ".content").text for t in turns[:2]] == [
+        "first question",
+        expected_text("first question"),
+    ]
+    page.refresh()  # the answer is over: the page shows the conversation and resumes nothing
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn")) == 4)
+    assert answer_text(page) == expected_text(message)
 
 
 def test_page_is_usable_at_320_px_and_labelled(page: WebDriver) -> None:

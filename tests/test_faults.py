@@ -56,7 +56,8 @@ FAULTS: dict[str, tuple[str, Status | Terminal]] = {
     "huge_delta": ("fake:huge=1000000", Terminal("done", "stop", "x" * 1_000_000)),
 }
 BEHAVIOURS: list[loadgen.Behaviour] = ["read_all", "leave_before_first_token", "leave_mid_stream", "slow_reader"]
-SETTINGS = {"IDLE_TIMEOUT_S": "1", "REQUEST_TIMEOUT_S": "20", "UPSTREAM_MAX_RETRIES": "0"}
+# RESUME_GRACE_S=0: a client that leaves ends the stream at once, as before resuming existed.
+SETTINGS = {"IDLE_TIMEOUT_S": "1", "REQUEST_TIMEOUT_S": "20", "UPSTREAM_MAX_RETRIES": "0", "RESUME_GRACE_S": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,8 @@ def test_fault_cell(
         assert result.headers.get("retry-after") == expected.retry_after
     else:
         assert result.status == 200
-        assert result.events[0] == ("meta", {"correlation_id": rid, "model": "gpt-4o-mini"})
+        meta = {"correlation_id": rid, "model": "gpt-4o-mini", "stream_id": result.headers["x-stream-id"]}
+        assert result.events[0] == ("meta", meta)
         if behaviour in ("read_all", "slow_reader") or result.terminals:
             assert len(result.terminals) == 1, [e[0] for e in result.events]
             name, data = result.events[-1]

@@ -18,9 +18,12 @@ EXAMPLES = 300
 def test_schemathesis_finds_nothing(start_service: Any) -> None:
     svc: Service = start_service(LOG_LEVEL="WARNING", ALLOWED_MODELS="gpt-4o-mini,other-model")
     schemathesis = Path(BIN / "schemathesis")
+    # use_after_free expects a DELETEd resource to answer 404. DELETE /chat/streams/{id} stops a
+    # generation; the stopped answer (finish_reason "cancelled") stays resumable for RESUME_TTL_S,
+    # so that a reloaded page still shows it (README "Resuming a stream").
     result = subprocess.run(
         [str(schemathesis), "run", f"{svc.url}/openapi.json", "--checks", "all",
-         "--max-examples", str(EXAMPLES), "--seed", "20261121"],
+         "--exclude-checks", "use_after_free", "--max-examples", str(EXAMPLES), "--seed", "20261121"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     report = result.stdout + result.stderr

@@ -19,7 +19,8 @@ from tests.test_faults import resources, settle
 
 @pytest.fixture(scope="module")
 def guarded(start_service: Any) -> Service:
-    svc: Service = start_service(SEND_TIMEOUT_S="1", IDLE_TIMEOUT_S="5", REQUEST_TIMEOUT_S="60")
+    # RESUME_GRACE_S=0: a client cut off ends its stream at once (the grace is tested in test_resume).
+    svc: Service = start_service(SEND_TIMEOUT_S="1", IDLE_TIMEOUT_S="5", REQUEST_TIMEOUT_S="60", RESUME_GRACE_S="0")
     return svc
 
 

@@ -29,9 +29,18 @@ def open_stream(service: Service, message: str, rid: str) -> Iterator[tuple[http
         yield resp, (e for e in iter_sse(resp) if e.comment is None)
 
 
+@pytest.fixture(scope="module")
+def no_grace(start_service: Any) -> Service:
+    """RESUME_GRACE_S=0: a disconnect closes the upstream at once, as before resuming existed."""
+    svc: Service = start_service(RESUME_GRACE_S="0")
+    return svc
+
+
 @pytest.mark.parametrize("after", [0, 3], ids=["before-first-token", "mid-stream"])
-def test_client_disconnect_closes_upstream_within_a_second(service: Service, fake_model: FakeModel, after: int) -> None:
-    rid = f"leave-{after}"
+def test_client_disconnect_closes_upstream_within_a_second(
+    no_grace: Service, fake_model: FakeModel, after: int
+) -> None:
+    service, rid = no_grace, f"leave-{after}"
     with open_stream(service, f"fake:deltas=10,stall_after={after}", rid) as (_, events):
         assert [next(events).event for _ in range(1 + after)] == ["meta"] + ["delta"] * after
         upstream = fake_model.last()
@@ -46,7 +55,7 @@ def test_client_disconnect_closes_upstream_within_a_second(service: Service, fak
 
 
 def test_streams_over_the_limit_get_503_overloaded(start_service: Any, fake_model: FakeModel) -> None:
-    svc: Service = start_service(MAX_CONCURRENT_STREAMS="2")
+    svc: Service = start_service(MAX_CONCURRENT_STREAMS="2", RESUME_GRACE_S="0")
     with (
         open_stream(svc, "fake:stall_after=0", "slot-1") as (_, first),
         open_stream(svc, "fake:stall_after=0", "slot-2") as (_, second),

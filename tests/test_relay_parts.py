@@ -1,5 +1,5 @@
 """The relay's two hand-made parts against the libraries' behaviour they stand in for (note 9):
-the upstream SSE parser, and the one-piece encoding of deltas."""
+the upstream SSE parser, and the encoding of events."""
 
 from __future__ import annotations
 
@@ -8,18 +8,39 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sse_starlette import JSONServerSentEvent
 
-from chatsvc import UpstreamFrames, encode_deltas
+from chatsvc import UpstreamFrames, encode_deltas, encode_event
 
 texts = st.text(st.characters(codec="utf-8"), max_size=20)
+STREAM_ID = "0123456789abcdef0123456789abcdef"
+
+
+def id_last(event: JSONServerSentEvent, seq: int) -> bytes:
+    """sse-starlette's encoding of an event without id, with our `id:` line added last (note 11)."""
+    encoded = event.encode()
+    assert encoded.endswith(b"\r\n\r\n")
+    return encoded[:-2] + f"id: {STREAM_ID}:{seq}\r\n\r\n".encode()
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(texts, max_size=8), st.integers(0, 10**6))
-def test_deltas_encode_as_sse_starlette_encodes_each_event(contents: list[str], first: int) -> None:
-    expected = b"".join(
-        JSONServerSentEvent({"content": c}, event="delta", id=str(first + i)).encode() for i, c in enumerate(contents)
-    )
-    assert encode_deltas(first, contents) == expected
+def test_deltas_encode_as_sse_starlette_encodes_each_event_with_the_id_last(contents: list[str], first: int) -> None:
+    expected = [id_last(JSONServerSentEvent({"content": c}, event="delta"), first + i) for i, c in enumerate(contents)]
+    assert encode_deltas(STREAM_ID, first, contents) == expected
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | texts,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(texts, children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["meta", "done", "error"]), st.dictionaries(texts, json_values, max_size=5), st.integers(0, 99))
+def test_events_encode_as_sse_starlette_encodes_them_with_the_id_last(
+    name: str, data: dict[str, object], seq: int
+) -> None:
+    assert encode_event(STREAM_ID, seq, name, data) == id_last(JSONServerSentEvent(data, event=name), seq)
 
 
 def frames_of(body: bytes, cuts: list[int]) -> list[bytes]:

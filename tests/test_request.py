@@ -177,3 +177,11 @@ def test_defaults_reach_the_model(small: Service, fake_model: FakeModel) -> None
     assert sent["max_tokens"] == 50
     assert "temperature" not in sent
     assert [m["role"] for m in sent["messages"]] == ["user"]  # no SYSTEM_PROMPT configured here
+
+
+def test_a_message_of_separator_controls_is_text_as_the_contract_says(service: Service) -> None:
+    """Bug: openapi.yaml lets through any message matching `\\S` (ECMAScript), but the service refused
+    U+001C with 422, since Python's str.strip() counts it as space (schemathesis found it). Fix: the
+    service checks the contract's own whitespace set; ECMAScript's spaces are still refused."""
+    assert post(service, {"message": "\x1c"}).status_code == 200
+    assert_error_response(post(service, {"message": "\u3000\ufeff\u2028"}), 422, "validation_error")

@@ -3,6 +3,8 @@ one terminal event whatever the upstream does."""
 
 from __future__ import annotations
 
+import re
+
 import httpx
 
 from tests.conftest import Event, Service, iter_sse
@@ -29,9 +31,11 @@ def test_stream_headers_and_event_sequence(service: Service) -> None:
     assert response.headers["cache-control"] == "no-store"
     assert response.headers["x-accel-buffering"] == "no"
     assert response.headers["x-request-id"] == "seq-1"
-    assert [e.id for e in events] == [str(i) for i in range(len(events))]
+    stream_id = response.headers["x-stream-id"]
+    assert re.fullmatch("[0-9a-f]{32}", stream_id)
+    assert [e.id for e in events] == [f"{stream_id}:{i}" for i in range(len(events))]
     assert events[0].event == "meta"
-    assert events[0].data == {"correlation_id": "seq-1", "model": "gpt-4o-mini"}
+    assert events[0].data == {"correlation_id": "seq-1", "model": "gpt-4o-mini", "stream_id": stream_id}
     assert text_of(events) == expected_text("hello")
     done = assert_one_terminal(events, "done")
     assert done.data["finish_reason"] == "stop"

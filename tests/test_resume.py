@@ -1,0 +1,339 @@
+"""Streams that survive a dropped connection (note 11): resume by Last-Event-ID or ?after=, the grace,
+the TTL, the buffer bound, the key binding, DELETE, and the drain. Each test names its clause.
+
+The real JavaScript clients (fetch-event-source, eventsource) are driven in tests/test_js_clients.py."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Event, Service, iter_sse
+from tests.fake_model import FakeModel, expected_text
+from tests.spec import assert_error_response, validate
+
+SLOW = "fake:deltas=30,delay=0.05"  # 1.5 s of answer: long enough to leave and come back
+
+
+def text_of(events: list[Event]) -> str:
+    return "".join(e.data["content"] for e in events if e.event == "delta")
+
+
+def seqs(events: list[Event]) -> list[int]:
+    return [int(e.id.split(":")[1]) for e in events if e.id]
+
+
+@contextmanager
+def opened(
+    service: Service, message: str, rid: str, headers: dict[str, str] | None = None
+) -> Iterator[tuple[httpx.Response, Iterator[Event]]]:
+    """POST /chat, yielding the response and its events (no pings); leaving the block hangs up."""
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST", f"{service.url}/chat", json={"message": message}, headers={"X-Request-ID": rid, **(headers or {})}
+        ) as response,
+    ):
+        yield response, (e for e in iter_sse(response) if e.comment is None)
+
+
+def follow(service: Service, stream_id: str, headers: dict[str, str] | None = None, **params: str) -> list[Event]:
+    """GET /chat/streams/{id} to its end: the events (no pings); [] for a 204."""
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("GET", f"{service.url}/chat/streams/{stream_id}", headers=headers or {}, params=params) as resp,
+    ):
+        assert resp.status_code in (200, 204), resp.read()
+        return [e for e in iter_sse(resp) if e.comment is None]
+
+
+def leave_after(service: Service, message: str, rid: str, count: int) -> tuple[str, list[Event]]:
+    """Start a stream, read `count` events, hang up, and wait until the service has seen it."""
+    with opened(service, message, rid) as (response, events):
+        got = [next(events) for _ in range(count)]
+        stream_id = response.headers["x-stream-id"]
+    service.wait_for_log("stream_detached", rid)
+    return stream_id, got
+
+
+def finished_stream(service: Service, message: str = "hello") -> tuple[str, list[Event]]:
+    response, events = service.chat({"message": message})
+    assert events[-1].event == "done"
+    return response.headers["x-stream-id"], events
+
+
+@pytest.fixture(scope="module")
+def resumable(start_service: Any) -> Service:
+    svc: Service = start_service(RESUME_GRACE_S="30", RESUME_TTL_S="60")
+    return svc
+
+
+# Replay ------------------------------------------------------------------------------------------
+
+
+def test_replay_from_every_position_gives_exactly_the_events_after_it(resumable: Service) -> None:
+    stream_id, events = finished_stream(resumable, "fake:deltas=6")
+    last = len(events) - 1
+    for seq in range(-1, last):
+        by_header = follow(resumable, stream_id, {"Last-Event-ID": f"{stream_id}:{seq}"}) if seq >= 0 else None
+        by_query = follow(resumable, stream_id, after=str(seq))
+        assert seqs(by_query) == list(range(seq + 1, last + 1))
+        assert [(e.event, e.data) for e in by_query] == [(e.event, e.data) for e in events[seq + 1 :]]
+        if by_header is not None:
+            assert [(e.id, e.data) for e in by_header] == [(e.id, e.data) for e in by_query]
+    assert follow(resumable, stream_id) == follow(resumable, stream_id, after="-1")  # neither: from the start
+    assert [e.data for e in follow(resumable, stream_id)] == [e.data for e in events]
+
+
+def test_nothing_left_to_send_is_204(resumable: Service) -> None:
+    stream_id, events = finished_stream(resumable)
+    assert events[-1].id is not None
+    answer = httpx.get(f"{resumable.url}/chat/streams/{stream_id}", headers={"Last-Event-ID": events[-1].id})
+    assert answer.status_code == 204
+    assert answer.headers["x-stream-id"] == stream_id
+    again = httpx.post(f"{resumable.url}/chat", json={"message": "x"}, headers={"Last-Event-ID": events[-1].id})
+    assert again.status_code == 204
+
+
+@pytest.mark.parametrize(
+    "last_event_id",
+    ["0" * 32 + ":1", "not-an-id", "{stream}:999", "{stream}:01", "{stream}", "ABCDEF" + "0" * 26 + ":1"],
+    ids=["unknown", "malformed", "seq-not-sent", "leading-zero", "no-seq", "upper-case"],
+)
+def test_unknown_or_malformed_ids_are_404_never_a_new_generation(
+    resumable: Service, fake_model: FakeModel, last_event_id: str
+) -> None:
+    stream_id, _ = finished_stream(resumable)
+    header = {"Last-Event-ID": last_event_id.format(stream=stream_id)}
+    seen = len(fake_model.requests)
+    assert_error_response(
+        httpx.post(f"{resumable.url}/chat", json={"message": "hi"}, headers=header), 404, "stream_not_found"
+    )
+    target = stream_id if "{stream}" in last_event_id else "0" * 32
+    assert_error_response(httpx.get(f"{resumable.url}/chat/streams/{target}", headers=header), 404, "stream_not_found")
+    assert len(fake_model.requests) == seen  # no generation was started
+
+
+@pytest.mark.parametrize("path", ["0" * 32, "x", "%2e%2e", "0" * 33])
+def test_unknown_stream_paths_are_404_stream_not_found(resumable: Service, path: str) -> None:
+    assert_error_response(httpx.get(f"{resumable.url}/chat/streams/{path}"), 404, "stream_not_found")
+    assert_error_response(httpx.delete(f"{resumable.url}/chat/streams/{path}"), 404, "stream_not_found")
+
+
+def test_a_bad_after_is_404(resumable: Service) -> None:
+    stream_id, _ = finished_stream(resumable)
+    for after in ("-2", "abc", "1.5", "999"):
+        response = httpx.get(f"{resumable.url}/chat/streams/{stream_id}", params={"after": after})
+        assert_error_response(response, 404, "stream_not_found")
+
+
+# Live resumes ------------------------------------------------------------------------------------
+
+
+def test_post_with_last_event_id_resumes_without_running_the_body_again(
+    resumable: Service, fake_model: FakeModel
+) -> None:
+    """What fetch-event-source's retry sends: the same POST, with the last id it read."""
+    stream_id, got = leave_after(resumable, SLOW, "post-resume", 4)
+    seen = len(fake_model.requests)
+    with opened(resumable, "a body that must not run", "post-resume-2", {"Last-Event-ID": got[-1].id or ""}) as (
+        response,
+        events,
+    ):
+        assert response.headers["x-stream-id"] == stream_id
+        rest = list(events)
+    assert len(fake_model.requests) == seen
+    whole = got + rest
+    assert seqs(whole) == list(range(len(whole)))
+    assert text_of(whole) == expected_text(SLOW)
+    assert [e.event for e in whole].count("done") == 1
+    record = resumable.wait_for_log("stream_resumed", "post-resume-2")
+    assert record["from_seq"] == 4
+    assert record["stream_id"] == stream_id
+
+
+def test_resume_during_the_grace_keeps_the_upstream_and_completes(resumable: Service, fake_model: FakeModel) -> None:
+    stream_id, got = leave_after(resumable, SLOW, "grace-1", 3)
+    upstream = fake_model.last()
+    assert not upstream.closed.is_set()  # detached, but the model goes on
+    rest = follow(resumable, stream_id, {"Last-Event-ID": got[-1].id or ""})
+    whole = got + rest
+    assert text_of(whole) == expected_text(SLOW)
+    assert whole[-1].event == "done"
+    validate("DoneEvent", whole[-1].data)
+    assert len([r for r in resumable.logs_for("grace-1") if r["event"] == "request_completed"]) == 1
+
+
+def test_two_followers_at_once_see_the_same_stream(resumable: Service) -> None:
+    with opened(resumable, SLOW, "two-1") as (response, first):
+        stream_id = response.headers["x-stream-id"]
+        assert next(first).event == "meta"
+        second = follow(resumable, stream_id)  # from the start, while the first still reads
+        rest = list(first)
+    assert second[0].event == "meta"
+    assert text_of(second) == text_of(rest) == expected_text(SLOW)
+    assert [(e.id, e.data) for e in second[1:]] == [(e.id, e.data) for e in rest]
+
+
+def test_past_the_grace_the_upstream_is_closed_and_the_stream_is_gone(
+    start_service: Any, fake_model: FakeModel
+) -> None:
+    svc: Service = start_service(RESUME_GRACE_S="0.3")
+    stream_id, _ = leave_after(svc, "fake:deltas=3,stall_after=1", "gone-1", 2)
+    upstream = fake_model.last()
+    record = svc.wait_for_log("client_disconnected", "gone-1")
+    assert record["completion_tokens"] == 1
+    assert upstream.closed.wait(5)
+    assert_error_response(httpx.get(f"{svc.url}/chat/streams/{stream_id}"), 404, "stream_not_found")
+
+
+def test_with_no_grace_a_disconnect_closes_at_once_and_nothing_resumes(
+    start_service: Any, fake_model: FakeModel
+) -> None:
+    svc: Service = start_service(RESUME_GRACE_S="0")
+    stream_id, _ = leave_after(svc, "fake:deltas=3,stall_after=1", "nograce-1", 2)
+    assert fake_model.last().closed.wait(5)
+    svc.wait_for_log("client_disconnected", "nograce-1")
+    assert_error_response(httpx.get(f"{svc.url}/chat/streams/{stream_id}"), 404, "stream_not_found")
+
+
+# After the end: TTL and the buffer bound -----------------------------------------------------------
+
+
+def test_a_finished_stream_is_kept_for_the_ttl_then_dropped(start_service: Any) -> None:
+    svc: Service = start_service(RESUME_TTL_S="1")
+    stream_id, events = finished_stream(svc)
+    finished_at = time.monotonic()
+    assert [e.data for e in follow(svc, stream_id)] == [e.data for e in events]  # within the TTL
+    while (status := httpx.get(f"{svc.url}/chat/streams/{stream_id}").status_code) == 200:
+        assert time.monotonic() - finished_at < 10, "the stream was never dropped"
+        time.sleep(0.1)  # nothing to await: the TTL is the passing of time
+    assert status == 404
+    assert time.monotonic() - finished_at >= 1
+
+
+def test_finished_logs_are_dropped_oldest_first_beyond_the_buffer(start_service: Any) -> None:
+    svc: Service = start_service(RESUME_BUFFER_MB="0.05")  # 52,428 bytes: two 20,000-character answers
+    ids = [finished_stream(svc, "fake:huge=20000")[0] for _ in range(3)]
+    statuses = [httpx.get(f"{svc.url}/chat/streams/{i}", params={"after": "0"}).status_code for i in ids]
+    assert statuses == [404, 200, 200]
+    held = [
+        line
+        for line in httpx.get(f"{svc.url}/metrics").text.splitlines()
+        if line.startswith("chatsvc_stream_log_bytes")
+    ]
+    assert 40_000 < float(held[0].split()[1]) <= 0.05 * 1024 * 1024
+
+
+def test_live_streams_alone_over_the_buffer_make_new_chats_503(start_service: Any) -> None:
+    svc: Service = start_service(RESUME_BUFFER_MB="0.05")
+    with opened(svc, "fake:huge=60000,stall_after=1", "full-1") as (_, events):
+        assert [next(events).event for _ in range(2)] == ["meta", "delta"]
+        refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
+        assert_error_response(refused, 503, "overloaded")
+        assert "RESUME_BUFFER_MB" in refused.json()["detail"]
+        assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_detached_streams_hold_their_slot(start_service: Any) -> None:
+    svc: Service = start_service(MAX_CONCURRENT_STREAMS="1", RESUME_GRACE_S="30")
+    stream_id, _ = leave_after(svc, "fake:deltas=3,stall_after=1", "slot-d", 2)
+    assert_error_response(httpx.post(f"{svc.url}/chat", json={"message": "hi"}), 503, "overloaded")
+    assert "chatsvc_detached_streams 1.0" in httpx.get(f"{svc.url}/metrics").text
+    assert httpx.delete(f"{svc.url}/chat/streams/{stream_id}").status_code == 204
+    svc.wait_for_log("request_completed", "slot-d")
+    response, events = svc.chat({"message": "hi"})
+    assert response.status_code == 200
+    assert events[-1].event == "done"
+
+
+# The key binding ---------------------------------------------------------------------------------
+
+
+def test_only_the_key_that_started_a_stream_can_resume_or_stop_it(start_service: Any) -> None:
+    svc: Service = start_service(SERVICE_API_KEYS="key-one,key-two")
+    one, two = {"Authorization": "Bearer key-one"}, {"Authorization": "Bearer key-two"}
+    response, events = svc.chat({"message": "hello"}, one)
+    stream_id = response.headers["x-stream-id"]
+    url = f"{svc.url}/chat/streams/{stream_id}"
+
+    assert_error_response(httpx.get(url, headers=two), 404, "stream_not_found")  # existence not revealed
+    assert_error_response(httpx.delete(url, headers=two), 404, "stream_not_found")
+    last = {"Last-Event-ID": f"{stream_id}:2"}
+    assert_error_response(httpx.post(f"{svc.url}/chat", json={}, headers={**two, **last}), 404, "stream_not_found")
+    assert_error_response(httpx.get(url), 401, "unauthorized")
+    assert_error_response(httpx.get(url, headers={"Authorization": "Bearer key-one-not"}), 401, "unauthorized")
+    assert [e.data for e in follow(svc, stream_id, one)] == [e.data for e in events]
+    assert httpx.delete(url, headers=one).status_code == 204
+
+
+# DELETE ------------------------------------------------------------------------------------------
+
+
+def test_delete_while_streaming_stops_the_upstream_and_ends_with_cancelled(
+    resumable: Service, fake_model: FakeModel
+) -> None:
+    with opened(resumable, "fake:deltas=200,delay=0.05", "del-1") as (response, events):
+        stream_id = response.headers["x-stream-id"]
+        got = [next(events) for _ in range(3)]
+        upstream = fake_model.last()
+        asked = time.monotonic()
+        assert httpx.delete(f"{resumable.url}/chat/streams/{stream_id}").status_code == 204
+        rest = list(events)
+    assert upstream.closed.wait(5)
+    assert upstream.closed_at is not None
+    print(f"\nupstream closed {1000 * (upstream.closed_at - asked):.1f} ms after DELETE was sent")
+    done = rest[-1]
+    assert done.event == "done"
+    validate("DoneEvent", done.data)
+    assert done.data["finish_reason"] == "cancelled"
+    assert done.data["usage"]["completion_tokens"] == len([e for e in got + rest if e.event == "delta"])
+    assert [e.event for e in rest].count("done") == 1
+    assert httpx.delete(f"{resumable.url}/chat/streams/{stream_id}").status_code == 204  # idempotent
+    assert follow(resumable, stream_id)[-1].data["finish_reason"] == "cancelled"  # kept for the TTL
+    assert resumable.wait_for_log("stream_cancelled")["stream_id"] == stream_id
+
+
+def test_delete_while_detached_stops_the_upstream(resumable: Service, fake_model: FakeModel) -> None:
+    stream_id, got = leave_after(resumable, "fake:deltas=5,stall_after=2", "del-2", 3)
+    upstream = fake_model.last()
+    assert httpx.delete(f"{resumable.url}/chat/streams/{stream_id}").status_code == 204
+    assert upstream.closed.wait(5)
+    rest = follow(resumable, stream_id, {"Last-Event-ID": got[-1].id or ""})
+    assert [e.event for e in rest] == ["done"]
+    assert rest[0].data["finish_reason"] == "cancelled"
+    assert rest[0].data["usage"]["completion_tokens"] == 2
+
+
+# Draining, logs and metrics ----------------------------------------------------------------------
+
+
+def test_while_draining_resumes_are_served_and_new_chats_refused(start_service: Any) -> None:
+    svc: Service = start_service(SHUTDOWN_GRACE_S="20", RESUME_GRACE_S="30")
+    stream_id, got = leave_after(svc, "fake:deltas=20,delay=0.1", "drain-r", 3)
+    svc.signal(signal.SIGTERM)
+    svc.wait_for_log("draining")
+    assert_error_response(httpx.post(f"{svc.url}/chat", json={"message": "hi"}), 503, "shutting_down")
+    rest = follow(svc, stream_id, {"Last-Event-ID": got[-1].id or ""})
+    assert text_of(got + rest) == "".join(f"w{i} " for i in range(20))
+    assert rest[-1].event == "done"
+    assert svc.proc is not None
+    assert svc.proc.wait(timeout=30) == 0
+
+
+def test_resume_metrics_count_by_outcome(start_service: Any) -> None:
+    svc: Service = start_service()
+    stream_id, events = finished_stream(svc)
+    follow(svc, stream_id, after="2")
+    follow(svc, stream_id, after=str(len(events) - 1))
+    httpx.get(f"{svc.url}/chat/streams/{'0' * 32}")
+    text = httpx.get(f"{svc.url}/metrics").text
+    for outcome in ("resumed", "finished", "not_found"):
+        assert f'chatsvc_resumes_total{{outcome="{outcome}"}} 1.0' in text
+    assert "chatsvc_detached_streams 0.0" in text
