@@ -8,7 +8,8 @@ Each relay in turn is pinned to core 0 with taskset; the fake upstream and the l
 its own process) share core 1. Relays: `floor` (bench/floor_relay.py: the fixed stack, no checks),
 `chatsvc` (resume on, the defaults), `chatsvc-noresume` (RESUME_GRACE_S=0, RESUME_TTL_S=0) and
 `obvious` (bench/obvious_relay.py). Scenarios:
-  A. time to first delta, p50 at concurrency 1 (added: relay minus upstream direct);
+  A. time to first delta, p50 at concurrency 1 (added: relay minus upstream direct), measured with
+     every relay up at once, in interleaved rounds;
   B. CPU seconds of the relay per 10,000 deltas, 32 streams at once, chunks back to back;
   C. the same with one chunk every 20 ms (what real models do);
   D. 1000 streams at once, one chunk every 500 ms: p99 time to first delta, p99 stream time
@@ -38,7 +39,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+A_ROUNDS = 6
 PURE_PYTHON = ["--loop", "asyncio", "--http", "h11", "--no-access-log"]
 GRANIAN = ["--working-dir", str(ROOT), "--loop", "uvloop", "--no-ws", "chatsvc:app"]
 
@@ -190,13 +192,35 @@ class Bench:
         if result["failed"]:
             print(f"bench: {result['failed']} streams failed: {result['why']}", file=sys.stderr)
 
+    def first_delta(self, relays: list[Relay]) -> None:
+        """A, with every relay up at once and idle but for the one asked: rounds of one stream at a
+        time go to the fake model directly and to each relay in turn, so that the machine's drift
+        over minutes (seen here: the same relay's A twice as long in one run as in the next) falls
+        on all of them alike."""
+        samples: dict[str, list[float]] = {"upstream": [], **{r.name: [] for r in relays}}
+        targets = [("upstream", self.up_port, "upstream")]
+        with ExitStack() as stack:
+            for relay in relays:
+                port = free_port()
+                env = {**relay.env, "PORT": str(port)}
+                command = [*pinned(0), *(arg.format(port=port) for arg in relay.command)]
+                stack.enter_context(running(command, env, f"http://127.0.0.1:{port}/healthz"))
+                self.count(load(port, "chatsvc", 20, 5, "bench:chunks=5"))  # warm-up
+                targets.append((relay.name, port, "chatsvc"))
+            for _ in range(A_ROUNDS):
+                for name, port, target in targets:
+                    result = load(port, target, max(5, self.size.a // A_ROUNDS), 1, "bench:chunks=5")
+                    self.count(result)
+                    samples[name] += result["ttfb"]
+        direct = statistics.median(samples["upstream"])
+        self.put("A", "upstream", f"{direct * 1000:.2f} ms", direct)
+        for relay in relays:
+            ttfb = statistics.median(samples[relay.name])
+            added = ttfb - direct
+            self.put("A", relay.name, f"{ttfb * 1000:.2f} ms, added {added * 1000:.2f} ms", added)
+
     def direct(self) -> None:
         size, port = self.size, self.up_port
-        result = load(port, "upstream", size.a, 1, "bench:chunks=5")
-        self.count(result)
-        self.put(
-            "A", "upstream", f"{statistics.median(result['ttfb']) * 1000:.2f} ms", statistics.median(result["ttfb"])
-        )
         streams, chunks = size.d
         result = load(port, "upstream", streams, streams, f"bench:chunks={chunks},delay=0.5")
         self.count(result)
@@ -209,12 +233,6 @@ class Bench:
         command = [*pinned(0), *(arg.format(port=port) for arg in relay.command)]
         with running(command, env, f"http://127.0.0.1:{port}/healthz") as p:
             self.count(load(port, "chatsvc", 20, 5, "bench:chunks=5"))  # warm-up
-
-            result = load(port, "chatsvc", size.a, 1, "bench:chunks=5")
-            self.count(result)
-            ttfb = statistics.median(result["ttfb"])
-            added = ttfb - self.figures["A"]["upstream"]
-            self.put("A", name, f"{ttfb * 1000:.2f} ms, added {added * 1000:.2f} ms", added)
 
             for scenario, (streams, chunks), delay in (("B", size.b, 0.0), ("C", size.c, 0.02)):
                 before = cpu_seconds(p.pid)
@@ -254,10 +272,13 @@ class Bench:
                     self.put(row, name, longest(then, now))
 
             if relay.resumes:
-                result = load(port, "chatsvc", size.r, 32, "bench:chunks=20,delay=0.02", "--resume-after", "10")
-                self.count(result)
-                waits = result["resumed_in"]
-                self.put("R", name, f"p50 {pct(waits, 0.5) * 1000:.1f} ms, p99 {pct(waits, 0.99) * 1000:.1f} ms")
+                for row, streams, concurrency in (("R1", size.a // 3, 1), ("R", size.r, 32)):
+                    result = load(
+                        port, "chatsvc", streams, concurrency, "bench:chunks=20,delay=0.02", "--resume-after", "10"
+                    )
+                    self.count(result)
+                    waits = result["resumed_in"]
+                    self.put(row, name, f"p50 {pct(waits, 0.5) * 1000:.1f} ms, p99 {pct(waits, 0.99) * 1000:.1f} ms")
             if relay.kept_on_leave:
                 self.put("E before", name, relay.kept_on_leave)
                 self.put("E after", name, relay.kept_on_leave)
@@ -295,7 +316,8 @@ class Bench:
             "D gc": "D. longest garbage-collection pause while streams are open",
             "E before": "E. upstream closed after the client left, before the first token",
             "E after": "E. upstream closed after the client left, after the first token",
-            "R": f"R. {self.size.r} streams cut once and resumed: reconnect to first replayed event",
+            "R1": f"R. {self.size.a // 3} streams cut once and resumed, one at a time: reconnect to first event",
+            "R": f"R. {self.size.r} streams, 32 at a time, all cut at once and resumed: the same",
         }
         targets = ["upstream", *relays]
         ratios = [("chatsvc", "floor", ("A", "B", "C")), ("chatsvc", "chatsvc-noresume", ("B", "C", "D mem"))]
@@ -339,7 +361,7 @@ def main() -> int:
     parser.add_argument(
         "--relays",
         default="floor,chatsvc,chatsvc-noresume,obvious",
-        help="comma-separated: floor, chatsvc, chatsvc-noresume, obvious, chatsvc-h11,"
+        help="comma-separated: floor, chatsvc, chatsvc-noresume, chatsvc-quiet, obvious, chatsvc-h11,"
         " chatsvc-granian (after `pip install granian`)",
     )
     parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
@@ -374,6 +396,14 @@ def main() -> int:
             resumes=True,
         ),
         "chatsvc-noresume": Relay("chatsvc-noresume", [PY, str(ROOT / "chatsvc.py")], no_resume, has_metrics=True),
+        # Resume on, with only warnings logged: how much of chatsvc's cost over the floor its logs are.
+        "chatsvc-quiet": Relay(
+            "chatsvc-quiet",
+            [PY, str(ROOT / "chatsvc.py")],
+            {**upstream_env, "LOG_LEVEL": "WARNING"},
+            has_metrics=True,
+            kept_on_leave="kept for RESUME_GRACE_S",
+        ),
         # The same app on uvicorn's pure-Python stack (asyncio loop, h11), to show what the stack adds.
         "chatsvc-h11": Relay(
             "chatsvc-h11",
@@ -401,6 +431,7 @@ def main() -> int:
         if args.costs:
             costs(upstream_env, 200 if args.smoke else 6000)
             return 0
+        bench.first_delta(relays)
         bench.direct()
         for relay in relays:
             bench.relay(relay)
