@@ -790,8 +790,9 @@ class Service:
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.metrics = Metrics()
         self.metrics.log_bytes.set_function(self.held_log_bytes)
-        self.producers: set[asyncio.Task[None]] = set()  # asyncio's idiom: a task is kept until done
-        self.live: set[Producer] = set()  # for the drain, which tightens their deadlines
+        # Every running stream's producer and its task, kept until the task is done (asyncio keeps
+        # only weak references to tasks): the drain tightens their deadlines, shutdown cancels them.
+        self.producers: dict[Producer, asyncio.Task[None]] = {}
         self.streams: dict[str, StreamLog] = {}  # every resumable stream, by id
         self.finished: dict[str, StreamLog] = {}  # the finished ones, oldest first (dicts keep order)
         self.log_bytes = 0  # held by the logs in `streams`
@@ -817,8 +818,8 @@ class Service:
         self.draining = True
         self.drain_deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE_S
         self.drain_event.set()
-        log.info("draining", extra={"active_streams": len(self.live), "grace_s": self.settings.SHUTDOWN_GRACE_S})
-        for producer in list(self.live):
+        log.info("draining", extra={"active_streams": len(self.producers), "grace_s": self.settings.SHUTDOWN_GRACE_S})
+        for producer in list(self.producers):
             producer.tighten_deadline()
 
     async def wait_drained(self) -> None:
@@ -866,10 +867,9 @@ class Service:
         self.streams[stream_log.stream_id] = stream_log
         producer = make_producer(stream_log)
         stream_log.producer = producer
-        self.live.add(producer)
         task = asyncio.create_task(producer.run())  # copies the request's context: its correlation id
-        self.producers.add(task)
-        task.add_done_callback(self.producers.discard)
+        self.producers[producer] = task
+        task.add_done_callback(lambda _: self.producers.pop(producer, None))
         return stream_log
 
     def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog:
@@ -1327,7 +1327,6 @@ class Producer:
         metrics.requests.labels(self.outcome).inc()
         metrics.duration.observe(time.monotonic() - self.started)
         self.log.producer = None
-        self.service.live.discard(self)
         self.service.release_slot()
 
 
@@ -1627,9 +1626,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             watcher.cancel()
             lag_probe.cancel()
-            for producer in list(service.producers):  # only those outliving the drain (note 4)
-                producer.cancel()
-            await asyncio.gather(*service.producers, return_exceptions=True)
+            tasks = list(service.producers.values())  # only those outliving the drain (note 4)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             gc.callbacks.remove(service.metrics.on_gc)
             await service.client.close()
             await service.health_client.aclose()
