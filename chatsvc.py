@@ -894,11 +894,12 @@ class Service:
     def trim(self) -> None:
         """Drop finished logs past RESUME_TTL_S, and the oldest finished ones while over RESUME_BUFFER_MB."""
         expired = time.monotonic() - self.settings.RESUME_TTL_S
-        for stream_log in list(self.finished.values()):
-            assert stream_log.finished_at is not None
-            if stream_log.finished_at > expired and self.log_bytes <= self.buffer_bytes:
+        while self.finished:  # oldest first: it runs on every admission, so it looks no further
+            oldest = next(iter(self.finished.values()))
+            assert oldest.finished_at is not None
+            if oldest.finished_at > expired and self.log_bytes <= self.buffer_bytes:
                 break
-            self.drop(stream_log)
+            self.drop(oldest)
 
     def held_log_bytes(self) -> float:
         self.trim()
