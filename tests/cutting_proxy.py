@@ -1,6 +1,7 @@
 """A loopback TCP proxy that cuts a connection where a real network might: the first response it
 relays is cut at a byte position chosen from what has passed so far (between events, or inside
-one), with a reset, as when a phone changes networks. Later connections pass untouched."""
+one), with a reset, as when a phone changes networks. Once that cut is done, everything passes
+untouched. (Not "the first connection": node's fetch may open a spare one that it never uses.)"""
 
 from __future__ import annotations
 
@@ -46,21 +47,19 @@ class CuttingProxy:
             self.connections += 1
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self._spawn(self._pipe, client, upstream, None)
-            self._spawn(self._pipe, upstream, client, self.cut_at if self.connections == 1 else None)
+            self._spawn(self._pipe, upstream, client, self.cut_at)
 
     def _pipe(self, source: socket.socket, sink: socket.socket, cut_at: CutAt | None) -> None:
         seen = b""
         with contextlib.suppress(OSError):  # either side may go first
             while data := source.recv(65536):
-                if cut_at is not None:
+                if cut_at is not None and not self.cut_done.is_set():
                     cut = cut_at(seen + data)
                     if cut is not None:
+                        self.cut_done.set()  # first: whatever fails below, no other connection is cut
                         sink.sendall(data[: max(0, cut - len(seen))])
                         self._reset(sink)
-                        source.shutdown(socket.SHUT_RDWR)  # the service sees its client leave
-                        source.close()
-                        self.cut_done.set()
-                        return
+                        break
                     seen += data
                 sink.sendall(data)
         for sock in (source, sink):  # the other direction's thread then ends too
@@ -74,7 +73,8 @@ class CuttingProxy:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         # The other direction's thread is blocked in recv() on this socket, which keeps it open
         # past close(): SHUT_RD wakes that reader (and sends nothing), so that close() resets.
-        sock.shutdown(socket.SHUT_RD)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
         sock.close()
 
 

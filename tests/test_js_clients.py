@@ -101,8 +101,13 @@ def test_eventsource_resumes_a_cut_follow_and_stops_after_the_terminal_event(
 
     assert proxy.cut_done.is_set()
     assert_whole_once(result["events"], ANSWER)
-    assert result["opens"] == 2  # the first connection, and the resume after the cut
     path = f"/chat/streams/{stream_id}"
+    seen_here = [
+        (r["event"], r.get("status"), r.get("from_seq"))
+        for r in chatsvc.logs()
+        if r.get("path") == path or r.get("stream_id") == stream_id
+    ]
+    assert result["opens"] == 2, "\n".join(map(str, seen_here))  # the first connection, and the resume after the cut
     answered = [r["status"] for r in chatsvc.logs() if r["event"] == "request_completed" and r.get("path") == path]
     assert answered == [204]  # and a last request, after the terminal event: then it stopped
     assert len(fake_model.requests) == seen + 1
