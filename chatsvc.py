@@ -790,6 +790,7 @@ class Service:
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.metrics = Metrics()
         self.metrics.log_bytes.set_function(self.held_log_bytes)
+        self.metrics.detached.set_function(lambda: sum(p.grace_timer is not None for p in self.producers))
         # Every running stream's producer and its task, kept until the task is done (asyncio keeps
         # only weak references to tasks): the drain tightens their deadlines, shutdown cancels them.
         self.producers: dict[Producer, asyncio.Task[None]] = {}
@@ -975,7 +976,9 @@ def encode_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes
     ]
 
 
-EVENT_ID_PATTERN = re.compile(r"^([0-9a-f]{32}):(0|[1-9][0-9]{0,8})$")
+SEQ = "0|[1-9][0-9]{0,8}"  # an event's number: no sign, no leading zero, bounded
+EVENT_ID_PATTERN = re.compile(rf"^([0-9a-f]{{32}}):({SEQ})$")
+AFTER_PATTERN = re.compile(rf"^(-1|{SEQ})$")  # ?after=: a seq, or -1 for the start
 
 
 class StreamLog:
@@ -1033,7 +1036,7 @@ class StreamLog:
 
     def detach(self, *, too_slow: bool) -> None:
         self.followers -= 1
-        if self.followers == 0 and self.producer is not None and not self.finished:
+        if self.followers == 0 and self.producer is not None:
             self.producer.alone(too_slow=too_slow)
 
 
@@ -1204,7 +1207,6 @@ class Producer:
             return False
         self.grace_timer.cancel()
         self.grace_timer = None
-        self.service.metrics.detached.dec()
         return True
 
     def alone(self, *, too_slow: bool) -> None:
@@ -1217,12 +1219,10 @@ class Producer:
             "stream_detached",
             extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1, "grace_s": grace},
         )
-        self.service.metrics.detached.inc()
         self.grace_timer = asyncio.get_running_loop().call_later(grace, self.stop_abandoned)
 
     def stop_abandoned(self) -> None:
         self.grace_timer = None
-        self.service.metrics.detached.dec()
         if not (self.log.finished or self.cancelled):
             self.abandoned = True
             self.service.drop(self.log)  # from now on a resume finds nothing: no follower can attach
@@ -1251,13 +1251,15 @@ class Producer:
         if self.finish_reason is None:  # note 7
             error = ServiceError("upstream_error", "the model server ended the stream before the answer was finished")
             return self.error_event(error, None)
-        return self.done_event(self.finish_reason, "ok", "request_completed")
+        return self.done_event(self.finish_reason, "ok")
 
     def cancelled_event(self) -> bytes:
-        return self.done_event("cancelled", "cancelled", "request_completed")
+        return self.done_event("cancelled", "cancelled")
 
-    def done_event(self, finish_reason: str, outcome: str, line: str) -> bytes:
-        usage, timings = self.conclude(outcome, logging.INFO, line, status=200, finish_reason=finish_reason)
+    def done_event(self, finish_reason: str, outcome: str) -> bytes:
+        usage, timings = self.conclude(
+            outcome, logging.INFO, "request_completed", status=200, finish_reason=finish_reason
+        )
         data = {"finish_reason": finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()}
         return self.event("done", data)
 
@@ -1488,7 +1490,7 @@ def _resume_after(request: Request, stream_log: StreamLog) -> int:
             raise ServiceError("stream_not_found", "Last-Event-ID does not name an event of this stream")
         seq = int(match[2])
     elif after is not None:
-        if not re.fullmatch(r"-1|0|[1-9][0-9]{0,8}", after):
+        if not AFTER_PATTERN.fullmatch(after):
             raise ServiceError("stream_not_found", "after must be the seq of an event of this stream")
         seq = int(after)
     else:
