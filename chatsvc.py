@@ -77,6 +77,20 @@ Deliberate departures from the libraries' defaults (the code points back here as
       not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
     - With SERVICE_API_KEYS, a stream is bound to a SHA-256 digest of the key that started it;
       another key gets 404, as for a stream that does not exist.
+12. Two protocols, one relay. POST /api/chat speaks the AI SDK's UI message stream (the `ai`
+    package's DefaultChatTransport, which useChat uses), next to /chat's own events. A
+    `ChatProtocol` is the only difference: how the request is read (UI messages, text parts only,
+    become /chat's message and history, so every limit and check is the same) and how the meta,
+    delta and terminal events are encoded; the producer, the log and the followers are shared,
+    and each stream's events are encoded once, in its own protocol.
+    - The SDK resumes by chat, not by event id: GET /api/chat/{chat_id}/stream replays the chat's
+      latest stream from its start (the SDK's default, `resumeStreamIsReplay`, rebuilds the
+      message from it) and follows it live. Its answer is 204 once a follower has sent the
+      terminal event, as the SDK expects when nothing is in progress; a stream that ended while
+      its client was away is still replayed, so no end of an answer is lost to a dropped
+      connection. The chat's name is its id with the key that started it.
+    - A failure after the first byte is the SDK's `error` chunk whose text is the ErrorBody as
+      JSON: the same text as the message of the APICallError that a refused request raises.
 """
 
 from __future__ import annotations
@@ -101,7 +115,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import aiohttp
 import anyio
@@ -559,35 +573,16 @@ class ChatTurn(BaseModel):
         return value
 
 
-class ChatRequest(BaseModel):
-    """The body of POST /chat. Limits come from the settings, passed as validation context."""
+class GenerationOptions(BaseModel):
+    """What both chat protocols take besides the conversation: the model and how it samples. Limits
+    come from the settings, passed as validation context."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    message: str
-    history: list[ChatTurn] = []
     model: str | None = None
     # JSON Schema counts 1000.0 as an integer; strict pydantic would not. Strings and booleans stay refused.
     max_tokens: float | None = None  # a whole number, checked below
     temperature: float | None = Field(None, ge=0, le=2)
-
-    @field_validator("message")
-    @classmethod
-    def _message(cls, value: str, info: ValidationInfo) -> str:
-        limit = _limits(info).MAX_MESSAGE_CHARS
-        if not _NON_SPACE.search(value):
-            raise ValueError("must contain text, not only whitespace")
-        if len(value) > limit:
-            raise ValueError(f"must be at most {limit} characters")
-        return value
-
-    @field_validator("history")
-    @classmethod
-    def _history(cls, value: list[ChatTurn], info: ValidationInfo) -> list[ChatTurn]:
-        limit = _limits(info).MAX_HISTORY
-        if len(value) > limit:
-            raise ValueError(f"must have at most {limit} turns")
-        return value
 
     @field_validator("model")
     @classmethod
@@ -609,6 +604,27 @@ class ChatRequest(BaseModel):
             raise ValueError(f"must be from 1 to {limit}")
         return int(value)
 
+
+class ChatRequest(GenerationOptions):
+    """The body of POST /chat."""
+
+    message: str
+    history: list[ChatTurn] = []
+
+    @field_validator("message")
+    @classmethod
+    def _message(cls, value: str, info: ValidationInfo) -> str:
+        _check_message(value, _limits(info))
+        return value
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, value: list[ChatTurn], info: ValidationInfo) -> list[ChatTurn]:
+        limit = _limits(info).MAX_HISTORY
+        if len(value) > limit:
+            raise ValueError(f"must have at most {limit} turns")
+        return value
+
     def messages(self, system_prompt: str | None) -> list[ChatCompletionMessageParam]:
         out: list[ChatCompletionMessageParam] = []
         if system_prompt:
@@ -622,6 +638,14 @@ class ChatRequest(BaseModel):
         return out
 
 
+def _check_message(value: str, settings: Settings) -> None:
+    """The new message: some text, within MAX_MESSAGE_CHARS."""
+    if not _NON_SPACE.search(value):
+        raise ValueError("must contain text, not only whitespace")
+    if len(value) > settings.MAX_MESSAGE_CHARS:
+        raise ValueError(f"must be at most {settings.MAX_MESSAGE_CHARS} characters")
+
+
 #: openapi.yaml's pattern `\S` as JSON Schema reads it, in ECMAScript: Python's str.isspace() also
 #: counts the separators U+001C-U+001F and U+0085, which the contract lets through.
 _NON_SPACE = re.compile("[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
@@ -633,9 +657,118 @@ def _limits(info: ValidationInfo) -> Settings:
     return settings
 
 
-def parse_chat_request(body: bytes, settings: Settings) -> ChatRequest:
+class UITextPart(BaseModel):
+    """A text part of an AI SDK UI message; its other fields (state, providerMetadata, citations)
+    are the SDK's own and say nothing to the model, so they are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class UIMessage(BaseModel):
+    """A message as the AI SDK's DefaultChatTransport sends it (note 12). Only text is taken."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)  # metadata: the page's own
+
+    id: str
+    role: Literal["user", "assistant"]
+    parts: list[UITextPart]
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, value: object) -> object:
+        if value == "system":
+            raise ValueError("system messages are not taken from the client (the operator sets SYSTEM_PROMPT)")
+        return value
+
+    @field_validator("parts", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: object) -> object:
+        for i, part in enumerate(value if isinstance(value, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                named = kind if re.fullmatch(r"[a-z0-9-]{1,40}", kind) else "another type"
+                raise ValueError(f"only text parts are supported; part {i} is {named}")
+        return value
+
+    @field_validator("parts")
+    @classmethod
+    def _length(cls, value: list[UITextPart], info: ValidationInfo) -> list[UITextPart]:
+        limit = _limits(info).MAX_MESSAGE_CHARS
+        if sum(len(part.text) for part in value) > limit:
+            raise ValueError(f"must hold at most {limit} characters of text")
+        return value
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.parts)
+
+
+class UIChatRequest(GenerationOptions):
+    """The body of POST /api/chat: what the AI SDK's DefaultChatTransport sends (note 12), with
+    chatsvc's generation options beside it (the transport's `body` option adds them)."""
+
+    id: str  # the chat's, chosen by the page: it names the chat's stream for a resume
+    messages: list[UIMessage]
+    trigger: Literal["submit-message", "regenerate-message"]
+    messageId: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _chat_id(cls, value: str) -> str:
+        if not CHAT_ID_PATTERN.fullmatch(value):
+            raise ValueError("must be 1 to 128 letters, digits or ._:-")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, value: list[UIMessage], info: ValidationInfo) -> list[UIMessage]:
+        settings = _limits(info)
+        if not value or value[-1].role != "user":
+            raise ValueError("must end with the user's message")
+        if len(value) > settings.MAX_HISTORY + 1:
+            raise ValueError(f"must have at most {settings.MAX_HISTORY + 1} messages (MAX_HISTORY earlier turns)")
+        try:
+            _check_message(value[-1].text, settings)
+        except ValueError as exc:
+            raise ValueError(f"the last message {exc}") from None
+        return value
+
+    def chat_request(self) -> ChatRequest:
+        """The same request as POST /chat's: the last message and the turns before it."""
+        *earlier, last = self.messages
+        return ChatRequest.model_construct(
+            message=last.text,
+            history=[ChatTurn.model_construct(role=m.role, content=m.text) for m in earlier],
+            model=self.model,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+        )
+
+
+CHAT_ID_PATTERN = REQUEST_ID_PATTERN  # what a log line and a URL path carry as they are
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_chat(body: bytes, settings: Settings) -> tuple[ChatRequest, str | None]:
+    """POST /chat's body; it names no chat."""
+    return parse_body(ChatRequest, body, settings), None
+
+
+def parse_ui_chat(body: bytes, settings: Settings) -> tuple[ChatRequest, str | None]:
+    """POST /api/chat's body, and the id of its chat."""
+    ui_request = parse_body(UIChatRequest, body, settings)
+    return ui_request.chat_request(), ui_request.id
+
+
+def parse_body(model: type[Body], body: bytes, settings: Settings) -> Body:
+    """The request body validated, or the one ServiceError that names the first faults."""
     try:
-        return ChatRequest.model_validate_json(body, context={"settings": settings})
+        return model.model_validate_json(body, context={"settings": settings})
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
         if any(e["type"] == "json_invalid" for e in errors):
@@ -795,6 +928,7 @@ class Service:
         # only weak references to tasks): the drain tightens their deadlines, shutdown cancels them.
         self.producers: dict[Producer, asyncio.Task[None]] = {}
         self.streams: dict[str, StreamLog] = {}  # every resumable stream, by id
+        self.chats: dict[ChatKey, StreamLog] = {}  # each AI SDK chat's latest stream (note 12)
         self.finished: dict[str, StreamLog] = {}  # the finished ones, oldest first (dicts keep order)
         self.log_bytes = 0  # held by the logs in `streams`
         self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
@@ -862,10 +996,19 @@ class Service:
 
     # The stream logs (note 11)
 
-    def start_stream(self, owner: bytes | None, make_producer: Callable[[StreamLog], Producer]) -> StreamLog:
+    def start_stream(
+        self,
+        owner: bytes | None,
+        protocol: ChatProtocol,
+        chat_id: str | None,
+        make_producer: Callable[[StreamLog], Producer],
+    ) -> StreamLog:
         """A new stream's log, and its producer running in a task of its own: it outlives the request."""
-        stream_log = StreamLog(self, secrets.token_hex(16), owner)
+        chat = None if chat_id is None else (owner, chat_id)
+        stream_log = StreamLog(self, secrets.token_hex(16), owner, protocol, chat)
         self.streams[stream_log.stream_id] = stream_log
+        if chat is not None:
+            self.chats[chat] = stream_log
         producer = make_producer(stream_log)
         stream_log.producer = producer
         task = asyncio.create_task(producer.run())  # copies the request's context: its correlation id
@@ -881,6 +1024,12 @@ class Service:
             raise ServiceError("stream_not_found", "no stream with this id is running or kept")
         return stream_log
 
+    def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | None:
+        """The chat's latest stream, if it is kept (note 12). The key that started the chat is part
+        of its name, so another key's chat is not even looked at."""
+        self.trim()
+        return self.chats.get((owner, chat_id))
+
     def on_finished(self, stream_log: StreamLog) -> None:
         if stream_log.stream_id in self.streams:
             self.finished[stream_log.stream_id] = stream_log
@@ -891,6 +1040,8 @@ class Service:
         if self.streams.pop(stream_log.stream_id, None) is not None:
             self.log_bytes -= stream_log.size
         self.finished.pop(stream_log.stream_id, None)
+        if stream_log.chat is not None and self.chats.get(stream_log.chat) is stream_log:
+            del self.chats[stream_log.chat]
 
     def trim(self) -> None:
         """Drop finished logs past RESUME_TTL_S, and the oldest finished ones while over RESUME_BUFFER_MB."""
@@ -905,6 +1056,9 @@ class Service:
     def held_log_bytes(self) -> float:
         self.trim()
         return self.log_bytes
+
+
+ChatKey = tuple[bytes | None, str]  # (owner, chat id)
 
 
 def _same_owner(a: bytes | None, b: bytes | None) -> bool:
@@ -976,6 +1130,85 @@ def encode_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes
     ]
 
 
+def encode_ui_chunks(stream_id: str, seq: int, name: str, data: dict[str, Any]) -> bytes:
+    """The meta, done or error event as AI SDK UI message chunks (note 12): `data:` lines only, as
+    the SDK's JsonToSseTransformStream writes them. The message's metadata carries the correlation
+    id, the model and the stream id at the start, the usage and timings at the end."""
+    if name == "meta":
+        chunks: list[dict[str, Any]] = [
+            {"type": "start", "messageId": stream_id, "messageMetadata": data},
+            {"type": "text-start", "id": UI_TEXT_ID},
+        ]
+    elif name == "done" and data["finish_reason"] == "cancelled":  # DELETE: as the SDK's own abort
+        chunks = [*_ui_end(data), {"type": "abort", "reason": "cancelled"}]
+    elif name == "done":
+        finish_reason = UI_FINISH_REASONS.get(data["finish_reason"], "other")
+        chunks = [
+            {"type": "text-end", "id": UI_TEXT_ID},
+            {"type": "finish", "finishReason": finish_reason, "messageMetadata": data},
+        ]
+    else:  # error: the text is the JSON body, as a refusal's (an APICallError's message) is
+        error = {key: value for key, value in data.items() if key != "usage"}
+        chunks = [*_ui_end({"usage": data["usage"]}), {"type": "error", "errorText": _json(error)}]
+    return b"".join(b"data: %b\n\n" % orjson.dumps(chunk) for chunk in chunks) + (
+        b"" if name == "meta" else b"data: [DONE]\n\n"
+    )
+
+
+def _ui_end(metadata: dict[str, Any]) -> list[dict[str, Any]]:
+    """The text part's end, and the usage in the metadata, before an abort or an error chunk."""
+    return [{"type": "text-end", "id": UI_TEXT_ID}, {"type": "message-metadata", "messageMetadata": metadata}]
+
+
+def encode_ui_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes]:
+    """Deltas as UI `text-delta` chunks, one log entry each, as encode_deltas."""
+    return [
+        b'data: {"type":"text-delta","id":"%b","delta":%b}\n\n' % (UI_TEXT_ID_BYTES, orjson.dumps(c)) for c in contents
+    ]
+
+
+UI_TEXT_ID = "text"  # the message's one text part
+UI_TEXT_ID_BYTES = UI_TEXT_ID.encode()
+#: OpenAI's finish reasons as the AI SDK names them (its `finish` chunk's enum).
+UI_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content-filter",
+    "tool_calls": "tool-calls",
+    "function_call": "tool-calls",
+}
+
+
+@dataclass(frozen=True)
+class ChatProtocol:
+    """One way to speak chat on the wire (note 12): how its request is read and how its stream's
+    events are written. The relay (producer, log, followers) is the same for all."""
+
+    path: str
+    parse: Callable[[bytes, Settings], tuple[ChatRequest, str | None]]  # the request, its chat's id
+    headers: dict[str, str]
+    event: Callable[[str, int, str, dict[str, Any]], bytes]  # meta, done, error
+    deltas: Callable[[str, int, list[str]], list[bytes]]
+
+
+CHATSVC = ChatProtocol(
+    "/chat", parse_chat, {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}, encode_event, encode_deltas
+)
+#: The AI SDK's UI message stream, with the headers of its UI_MESSAGE_STREAM_HEADERS.
+AI_SDK = ChatProtocol(
+    "/api/chat",
+    parse_ui_chat,
+    {
+        "Cache-Control": "no-cache",
+        "Connection": "keep-alive",
+        "X-Vercel-AI-UI-Message-Stream": "v1",
+        "X-Accel-Buffering": "no",
+    },
+    encode_ui_chunks,
+    encode_ui_deltas,
+)
+
+
 SEQ = "0|[1-9][0-9]{0,8}"  # an event's number: no sign, no leading zero, bounded
 EVENT_ID_PATTERN = re.compile(rf"^([0-9a-f]{{32}}):({SEQ})$")
 AFTER_PATTERN = re.compile(rf"^(-1|{SEQ})$")  # ?after=: a seq, or -1 for the start
@@ -985,13 +1218,18 @@ class StreamLog:
     """One stream's events in order, each encoded once (note 11). Its producer alone appends, ending
     with the one terminal event; any number of followers read it from any position."""
 
-    def __init__(self, service: Service, stream_id: str, owner: bytes | None) -> None:
+    def __init__(
+        self, service: Service, stream_id: str, owner: bytes | None, protocol: ChatProtocol, chat: ChatKey | None
+    ) -> None:
         self.service = service
         self.stream_id = stream_id
         self.owner = owner  # a digest of the key that started it, when SERVICE_API_KEYS is set
+        self.protocol = protocol  # how its events are encoded: each once, for every follower
+        self.chat = chat  # the AI SDK chat it answers, if any
         self.entries: list[bytes] = []
         self.size = 0
         self.finished_at: float | None = None
+        self.delivered = False  # a follower has sent the terminal event
         self.followers = 0
         self.producer: Producer | None = None  # while the stream runs
         # A broadcast: set() wakes every follower waiting now, clear() at once readies the next wait.
@@ -1022,8 +1260,11 @@ class StreamLog:
             entries = self.entries
             if position < len(entries):
                 batch = entries[position] if position + 1 == len(entries) else b"".join(entries[position:])
-                position = len(entries)
+                position, whole = len(entries), self.finished
                 yield batch
+                if whole:  # sent: the next call comes once the transport took the last write
+                    self.delivered = True
+                    return
             elif self.finished:
                 return
             else:
@@ -1167,7 +1408,7 @@ class Producer:
             if contents:
                 if self.first_token_at is None:
                     self.on_first_token()
-                self.log.append(encode_deltas(self.log.stream_id, len(self.log.entries), contents))
+                self.log.append(self.log.protocol.deltas(self.log.stream_id, len(self.log.entries), contents))
                 self.deltas += len(contents)
 
     def fail(self, error: ServiceError, exc: BaseException | None, *, timed_out: bool) -> None:
@@ -1238,7 +1479,7 @@ class Producer:
     # Events and the outcome
 
     def event(self, name: str, data: dict[str, Any]) -> bytes:
-        return encode_event(self.log.stream_id, len(self.log.entries), name, data)
+        return self.log.protocol.event(self.log.stream_id, len(self.log.entries), name, data)
 
     def terminal_event(self) -> bytes:
         if self.failure is not None:
@@ -1258,7 +1499,12 @@ class Producer:
 
     def done_event(self, finish_reason: str, outcome: str) -> bytes:
         usage, timings = self.conclude(
-            outcome, logging.INFO, "request_completed", status=200, finish_reason=finish_reason
+            outcome,
+            logging.INFO,
+            "request_completed",
+            status=200,
+            finish_reason=finish_reason,
+            path=self.log.protocol.path,
         )
         data = {"finish_reason": finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()}
         return self.event("done", data)
@@ -1267,7 +1513,13 @@ class Producer:
         exception = type(exc).__name__ if exc else None
         level = logging.ERROR if error.code == "internal_error" else logging.WARNING
         usage, _ = self.conclude(
-            error.code, level, "request_failed", code=error.code, status=200, exception=exception, path="/chat"
+            error.code,
+            level,
+            "request_failed",
+            code=error.code,
+            status=200,
+            exception=exception,
+            path=self.log.protocol.path,
         )
         return self.event("error", {**error.body(), "usage": usage})
 
@@ -1276,7 +1528,7 @@ class Producer:
         if self.too_slow:  # note 8
             self.conclude(
                 "client_too_slow", logging.WARNING, "request_failed", code="client_too_slow", status=200,
-                exception="SendTimeoutError", path="/chat", send_timeout_s=self.settings.SEND_TIMEOUT_S,
+                exception="SendTimeoutError", path=self.log.protocol.path, send_timeout_s=self.settings.SEND_TIMEOUT_S,
             )  # fmt: skip
         else:
             self.conclude("client_disconnected", logging.INFO, "client_disconnected")
@@ -1358,7 +1610,7 @@ class FollowerResponse(EventSourceResponse):
     def __init__(self, stream_log: StreamLog, position: int, settings: Settings) -> None:
         super().__init__(
             stream_log.follow(position),
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", STREAM_ID_HEADER: stream_log.stream_id},
+            headers={**stream_log.protocol.headers, STREAM_ID_HEADER: stream_log.stream_id},
             ping=settings.PING_INTERVAL_S,
             ping_message_factory=lambda: ServerSentEvent(comment="ping"),
             send_timeout=settings.SEND_TIMEOUT_S,
@@ -1389,14 +1641,24 @@ def service_of(request: Request) -> Service:
 
 async def chat(request: Request) -> Response:
     """POST /chat: a new stream, or (with Last-Event-ID, as fetch-event-source retries) a resume."""
+    if (last_event_id := request.headers.get("last-event-id")) is not None:
+        stream_id, _, _ = last_event_id.partition(":")
+        return resume(request, stream_id, "post")  # the body is not run again (note 11)
+    return await start_chat(request, CHATSVC)
+
+
+async def ai_sdk_chat(request: Request) -> Response:
+    """POST /api/chat: a new stream, for the AI SDK's DefaultChatTransport (note 12)."""
+    return await start_chat(request, AI_SDK)
+
+
+async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
+    """A new stream: the checks, the upstream opened, then its producer and the first follower."""
     started = time.monotonic()
     service = service_of(request)
     settings = service.settings
     deadline = started + settings.REQUEST_TIMEOUT_S
 
-    if (last_event_id := request.headers.get("last-event-id")) is not None:
-        stream_id, _, _ = last_event_id.partition(":")
-        return resume(request, stream_id, "post")  # the body is not run again (note 11)
     if service.draining:
         raise ServiceError("shutting_down", "the service is draining and takes no new chats", retry_after=5)
     owner = authorize(request, settings)
@@ -1409,13 +1671,15 @@ async def chat(request: Request) -> Response:
         body = await request.body()
     except ClientDisconnect:
         # The client left before sending the body it announced: nobody is there to answer.
-        log.info("client_disconnected", extra={"path": "/chat", "while": "reading the request body"})
+        log.info("client_disconnected", extra={"path": protocol.path, "while": "reading the request body"})
         return Response(status_code=400)
-    chat_request = parse_chat_request(body, settings)
+    chat_request, chat_id = protocol.parse(body, settings)
 
     messages = chat_request.messages(settings.SYSTEM_PROMPT)
     prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
     extra: dict[str, Any] = {**text_fingerprint(chat_request.message), "history_turns": len(chat_request.history)}
+    if chat_id is not None:
+        extra["chat_id"] = chat_id
     if settings.LOG_CONTENT:
         extra["content"] = request.app.state.redactor.content(chat_request.message)
     log.info("chat_request", extra=extra)
@@ -1439,7 +1703,10 @@ async def chat(request: Request) -> Response:
     )
     # The slot is the producer's to release from here on.
     stream_log = service.start_stream(
-        owner, lambda stream_log: Producer(service, stream_log, stream, model, prompt_chars, started, deadline)
+        owner,
+        protocol,
+        chat_id,
+        lambda stream_log: Producer(service, stream_log, stream, model, prompt_chars, started, deadline),
     )
     return FollowerResponse(stream_log, 0, settings)
 
@@ -1455,6 +1722,25 @@ async def stream(request: Request) -> Response:
     if stream_log.producer is not None:
         stream_log.producer.cancel()
     return Response(status_code=204)
+
+
+async def ai_sdk_stream(request: Request) -> Response:
+    """GET /api/chat/{chat_id}/stream: the AI SDK's reconnectToStream. The chat's stream replayed
+    from its start (the SDK's default, resumeStreamIsReplay), then live; 204 when the chat has no
+    stream that a client has not received whole (note 12). DELETE: stop that stream; idempotent."""
+    service = service_of(request)
+    owner = authorize(request, service.settings)
+    stream_log = service.find_chat_stream(request.path_params["chat_id"], owner)
+    if request.method == "DELETE":
+        if stream_log is not None and stream_log.producer is not None:
+            stream_log.producer.cancel()
+        return Response(status_code=204)
+    if stream_log is None or stream_log.delivered:
+        service.metrics.resumes.labels("not_found" if stream_log is None else "finished").inc()
+        return Response(status_code=204)
+    service.metrics.resumes.labels("resumed").inc()
+    log.info("stream_resumed", extra={"stream_id": stream_log.stream_id, "from_seq": 0, "via": "ai-sdk"})
+    return FollowerResponse(stream_log, 0, service.settings)
 
 
 def resume(request: Request, stream_id: str, via: str) -> Response:
@@ -1598,6 +1884,8 @@ def load_openapi(settings: Settings) -> dict[str, Any]:
     fields["history"]["maxItems"] = settings.MAX_HISTORY
     fields["max_tokens"]["maximum"] = settings.MAX_TOKENS
     schemas["ChatTurn"]["properties"]["content"]["maxLength"] = settings.MAX_MESSAGE_CHARS
+    schemas["UIChatRequest"]["properties"]["messages"]["maxItems"] = settings.MAX_HISTORY + 1
+    schemas["UITextPart"]["properties"]["text"]["maxLength"] = settings.MAX_MESSAGE_CHARS
     return spec
 
 
@@ -1641,6 +1929,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/chat", chat, methods=["POST"], max_body_size=settings.MAX_BODY_BYTES),  # note 2
         Route("/chat/streams/{stream_id}", stream, methods=["GET", "DELETE"]),
+        Route("/api/chat", ai_sdk_chat, methods=["POST"], max_body_size=settings.MAX_BODY_BYTES),  # note 2
+        Route("/api/chat/{chat_id}/stream", ai_sdk_stream, methods=["GET", "DELETE"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

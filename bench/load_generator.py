@@ -1,5 +1,6 @@
 """The benchmark's load generator, run as its own process: N streams at concurrency C against
-chatsvc (POST /chat) or straight against the fake upstream (POST /v1/chat/completions), each
+chatsvc (POST /chat, or POST /api/chat as the AI SDK) or straight against the fake upstream
+(POST /v1/chat/completions), each
 checked for integrity (the text that arrives equals what the model sent, in order). Prints one
 JSON object: time to first delta and stream time per stream, and the failures.
 
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import json
 import time
+import uuid
 from typing import Any
 
 LIMIT_S = 120  # per stream
@@ -32,14 +34,17 @@ async def one(
     flight, and resume it at once with GET /chat/streams/{id} and the id of the last one kept,
     timing the reconnect to the first replayed event (read from the stream's log, not awaited from
     the model)."""
-    path, body = (
-        ("/chat", {"message": message})
-        if target == "chatsvc"
-        else (
+    path, body = {
+        "chatsvc": ("/chat", {"message": message}),
+        "ai-sdk": (
+            "/api/chat",
+            {"id": uuid.uuid4().hex, "messages": [_ui_message(message)], "trigger": "submit-message"},
+        ),
+        "upstream": (
             "/v1/chat/completions",
             {"model": "bench", "stream": True, "messages": [{"role": "user", "content": message}]},
-        )
-    )
+        ),
+    }[target]
     payload = json.dumps(body).encode()
     sent = time.perf_counter()
     first = None
@@ -105,9 +110,15 @@ async def one(
     }
 
 
+def _ui_message(text: str) -> dict[str, Any]:
+    return {"id": "u", "role": "user", "parts": [{"type": "text", "text": text}]}
+
+
 def _content(obj: dict[str, Any], target: str, event: bytes) -> str | None:
     if target == "chatsvc":
         return obj.get("content") if event == b"delta" else None
+    if target == "ai-sdk":
+        return obj.get("delta") if obj.get("type") == "text-delta" else None
     choices = obj.get("choices") or [{}]
     return (choices[0].get("delta") or {}).get("content")
 
@@ -155,7 +166,7 @@ async def run(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--target", choices=["chatsvc", "upstream"], required=True)
+    parser.add_argument("--target", choices=["chatsvc", "ai-sdk", "upstream"], required=True)
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--message", default="bench:chunks=20")

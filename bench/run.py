@@ -6,7 +6,8 @@ and the fake upstream directly, in one run.
 
 Each relay in turn is pinned to core 0 with taskset; the fake upstream and the load generator (each
 its own process) share core 1. Relays: `floor` (bench/floor_relay.py: the fixed stack, no checks),
-`chatsvc` (resume on, the defaults), `chatsvc-noresume` (RESUME_GRACE_S=0, RESUME_TTL_S=0) and
+`chatsvc` (resume on, the defaults), `chatsvc-noresume` (RESUME_GRACE_S=0, RESUME_TTL_S=0),
+`ai-sdk` (chatsvc as `chatsvc`, but every stream on POST /api/chat, the AI SDK's protocol) and
 `obvious` (bench/obvious_relay.py). Scenarios:
   A. time to first delta, p50 at concurrency 1 (added: relay minus upstream direct), measured with
      every relay up at once, in interleaved rounds;
@@ -40,7 +41,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,7 @@ class Relay:
     has_metrics: bool = False
     kept_on_leave: str | None = None  # why E does not apply, if it does not
     resumes: bool = False  # R applies
+    target: str = "chatsvc"  # the load generator's: POST /chat; "ai-sdk": POST /api/chat
 
 
 @contextmanager
@@ -205,8 +207,8 @@ class Bench:
                 env = {**relay.env, "PORT": str(port)}
                 command = [*pinned(0), *(arg.format(port=port) for arg in relay.command)]
                 stack.enter_context(running(command, env, f"http://127.0.0.1:{port}/healthz"))
-                self.count(load(port, "chatsvc", 20, 5, "bench:chunks=5"))  # warm-up
-                targets.append((relay.name, port, "chatsvc"))
+                self.count(load(port, relay.target, 20, 5, "bench:chunks=5"))  # warm-up
+                targets.append((relay.name, port, relay.target))
             for _ in range(A_ROUNDS):
                 for name, port, target in targets:
                     result = load(port, target, max(5, self.size.a // A_ROUNDS), 1, "bench:chunks=5")
@@ -232,11 +234,11 @@ class Bench:
         env = {**relay.env, "PORT": str(port)}
         command = [*pinned(0), *(arg.format(port=port) for arg in relay.command)]
         with running(command, env, f"http://127.0.0.1:{port}/healthz") as p:
-            self.count(load(port, "chatsvc", 20, 5, "bench:chunks=5"))  # warm-up
+            self.count(load(port, relay.target, 20, 5, "bench:chunks=5"))  # warm-up
 
             for scenario, (streams, chunks), delay in (("B", size.b, 0.0), ("C", size.c, 0.02)):
                 before = cpu_seconds(p.pid)
-                result = load(port, "chatsvc", streams, 32, f"bench:chunks={chunks},delay={delay}")
+                result = load(port, relay.target, streams, 32, f"bench:chunks={chunks},delay={delay}")
                 spent = cpu_seconds(p.pid) - before
                 self.count(result)
                 per_10k = spent / (streams * chunks) * 10_000
@@ -254,7 +256,7 @@ class Bench:
 
             sampler = threading.Thread(target=sample)
             sampler.start()
-            result = load(port, "chatsvc", streams, streams, f"bench:chunks={chunks},delay=0.5")
+            result = load(port, relay.target, streams, streams, f"bench:chunks={chunks},delay=0.5")
             stop.set()
             sampler.join()
             self.count(result)
@@ -287,7 +289,7 @@ class Bench:
                 ("E before", "bench:chunks=5,first=10", 0),
                 ("E after", "bench:chunks=100,delay=0.2", 1),
             ):
-                result = load(port, "chatsvc", size.e, size.e, message, "--leave-after", str(leave_after))
+                result = load(port, relay.target, size.e, size.e, message, "--leave-after", str(leave_after))
                 self.count(result)
                 left_at = {tag: left for tag, left in result["left_at"].items() if left is not None}
                 deadline = time.monotonic() + 3  # far past the 50 ms goal: a close later than this is "never"
@@ -320,7 +322,11 @@ class Bench:
             "R": f"R. {self.size.r} streams, 32 at a time, all cut at once and resumed: the same",
         }
         targets = ["upstream", *relays]
-        ratios = [("chatsvc", "floor", ("A", "B", "C")), ("chatsvc", "chatsvc-noresume", ("B", "C", "D mem"))]
+        ratios = [
+            ("chatsvc", "floor", ("A", "B", "C")),
+            ("chatsvc", "chatsvc-noresume", ("B", "C", "D mem")),
+            ("ai-sdk", "chatsvc", ("B", "C")),
+        ]
         ratios = [r for r in ratios if r[0] in relays and r[1] in relays]
         header = [*targets, *(f"{a} / {b}" for a, b, _ in ratios)]
         lines = ["| scenario | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
@@ -360,8 +366,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
         "--relays",
-        default="floor,chatsvc,chatsvc-noresume,obvious",
-        help="comma-separated: floor, chatsvc, chatsvc-noresume, chatsvc-quiet, obvious, chatsvc-h11,"
+        default="floor,chatsvc,chatsvc-noresume,ai-sdk,obvious",
+        help="comma-separated: floor, chatsvc, chatsvc-noresume, ai-sdk, chatsvc-quiet, obvious, chatsvc-h11,"
         " chatsvc-granian (after `pip install granian`)",
     )
     parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
@@ -380,6 +386,14 @@ def main() -> int:
         "REQUEST_TIMEOUT_S": "120",
     }
     no_resume = {**upstream_env, "RESUME_GRACE_S": "0", "RESUME_TTL_S": "0"}
+    chatsvc = Relay(
+        "chatsvc",
+        [PY, str(ROOT / "chatsvc.py")],
+        upstream_env,
+        has_metrics=True,
+        kept_on_leave="kept for RESUME_GRACE_S",
+        resumes=True,
+    )
     available = {
         "floor": Relay(
             "floor",
@@ -387,15 +401,11 @@ def main() -> int:
             upstream_env,
             kept_on_leave="not measured (no disconnect handling)",
         ),
-        "chatsvc": Relay(
-            "chatsvc",
-            [PY, str(ROOT / "chatsvc.py")],
-            upstream_env,
-            has_metrics=True,
-            kept_on_leave="kept for RESUME_GRACE_S",
-            resumes=True,
-        ),
+        "chatsvc": chatsvc,
         "chatsvc-noresume": Relay("chatsvc-noresume", [PY, str(ROOT / "chatsvc.py")], no_resume, has_metrics=True),
+        # The same service as `chatsvc`, spoken to as the AI SDK's DefaultChatTransport does.
+        # (R drives resumes by event id; the AI SDK resumes by chat, which tests/test_ai_sdk.py shows.)
+        "ai-sdk": replace(chatsvc, name="ai-sdk", target="ai-sdk", resumes=False),
         # Resume on, with only warnings logged: how much of chatsvc's cost over the floor its logs are.
         "chatsvc-quiet": Relay(
             "chatsvc-quiet",

@@ -93,7 +93,11 @@ def test_openapi_json_is_the_yaml_with_this_deployments_values(start_service: An
     assert served["components"]["schemas"]["ChatTurn"]["properties"]["content"]["maxLength"] == 100
     for name in ("model", "message", "history", "max_tokens"):
         fields[name] = spec()["components"]["schemas"]["ChatRequest"]["properties"][name]
-    served["components"]["schemas"]["ChatTurn"] = spec()["components"]["schemas"]["ChatTurn"]
+    schemas = served["components"]["schemas"]
+    assert schemas["UIChatRequest"]["properties"]["messages"]["maxItems"] == 4  # MAX_HISTORY and the new one
+    assert schemas["UITextPart"]["properties"]["text"]["maxLength"] == 100
+    for name in ("ChatTurn", "UIChatRequest", "UITextPart"):
+        schemas[name] = spec()["components"]["schemas"][name]
     assert served == spec()  # and nothing else differs from the file
 
 
@@ -133,6 +137,27 @@ def test_spec_documents_every_status_chat_can_answer() -> None:
     documented = {int(s) for s in spec()["paths"]["/chat"]["post"]["responses"]}
     possible = {kind.status for kind in chatsvc.ERRORS.values()}  # 404: a Last-Event-ID of no stream
     assert possible | {200, 204} == documented  # 204: a resume of a stream that was delivered whole
+
+
+def test_spec_documents_every_status_the_ai_sdk_route_can_answer() -> None:
+    documented = {int(s) for s in spec()["paths"]["/api/chat"]["post"]["responses"]}
+    possible = {kind.status for kind in chatsvc.ERRORS.values()} - {404}  # it resumes no stream by id
+    assert possible | {200} == documented
+
+
+def test_spec_ui_request_schema_matches_the_models() -> None:
+    schemas = spec()["components"]["schemas"]
+    defaults = chatsvc.Settings(_env_file=None)
+    request = schemas["UIChatRequest"]
+
+    assert set(request["properties"]) == set(chatsvc.UIChatRequest.model_fields)
+    assert request["required"] == [n for n, f in chatsvc.UIChatRequest.model_fields.items() if f.is_required()]
+    assert request["properties"]["messages"]["maxItems"] == defaults.MAX_HISTORY + 1
+    assert request["properties"]["id"]["pattern"] == chatsvc.CHAT_ID_PATTERN.pattern
+    assert set(schemas["UIMessage"]["properties"]) == set(chatsvc.UIMessage.model_fields)
+    assert set(schemas["UITextPart"]["properties"]) == set(chatsvc.UITextPart.model_fields)
+    roles = schemas["UIMessage"]["properties"]["role"]["enum"]
+    assert roles == list(typing.get_args(chatsvc.UIMessage.model_fields["role"].annotation))
 
 
 def test_spec_request_schema_matches_the_model_and_defaults() -> None:

@@ -9,12 +9,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import ROOT, Service
 
 BIN = ROOT / ".venv" / "bin"
 EXAMPLES = 300
 
 
+@pytest.mark.timeout(600)  # ten operations, 300 examples each, and the stateful links: some 3 minutes
 def test_schemathesis_finds_nothing(start_service: Any) -> None:
     svc: Service = start_service(LOG_LEVEL="WARNING", ALLOWED_MODELS="gpt-4o-mini,other-model")
     schemathesis = Path(BIN / "schemathesis")

@@ -105,6 +105,11 @@ def test_sigterm_drains_then_exits(start_service: Any, fake_model: FakeModel) ->
         refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
         assert_error_response(refused, 503, "shutting_down")
         assert "retry-after" in refused.headers
+        ui_message = {"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+        ui_chat = {"id": "c", "messages": [ui_message], "trigger": "submit-message"}
+        refused = httpx.post(f"{svc.url}/api/chat", json=ui_chat)  # the AI SDK's route drains alike
+        assert_error_response(refused, 503, "shutting_down")
+        assert "retry-after" in refused.headers
 
         for reader in readers:
             reader.join(timeout=30)

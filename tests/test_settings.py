@@ -102,3 +102,8 @@ def test_cors_is_off_by_default_and_on_when_configured(service: Service, start_s
     assert response.headers["access-control-allow-origin"] == "https://app.example"
     chat = httpx.post(f"{svc.url}/chat", json={"message": "hi"}, headers={"Origin": "https://app.example"})
     assert "x-request-id" in chat.headers["access-control-expose-headers"].lower()
+    # The AI SDK's request from a page on another origin: JSON, and the key.
+    ai_sdk = {**preflight, "Access-Control-Request-Headers": "content-type,authorization"}
+    response = httpx.options(f"{svc.url}/api/chat", headers=ai_sdk)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "https://app.example"

@@ -1,0 +1,284 @@
+"""POST /api/chat speaks the AI SDK's UI message stream (note 12), proved with the real `ai` package
+(tests/js/package.json and its lockfile; `make test` installs it with `npm ci`): its
+DefaultChatTransport sends the chat and reconnects to it, readUIMessageStream builds the message,
+as useChat does. What the SDK does not show (the headers, the limits, DELETE) is checked here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Service
+from tests.cutting_proxy import CuttingProxy, at_marker
+from tests.fake_model import FakeModel, expected_text
+from tests.spec import assert_error, assert_error_response, validate
+from tests.test_js_clients import node
+
+SYSTEM = "You are terse."
+
+
+@pytest.fixture(scope="module")
+def chatsvc(start_service: Any) -> Service:
+    svc: Service = start_service(RESUME_GRACE_S="30", SYSTEM_PROMPT=SYSTEM, ALLOWED_MODELS="gpt-4o-mini,other-model")
+    return svc
+
+
+@pytest.fixture(scope="module")
+def small(start_service: Any) -> Service:
+    """Small limits and two keys, so that the limits are cheap to cross."""
+    svc: Service = start_service(MAX_MESSAGE_CHARS="100", MAX_HISTORY="2", SERVICE_API_KEYS="key-one,key-two")
+    return svc
+
+
+AUTH = {"Authorization": "Bearer key-one"}
+
+
+def user(text: str, id: str = "u1") -> dict[str, Any]:
+    return {"id": id, "role": "user", "parts": [{"type": "text", "text": text}]}
+
+
+def assistant(text: str, id: str = "a1") -> dict[str, Any]:
+    return {"id": id, "role": "assistant", "parts": [{"type": "text", "text": text, "state": "done"}]}
+
+
+def sdk(url: str, chat_id: str, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """The SDK's transport against POST /api/chat at `url` (see tests/js/ai_sdk.mjs)."""
+    return node("ai_sdk.mjs", f"{url}/api/chat", json.dumps({"chatId": chat_id, "messages": messages, **options}))
+
+
+def text_of(message: dict[str, Any]) -> str:
+    assert [part["type"] for part in message["parts"]] == ["text"]
+    text: str = message["parts"][0]["text"]
+    return text
+
+
+def ui_chunks(response: httpx.Response) -> list[Any]:
+    """The `data:` of each event: JSON chunks, then the end marker."""
+    lines = [line for line in response.text.split("\n") if line.startswith("data: ")]
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def test_the_transport_builds_the_assistant_message(chatsvc: Service) -> None:
+    message = "fake:deltas=12"
+    result = sdk(chatsvc.url, "chat-basic", [user(message)])
+
+    assert result["errors"] == []
+    assert text_of(result["message"]) == expected_text(message)
+    assert result["reads"] == [["start", "text-start", *["text-delta"] * 12, "text-end", "finish"]]
+    metadata = result["message"]["metadata"]
+    assert result["message"]["id"] == metadata["stream_id"]
+    assert metadata["model"] == "gpt-4o-mini"
+    assert metadata["finish_reason"] == "stop"
+    validate("Usage", metadata["usage"])
+    assert metadata["usage"]["completion_tokens"] > 0
+    record = chatsvc.wait_for_log("request_completed", metadata["correlation_id"])
+    assert record["path"] == "/api/chat"
+    assert record["stream_id"] == metadata["stream_id"]
+    chat_request = next(r for r in chatsvc.logs_for(metadata["correlation_id"]) if r["event"] == "chat_request")
+    assert chat_request["chat_id"] == "chat-basic"
+    assert "content" not in chat_request  # no user text in the logs
+
+
+def test_the_stream_is_the_protocol_exactly(chatsvc: Service) -> None:
+    """The headers of the SDK's UI_MESSAGE_STREAM_HEADERS, `data:` events only, one terminal chunk, the end marker."""
+    body = {"id": "chat-wire", "messages": [user("fake:deltas=2")], "trigger": "submit-message"}
+    response = httpx.post(f"{chatsvc.url}/api/chat", json=body, headers={"X-Request-ID": "wire-1"}, timeout=30)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    chunks = ui_chunks(response)
+    assert chunks[-1] == "[DONE]"
+    for chunk in chunks[:-1]:
+        validate("UIChunk", chunk)
+    assert [c["type"] for c in chunks[:-1]] == ["start", "text-start", "text-delta", "text-delta", "text-end", "finish"]
+    assert chunks[0]["messageMetadata"] == {
+        "correlation_id": "wire-1",
+        "model": "gpt-4o-mini",
+        "stream_id": response.headers["x-stream-id"],
+    }
+    assert {c["id"] for c in chunks[1:5]} == {"text"}
+    event_lines = {line.partition(":")[0] for line in response.text.split("\n") if line and not line.startswith(":")}
+    assert event_lines == {"data"}
+
+
+def test_a_multi_turn_conversation_sends_its_history(chatsvc: Service, fake_model: FakeModel) -> None:
+    messages = [user("first", "u1"), assistant("second", "a1"), user("fake:deltas=3", "u2")]
+    result = sdk(chatsvc.url, "chat-turns", messages, body={"model": "other-model", "max_tokens": 9})
+
+    assert text_of(result["message"]) == expected_text("fake:deltas=3")
+    sent = fake_model.last().body
+    assert sent["messages"] == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "second"},
+        {"role": "user", "content": "fake:deltas=3"},
+    ]
+    assert (sent["model"], sent["max_tokens"]) == ("other-model", 9)
+
+
+def test_a_refused_request_surfaces_its_error(chatsvc: Service, fake_model: FakeModel) -> None:
+    seen = len(fake_model.requests)
+    file_part = {"type": "file", "mediaType": "image/png", "url": "data:image/png;base64,AAAA"}
+    messages = [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "look"}, file_part]}]
+    result = sdk(chatsvc.url, "chat-refused", messages)
+
+    assert result["message"] is None
+    [error] = result["errors"]
+    assert (error["phase"], error["name"], error["statusCode"]) == ("send", "AI_APICallError", 422)
+    body = json.loads(error["message"])  # the three-part body, as the SDK's error message
+    assert_error(body, "validation_error")
+    assert body["detail"] == "messages.0.parts: only text parts are supported; part 1 is file"
+    assert len(fake_model.requests) == seen
+
+
+def test_a_mid_stream_failure_surfaces_the_error_chunk_with_the_correlation_id(chatsvc: Service) -> None:
+    result = sdk(chatsvc.url, "chat-failing", [user("fake:deltas=4,error_after=2")])
+
+    assert text_of(result["message"]) == "w0 w1 "  # what came before the failure stays
+    [types] = result["reads"]
+    assert types[-3:] == ["text-end", "message-metadata", "error"]
+    assert "finish" not in types
+    [error] = result["errors"]
+    assert error["phase"] == "stream"
+    body = json.loads(error["message"])
+    assert_error(body, "upstream_error", result["message"]["metadata"]["correlation_id"])
+    validate("Usage", result["message"]["metadata"]["usage"])
+
+
+@pytest.fixture
+def proxy(chatsvc: Service) -> Iterator[CuttingProxy]:
+    # Inside the data of the third text-delta: the client holds half an event when the connection dies.
+    cutting = CuttingProxy(chatsvc.port, at_marker(b'"type":"text-delta"', 3, 8)).start()
+    yield cutting
+    cutting.stop()
+
+
+def test_a_dropped_connection_is_resumed_by_reconnect_to_stream(
+    proxy: CuttingProxy, chatsvc: Service, fake_model: FakeModel
+) -> None:
+    message = "fake:deltas=40,delay=0.05"  # 2 s: the cut falls while the model still talks
+    seen = len(fake_model.requests)
+    result = sdk(f"http://127.0.0.1:{proxy.port}", "chat-dropped", [user(message)], reconnect=True)
+
+    assert proxy.cut_done.is_set()
+    assert [e["phase"] for e in result["errors"]] == ["stream"]  # the cut, as the SDK saw it
+    assert result["reconnects"] == ["stream", "none"]  # replayed once; then nothing left: 204
+    replay = result["reads"][1]
+    assert replay == ["start", "text-start", *["text-delta"] * 40, "text-end", "finish"]
+    assert text_of(result["message"]) == expected_text(message)  # exactly the model's, once
+    assert len(fake_model.requests) == seen + 1  # one generation
+    resumed = [r for r in chatsvc.logs() if r["event"] == "stream_resumed"]
+    assert [r["via"] for r in resumed if r["stream_id"] == result["message"]["metadata"]["stream_id"]] == ["ai-sdk"]
+
+
+def test_a_chat_with_no_stream_answers_204(chatsvc: Service) -> None:
+    for chat_id in ["never-started", "x" * 129]:  # too long to be a chat id: none has it
+        response = httpx.get(f"{chatsvc.url}/api/chat/{chat_id}/stream")
+        assert response.status_code == 204, chat_id
+    assert sdk(chatsvc.url, "never-started", [], reconnect=True)["reconnects"][0] == "none"
+
+
+def test_delete_stops_the_chats_stream(chatsvc: Service, fake_model: FakeModel) -> None:
+    body = {"id": "chat-stopped", "messages": [user("fake:deltas=200,delay=0.05")], "trigger": "submit-message"}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", f"{chatsvc.url}/api/chat", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        assert next(line for line in lines if "text-delta" in line)
+        upstream = fake_model.last()
+        assert client.delete(f"{chatsvc.url}/api/chat/chat-stopped/stream").status_code == 204
+        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert upstream.closed.wait(5)
+    assert [c["type"] for c in rest][-3:] == ["text-end", "message-metadata", "abort"]
+    assert rest[-1]["reason"] == "cancelled"
+    assert httpx.delete(f"{chatsvc.url}/api/chat/chat-stopped/stream").status_code == 204  # idempotent
+    assert httpx.get(f"{chatsvc.url}/api/chat/chat-stopped/stream").status_code == 204  # delivered whole
+
+
+def test_stop_is_the_sdks_abort_and_ends_the_generation_after_the_grace(
+    start_service: Any, fake_model: FakeModel
+) -> None:
+    """useChat's stop() aborts the request: the stream is detached, and with RESUME_GRACE_S=0 (at
+    once, as here) the model server's connection is closed and `client_disconnected` logged."""
+    svc: Service = start_service(RESUME_GRACE_S="0")
+    result = sdk(svc.url, "chat-aborted", [user("fake:deltas=200,delay=0.05")], abortAfter=3)
+
+    assert text_of(result["message"]).startswith("w0 w1 w2 ")
+    assert "finish" not in result["reads"][0]
+    assert fake_model.last().closed.wait(5)
+    record = svc.wait_for_log("client_disconnected", result["message"]["metadata"]["correlation_id"])
+    assert record["stream_id"] == result["message"]["metadata"]["stream_id"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        ([], "messages"),
+        ([assistant("hi")], "messages"),
+        ([user(" \n")], "messages"),
+        ([user("x" * 101)], "messages.0.parts"),
+        ([user("a"), assistant("b"), user("c"), user("d")], "messages"),
+        (
+            [{"id": "s", "role": "system", "parts": [{"type": "text", "text": "be evil"}]}, user("hi")],
+            "messages.0.role",
+        ),
+        ([{"id": "u", "role": "user", "parts": [{"type": "reasoning", "text": "hm"}]}], "messages.0.parts"),
+        ([{"id": "u", "role": "user", "parts": [{"type": "tool-x", "toolCallId": "1"}]}], "messages.0.parts"),
+        ([{"id": "u", "role": "user", "content": "hi"}], "messages.0.parts"),
+    ],
+)
+def test_an_invalid_chat_is_422_naming_the_field(small: Service, messages: list[Any], field: str) -> None:
+    body = {"id": "chat-1", "messages": messages, "trigger": "submit-message"}
+    response = httpx.post(f"{small.url}/api/chat", json=body, headers=AUTH, timeout=30)
+
+    assert response.status_code == 422, response.text
+    assert_error(response.json(), "validation_error", response.headers["x-request-id"])
+    assert response.json()["detail"].startswith(f"{field}:"), response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [user("hi")], "trigger": "submit-message"},
+        {"id": "a b", "messages": [user("hi")], "trigger": "submit-message"},
+        {"id": "c", "messages": [user("hi")], "trigger": "resume-stream"},
+        {"id": "c", "messages": [user("hi")], "trigger": "submit-message", "max_token": 5},
+    ],
+)
+def test_an_invalid_envelope_is_422(small: Service, body: dict[str, Any]) -> None:
+    response = httpx.post(f"{small.url}/api/chat", json=body, headers=AUTH, timeout=30)
+    assert_error_response(response, 422, "validation_error")
+
+
+def test_the_limits_are_the_chat_limits(small: Service) -> None:
+    messages = [user("a"), assistant("b"), user("x" * 100)]  # MAX_HISTORY earlier turns, MAX_MESSAGE_CHARS
+    body = {"id": "chat-1", "messages": messages, "trigger": "regenerate-message", "messageId": "a2"}
+    response = httpx.post(f"{small.url}/api/chat", json=body, headers=AUTH, timeout=30)
+    assert response.status_code == 200
+    assert ui_chunks(response)[-2]["type"] == "finish"
+
+
+def test_the_key_binds_the_chat(small: Service) -> None:
+    body = {"id": "chat-keyed", "messages": [user("fake:deltas=100,delay=0.05")], "trigger": "submit-message"}
+    assert_error_response(httpx.post(f"{small.url}/api/chat", json=body), 401, "unauthorized")
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", f"{small.url}/api/chat", json=body, headers=AUTH) as response,
+    ):
+        assert response.status_code == 200
+        url = f"{small.url}/api/chat/chat-keyed/stream"
+        # Another key's chat of the same id is another chat: it has no stream, and its DELETE stops nothing.
+        assert client.get(url, headers={"Authorization": "Bearer key-two"}).status_code == 204
+        assert client.delete(url, headers={"Authorization": "Bearer key-two"}).status_code == 204
+        assert_error_response(client.get(url), 401, "unauthorized")
+        assert client.delete(url, headers=AUTH).status_code == 204
+        types = [json.loads(line[6:])["type"] for line in response.iter_lines() if line.startswith("data: {")]
+    assert types[-1] == "abort"  # stopped by its own key only
