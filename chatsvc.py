@@ -25,11 +25,16 @@ Deliberate departures from the libraries' defaults (the code points back here as
    must be kept for resuming anyway, and all logs together are bounded by RESUME_BUFFER_MB.
 4. Shutdown drains before uvicorn stops listening. uvicorn closes its socket the moment SIGTERM
    arrives, so a load balancer would see refused connections instead of a 503 `shutting_down`.
-   `DrainingServer` first flips /readyz to 503, answers new chats 503 with Retry-After, lets streams
-   run up to SHUTDOWN_GRACE_S and ends the rest with an `error` event `shutting_down`; only then does
-   it hand the signal to uvicorn. Under plain `uvicorn chatsvc:app` the same drain is started by
-   sse-starlette's shutdown detection (the `shutdown_event` we pass), but uvicorn has already closed
-   the socket by then. A second signal stops at once.
+   So the app's lifespan puts its own handler for SIGTERM and SIGINT in front of the server's
+   (`drain_on_signals`): it first flips /readyz to 503, answers new chats 503 with Retry-After,
+   lets streams run up to SHUTDOWN_GRACE_S and ends the rest with an `error` event
+   `shutting_down`; only then does it call the server's handler. This works however uvicorn is
+   launched (`python chatsvc.py`, `uvicorn chatsvc:app`, each of `--workers N`), because uvicorn
+   installs its handlers (with signal.signal, in the main thread) before it runs the lifespan and
+   puts back the ones it found after its shutdown, so ours lives exactly as long as the server.
+   A host that runs the lifespan outside the main thread cannot have it; there sse-starlette's
+   shutdown detection (the `shutdown_event` we pass) still ends streams with `shutting_down`. A
+   second signal stops at once.
 5. sse-starlette's force-cancel grace is set longer than ours, so that our own `shutting_down` event,
    not a silent cancel, ends a stream that outlives SHUTDOWN_GRACE_S.
 6. When the upstream sends no usage (many local servers don't), completion tokens are the number of
@@ -108,6 +113,7 @@ import re
 import secrets
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -147,6 +153,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.supervisors import Multiprocess
 
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
 
@@ -196,6 +203,7 @@ class Settings(BaseSettings):
     SERVE_PAGE: bool = True
     HOST: str = "127.0.0.1"
     PORT: int = Field(8000, ge=0, le=65535)
+    WORKERS: int = Field(1, ge=1, le=64)
 
     @field_validator("ALLOWED_MODELS", "CORS_ALLOW_ORIGINS", mode="before")
     @classmethod
@@ -1898,7 +1906,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Drain when sse-starlette sees uvicorn shutting down, or when DrainingServer says so.
+        # Drain on the first signal (note 4), or when sse-starlette sees the server shutting down.
+        restore_signals = drain_on_signals(service)
         watcher = asyncio.create_task(_drain_when_told(service))
         lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
         tune_gc()  # before the pause metric starts: its start-up collection stalls no stream
@@ -1915,6 +1924,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            restore_signals()
             watcher.cancel()
             lag_probe.cancel()
             tasks = list(service.producers.values())  # only those outliving the drain (note 4)
@@ -1982,56 +1992,77 @@ async def _drain_when_told(service: Service) -> None:
     service.begin_drain()
 
 
+def drain_on_signals(service: Service) -> Callable[[], None]:
+    """Put a handler for SIGTERM and SIGINT in front of the server's: the first signal drains, then
+    hands itself to the server's handler; a second goes to it at once (note 4). Returns what puts
+    the server's handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # only the main thread can catch signals
+    loop = asyncio.get_running_loop()
+    servers: dict[int, Any] = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    drains: list[asyncio.Task[None]] = []  # the one drain, once a signal came
+
+    def pass_on(sig: int, frame: FrameType | None) -> None:
+        handler = servers[sig]
+        if callable(handler):
+            handler(sig, frame)
+        else:  # no server's handler (SIG_DFL): the signal does what it would have done
+            signal.signal(sig, handler)
+            signal.raise_signal(sig)
+
+    async def drain(sig: int) -> None:
+        service.begin_drain()
+        await service.wait_drained()
+        pass_on(sig, None)
+
+    def start_drain(sig: int) -> None:
+        if not drains:
+            drains.append(loop.create_task(drain(sig)))
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        if drains:  # a second signal: stop now
+            pass_on(sig, frame)
+        else:  # a signal handler runs between two bytecodes: hand over to the loop
+            loop.call_soon_threadsafe(start_drain, sig)
+
+    for sig in servers:
+        signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in servers.items():
+            if signal.getsignal(sig) is on_signal:
+                signal.signal(sig, handler)
+
+    return restore
+
+
 # --- Launcher ---------------------------------------------------------------------------------------
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains before uvicorn stops listening (note 4)."""
-
-    def __init__(self, config: uvicorn.Config, service: Service) -> None:
-        super().__init__(config)
-        self.service = service
-        self.drain_task: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def startup(self, sockets: list[Any] | None = None) -> None:
-        self.loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.drain_task is not None or self.loop is None or self.should_exit:
-            super().handle_exit(sig, frame)  # a second signal: stop now
-            return
-        self.loop.call_soon_threadsafe(self._start_drain, sig, frame)
-
-    def _start_drain(self, sig: int, frame: FrameType | None) -> None:
-        if self.drain_task is None:
-            self.drain_task = asyncio.ensure_future(self._drain(sig, frame))
-
-    async def _drain(self, sig: int, frame: FrameType | None) -> None:
-        self.service.begin_drain()
-        await self.service.wait_drained()
-        super().handle_exit(sig, frame)
-
-
 def main() -> None:
-    app = _module_app()
-    settings: Settings = app.state.service.settings
-    config = uvicorn.Config(
-        app,
-        host=settings.HOST,
-        port=settings.PORT,
-        log_config=None,  # ours, from logging_conf
-        access_log=False,  # request_received / request_completed say more, with the correlation id
-        timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_S) + 5,
-        lifespan="on",
-    )
-    server = DrainingServer(config, app.state.service)
+    """`python chatsvc.py`: one process, or with WORKERS > 1 uvicorn's supervisor and as many
+    workers, each draining by itself (note 4). Exits 0 after a drain, 1 if the server did not start."""
+    settings = load_settings()
+    configure_logging(settings.LOG_LEVEL, settings.secrets)
+    options: dict[str, Any] = {
+        "host": settings.HOST,
+        "port": settings.PORT,
+        "log_config": None,  # ours, from logging_conf
+        "access_log": False,  # request_received / request_completed say more, with the correlation id
+        "timeout_graceful_shutdown": int(settings.SHUTDOWN_GRACE_S) + 5,
+        "lifespan": "on",
+    }
     # uvicorn re-raises the signal it caught once it has shut down, so that the previous handler
     # runs; with the default one the process would die "by SIGTERM" (143) after a clean drain.
-    # A drained service has done its job: exit 0.
+    # A drained service has done its job: exit 0. (A worker's own exit is its supervisor's affair.)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    if settings.WORKERS > 1:
+        # Each worker imports `chatsvc:app` and configures itself from the same environment.
+        config = uvicorn.Config("chatsvc:app", workers=settings.WORKERS, **options)
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
     server.run()
     if not server.started:
         raise SystemExit(1)

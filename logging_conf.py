@@ -160,8 +160,9 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
             "formatters": {
                 "json": {
                     "()": "pythonjsonlogger.json.JsonFormatter",
-                    "fmt": ["levelname", "name", "message", "correlation_id"],
-                    "rename_fields": {"levelname": "level", "name": "logger", "message": "event"},
+                    # pid: with several workers, which one wrote the line.
+                    "fmt": ["levelname", "name", "message", "correlation_id", "process"],
+                    "rename_fields": {"levelname": "level", "name": "logger", "message": "event", "process": "pid"},
                     "timestamp": "timestamp",
                     # uvicorn's ANSI-coloured copy of the message is noise in JSON.
                     "reserved_attrs": [*RESERVED_ATTRS, "color_message"],

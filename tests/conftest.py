@@ -84,8 +84,10 @@ def wait_until_answers(url: str, limit: float, process: subprocess.Popen[bytes] 
 class Service:
     """chatsvc in a child process, with its own environment and a log file."""
 
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+    def __init__(self, env: dict[str, str], workdir: Path, command: list[str] | None = None) -> None:
         self.port = free_port()
+        # `python chatsvc.py` unless told otherwise; "{port}" in the command is this one's port.
+        self.command = [a.format(port=self.port) for a in command or [sys.executable, str(ROOT / "chatsvc.py")]]
         self.workdir = workdir
         self.log_path = workdir / f"chatsvc-{self.port}.log"
         self.err_path = workdir / f"chatsvc-{self.port}.err"
@@ -99,9 +101,7 @@ class Service:
 
     def start(self) -> Service:
         with self.log_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "chatsvc.py")], cwd=self.workdir, env=self.env, stdout=out, stderr=err
-            )
+            self.proc = subprocess.Popen(self.command, cwd=self.workdir, env=self.env, stdout=out, stderr=err)
         try:
             wait_until_answers(f"{self.url}/healthz", STARTUP_LIMIT_S, self.proc)
         except RuntimeError as exc:

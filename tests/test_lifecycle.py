@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Event, Service, free_port, iter_sse, wait_until_answers
+from tests.conftest import Event, Service, iter_sse
 from tests.fake_model import FakeModel
 from tests.spec import assert_error_response, validate
 
@@ -132,31 +129,3 @@ def test_sigterm_with_nothing_in_flight_exits_at_once(start_service: Any) -> Non
     svc.signal(signal.SIGTERM)
     assert svc.proc is not None
     assert svc.proc.wait(timeout=10) == 0
-
-
-def test_plain_uvicorn_drains_streams_too(fake_model: FakeModel, tmp_path: Any) -> None:
-    """Under `uvicorn chatsvc:app` (no DrainingServer), sse-starlette's shutdown detection starts the
-    same drain: the stalled stream ends with shutting_down after the grace, not with a silent cut."""
-    port = free_port()
-    env = {"PATH": os.environ["PATH"], "OPENAI_BASE_URL": fake_model.base_url, "SHUTDOWN_GRACE_S": "1",
-           "IDLE_TIMEOUT_S": "60", "LOG_LEVEL": "WARNING"}  # fmt: skip
-    uvicorn = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "chatsvc:app", "--port", str(port), "--timeout-graceful-shutdown", "20"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    svc = Service({}, tmp_path)
-    svc.port = port
-    try:
-        wait_until_answers(f"{svc.url}/healthz", 30, uvicorn)
-        with open_stream(svc, "fake:deltas=5,stall_after=1", "plain-1") as (_, events):
-            assert next(events).event == "meta"
-            assert next(events).event == "delta"
-            uvicorn.send_signal(signal.SIGTERM)
-            rest = list(events)
-        assert rest[-1].event == "error"
-        assert rest[-1].data["code"] == "shutting_down"
-        uvicorn.wait(timeout=20)  # uvicorn re-raises SIGTERM: it exits 143, not 0 (python chatsvc.py does)
-    finally:
-        if uvicorn.poll() is None:
-            uvicorn.kill()
-            uvicorn.wait()

@@ -1,0 +1,87 @@
+"""However chatsvc is launched, SIGTERM drains (note 4): `python chatsvc.py`, with WORKERS=2,
+`uvicorn chatsvc:app`, and with `--workers 2`. In each, started for real: /readyz answers 503
+and a new chat 503 shutting_down (not a refused connection) while a long stream still runs; the
+stream ends with its terminal event at the end of the grace; the process exits by itself, with
+the exit code the README documents. With two workers, requests reach both."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Service
+from tests.fake_model import FakeModel
+from tests.spec import assert_error_response, validate
+from tests.test_lifecycle import open_stream
+
+UVICORN = [sys.executable, "-m", "uvicorn", "chatsvc:app", "--app-dir", str(ROOT), "--port", "{port}"]
+#: command, settings, worker processes, exit status after the drain (negative: killed by that signal)
+LAUNCHERS: dict[str, tuple[list[str] | None, dict[str, str], int, int]] = {
+    "python chatsvc.py": (None, {}, 1, 0),
+    "WORKERS=2 python chatsvc.py": (None, {"WORKERS": "2"}, 2, 0),
+    # uvicorn re-raises the SIGTERM it caught once it has shut down, as it does for any app.
+    "uvicorn chatsvc:app": (UVICORN, {}, 1, -signal.SIGTERM),
+    "uvicorn chatsvc:app --workers 2": ([*UVICORN, "--workers", "2"], {}, 2, 0),
+}
+
+
+def records(svc: Service, event: str) -> list[dict[str, Any]]:
+    return [r for r in svc.logs() if r["event"] == event]
+
+
+def wait_for_records(svc: Service, event: str, count: int, limit: float = 30) -> list[dict[str, Any]]:
+    """Until `count` records of this event are in the log (one per worker, say)."""
+    deadline = time.monotonic() + limit
+    while len(found := records(svc, event)) < count:
+        assert time.monotonic() < deadline, f"{len(found)} {event!r} records, not {count}: {svc.output()[-3000:]}"
+        time.sleep(0.02)  # a child's log file: there is no event to await
+    return found
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_sigterm_drains_under_every_launcher(launcher: str, fake_model: FakeModel, tmp_path: Path) -> None:
+    command, settings, workers, exit_status = LAUNCHERS[launcher]
+    env = {"OPENAI_BASE_URL": fake_model.base_url, "SHUTDOWN_GRACE_S": "2", "IDLE_TIMEOUT_S": "60", **settings}
+    svc = Service(env, tmp_path, command).start()
+    try:
+        pids = {r["pid"] for r in wait_for_records(svc, "service_started", workers)}
+        assert len(pids) == workers
+        if workers > 1:  # the kernel hands connections to whichever worker accepts first
+            served: set[int] = set()
+            for i in range(200):
+                if served == pids:
+                    break
+                rid = f"spread-{i}"
+                assert svc.chat({"message": "hi"}, {"X-Request-ID": rid})[0].status_code == 200
+                served.add(svc.wait_for_log("request_completed", rid)["pid"])
+            assert served == pids, "requests reached only one worker"
+
+        with open_stream(svc, "fake:deltas=5,stall_after=1", "drain-long") as (_, events):
+            assert next(events).event == "meta"
+            assert next(events).event == "delta"
+            signalled = time.monotonic()
+            svc.signal(signal.SIGTERM)
+            draining = wait_for_records(svc, "draining", workers)
+            ready = httpx.get(f"{svc.url}/readyz")
+            ready_after = time.monotonic() - signalled
+            assert_error_response(ready, 503, "shutting_down")
+            refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
+            assert_error_response(refused, 503, "shutting_down")
+            assert "retry-after" in refused.headers
+            rest = list(events)
+        print(f"\n{launcher}: /readyz 503 {ready_after * 1000:.0f} ms after SIGTERM")
+        assert {r["pid"] for r in draining} == pids  # every worker drained
+        assert rest[-1].event == "error"
+        validate("ErrorEvent", rest[-1].data)
+        assert rest[-1].data["code"] == "shutting_down"
+        assert svc.proc is not None
+        assert svc.proc.wait(timeout=30) == exit_status
+        assert len(records(svc, "service_stopped")) == workers
+    finally:
+        svc.stop()
