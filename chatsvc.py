@@ -96,6 +96,16 @@ Deliberate departures from the libraries' defaults (the code points back here as
       connection. The chat's name is its id with the key that started it.
     - A failure after the first byte is the SDK's `error` chunk whose text is the ErrorBody as
       JSON: the same text as the message of the APICallError that a refused request raises.
+13. Several workers, one /metrics. Under a supervisor (uvicorn's, from `--workers N` or WORKERS),
+    each worker finds itself by having a parent process (`multiprocessing.parent_process()`, as
+    uvicorn spawns its workers) and joins the metrics directory of that supervisor:
+    prometheus-client's multiprocess mode, which the worker switches on for itself because no
+    code of ours runs in uvicorn's supervisor. Counters and histograms add up over every worker,
+    those of workers that have exited included; the gauges are `livesum` (the workers alive,
+    summed); a gauge read when scraped (tasks, detached streams, log bytes) is written every
+    second instead; process_* are per process and left out. A shared flock tells the first worker
+    in (it empties the directory) and the last out (it removes it). A PROMETHEUS_MULTIPROC_DIR
+    set by the operator is theirs: used as it is, never emptied.
 """
 
 from __future__ import annotations
@@ -103,16 +113,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import fcntl
 import gc
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -121,7 +136,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, Literal, TypeVar
+from typing import IO, Annotated, Any, Literal, TypeVar
 
 import aiohttp
 import anyio
@@ -140,6 +155,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -200,6 +218,7 @@ class Settings(BaseSettings):
     CORS_ALLOW_ORIGINS: Annotated[tuple[str, ...], NoDecode] = ()
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     LOG_CONTENT: bool = False
+    LOG_FORMAT: Literal["auto", "json", "console"] = "auto"
     SERVE_PAGE: bool = True
     HOST: str = "127.0.0.1"
     PORT: int = Field(8000, ge=0, le=65535)
@@ -217,6 +236,11 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("LOG_FORMAT", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @property
     def configured(self) -> bool:
         return self.OPENAI_API_KEY is not None or self.OPENAI_BASE_URL is not None
@@ -229,6 +253,13 @@ class Settings(BaseSettings):
     def service_keys(self) -> tuple[bytes, ...]:
         raw = self.SERVICE_API_KEYS.get_secret_value() if self.SERVICE_API_KEYS else ""
         return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
+
+    @property
+    def log_format(self) -> str:
+        """LOG_FORMAT, with "auto" decided: console for a terminal, JSON for anything else."""
+        if self.LOG_FORMAT == "auto":
+            return "console" if sys.stdout.isatty() else "json"
+        return self.LOG_FORMAT
 
     @property
     def secrets(self) -> list[str]:
@@ -812,6 +843,11 @@ async def open_upstream(
     retries = 0
     while True:
         remaining = deadline - time.monotonic()
+        log.debug(  # sizes and settings, never the messages' text
+            "upstream_request",
+            extra={"attempt": retries + 1, "model": body["model"], "messages": len(messages),
+                   "max_tokens": body["max_tokens"], "budget_s": round(remaining, 3)},
+        )  # fmt: skip
         try:
             with anyio.fail_after(remaining):
                 # client.post, openai's documented call for any endpoint, with the body we built
@@ -825,12 +861,15 @@ async def open_upstream(
                     stream_cls=openai.AsyncStream[ChatCompletionChunk],
                     options={"headers": {"X-Client-Request-Id": correlation_id.get() or ""}},
                 )
+            _log_upstream_response(stream.response)
             return stream, retries
         except TimeoutError:
             raise ServiceError(
                 "upstream_timeout", f"the model server did not accept the request within {settings.REQUEST_TIMEOUT_S} s"
             ) from None
         except openai.APIError as exc:
+            if isinstance(exc, openai.APIStatusError):
+                _log_upstream_response(exc.response)
             error = map_upstream_error(exc)
             wait = _backoff(retries, exc)
             if not is_retryable(exc) or retries >= settings.UPSTREAM_MAX_RETRIES or time.monotonic() + wait >= deadline:
@@ -838,6 +877,17 @@ async def open_upstream(
             log.info("upstream_retry", extra={"retry": retries + 1, "code": error.code, "wait_s": round(wait, 3)})
             await anyio.sleep(wait)
             retries += 1
+
+
+def _log_upstream_response(response: httpx2.Response) -> None:
+    """At DEBUG: the model server's status and headers, and the request's headers as sent (the log
+    redaction masks the Authorization header, as any key)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "upstream_response",
+            extra={"status": response.status_code, "url": str(response.request.url),
+                   "request_headers": dict(response.request.headers), "headers": dict(response.headers)},
+        )  # fmt: skip
 
 
 def _backoff(retries: int, exc: openai.APIError) -> float:
@@ -850,14 +900,84 @@ def _backoff(retries: int, exc: openai.APIError) -> float:
 # --- Service state ----------------------------------------------------------------------------------
 
 
+class WorkerMetrics:
+    """The metrics directory that a supervisor's workers share (note 13): one per supervisor
+    process, named by its pid and start time. The first worker in empties it; the last out
+    removes it. A shared flock on `.lock`, held by every worker while it lives, says who is in."""
+
+    def __init__(self, path: Path, lock: IO[str] | None) -> None:
+        self.path = path
+        self.lock = lock  # None: the operator's directory, which we neither empty nor remove
+
+    @classmethod
+    def join(cls) -> WorkerMetrics | None:
+        """In a worker of a supervisor (uvicorn's, under `--workers` or WORKERS): the directory,
+        with prometheus-client switched to it; elsewhere None. Before any metric is made."""
+        if operators := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return cls(Path(operators), None)  # set before start: prometheus-client is in that mode
+        parent = multiprocessing.parent_process()
+        if parent is None or parent.pid is None:
+            return None
+        path = Path(tempfile.gettempdir()) / f"chatsvc-metrics-{parent.pid}-{_started_ticks(parent.pid)}"
+        path.mkdir(mode=0o700, exist_ok=True)
+        lock = (path / ".lock").open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else in: anything here is stale
+            for stale in path.glob("*.db"):
+                stale.unlink()
+        except BlockingIOError:
+            pass
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+        # prometheus-client chose its value class from this variable when it was imported, before
+        # this worker could know it is one: its own chooser, asked again (note 13).
+        prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
+        return cls(path, lock)
+
+    def registry(self) -> CollectorRegistry:
+        """Every worker's metrics, summed as each metric's multiprocess mode says."""
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.path))  # type: ignore[no-untyped-call]
+        return registry
+
+    def leave(self) -> None:
+        """This worker's live gauges go; the last worker out removes the directory."""
+        prometheus_multiprocess.mark_process_dead(os.getpid(), str(self.path))  # type: ignore[no-untyped-call]
+        if self.lock is None:
+            return
+        fcntl.flock(self.lock, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(self.path, ignore_errors=True)
+        except BlockingIOError:
+            pass  # another worker is still in
+        self.lock.close()
+
+
+def _started_ticks(pid: int) -> str:
+    """When a process started (clock ticks since boot): with the pid, it names one process's life."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    #: With several workers (note 13), the metrics live in shared files, and gauges whose value is
+    #: read when scraped are written every LIVE_INTERVAL_S instead (`publish_live`).
+    multiprocess: bool = False
 
     def __post_init__(self) -> None:
         r = self.registry
+        self.live: list[tuple[Gauge, Callable[[], float]]] = []
+
+        def gauge(name: str, documentation: str) -> Gauge:  # with several workers: the live ones summed
+            return Gauge(name, documentation, registry=r, multiprocess_mode="livesum")
+
         self.requests = Counter("chatsvc_requests", "Chat requests by outcome code", ["code"], registry=r)
-        self.active = Gauge("chatsvc_active_streams", "Streams in progress, detached ones included", registry=r)
+        self.active = gauge("chatsvc_active_streams", "Streams in progress, detached ones included")
         self.ttft = Histogram(
             "chatsvc_time_to_first_token_seconds",
             "Request start to first delta",
@@ -874,12 +994,14 @@ class Metrics:
         self.resumes = Counter(
             "chatsvc_resumes", "Resume requests by outcome: resumed, finished (204), not_found", ["outcome"], registry=r
         )
-        self.detached = Gauge("chatsvc_detached_streams", "Streams running with no client attached", registry=r)
-        self.log_bytes = Gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)", registry=r)
-        # What leak checks watch: memory and open descriptors (process_*), and tasks on the loop.
-        ProcessCollector(registry=r)
-        tasks = Gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop", registry=r)
-        tasks.set_function(lambda: len(asyncio.all_tasks()))
+        self.detached = gauge("chatsvc_detached_streams", "Streams running with no client attached")
+        self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)")
+        # What leak checks watch: memory and open descriptors (process_*: per process, so not in
+        # the sum of several workers), and tasks on the loop.
+        if not self.multiprocess:
+            ProcessCollector(registry=r)
+        tasks = gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop")
+        self.observe(tasks, lambda: len(asyncio.all_tasks()))
         # A stall of the event loop stalls every stream at once: how late a 10 ms timer fires (so a
         # stall reads up to LAG_PROBE_S short), and each garbage collection's pause, measured exactly.
         stall_buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -898,6 +1020,20 @@ class Metrics:
         self.idle_collections = 0  # the lag probe leaves out the samples that span one
 
     LAG_PROBE_S = 0.01
+    LIVE_INTERVAL_S = 1.0
+
+    def observe(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """A gauge whose value is `read()`: at each scrape, or with several workers every LIVE_INTERVAL_S."""
+        if self.multiprocess:
+            self.live.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    async def publish_live(self) -> None:
+        while True:
+            for gauge, read in self.live:
+                gauge.set(read())
+            await asyncio.sleep(self.LIVE_INTERVAL_S)
 
     async def watch_loop_lag(self) -> None:
         while True:
@@ -929,9 +1065,10 @@ class Service:
         self.settings = settings
         self.client = create_upstream_client(settings)
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
-        self.metrics = Metrics()
-        self.metrics.log_bytes.set_function(self.held_log_bytes)
-        self.metrics.detached.set_function(lambda: sum(p.grace_timer is not None for p in self.producers))
+        self.worker_metrics = WorkerMetrics.join()  # note 13
+        self.metrics = Metrics(multiprocess=self.worker_metrics is not None)
+        self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
+        self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
         # Every running stream's producer and its task, kept until the task is done (asyncio keeps
         # only weak references to tasks): the drain tightens their deadlines, shutdown cancels them.
         self.producers: dict[Producer, asyncio.Task[None]] = {}
@@ -1264,10 +1401,13 @@ class StreamLog:
     async def follow(self, position: int) -> AsyncIterator[bytes]:
         """The events from `position` on, then each as it is appended, to the terminal one. All that
         arrived since the last send leaves in one write (note 3)."""
+        debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every write
         while True:
             entries = self.entries
             if position < len(entries):
                 batch = entries[position] if position + 1 == len(entries) else b"".join(entries[position:])
+                if debug:
+                    log.debug("client_write", extra={"bytes": len(batch), "events": len(entries) - position})
                 position, whole = len(entries), self.finished
                 yield batch
                 if whole:  # sent: the next call comes once the transport took the last write
@@ -1364,9 +1504,13 @@ class Producer:
         try:
             # One scope for the whole read: the request budget and, while draining, the grace. The
             # idle limit is the client's read timeout, applied to every read.
+            debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every read
             with anyio.CancelScope(deadline=min(self.deadline, self.service.drain_deadline)) as scope:
                 self.read_scope = scope
                 async for data in self.stream.response.aiter_bytes():
+                    if debug:
+                        at_ms = round((time.monotonic() - self.started) * 1000, 1)
+                        log.debug("upstream_read", extra={"bytes": len(data), "at_ms": at_ms})
                     if self.upstream_ended:  # after [DONE]: drain, so the connection can be reused
                         continue
                     self.take_frames(frames.feed(data), request)
@@ -1831,7 +1975,10 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    service = service_of(request)
+    workers = service.worker_metrics
+    registry = service.metrics.registry if workers is None else workers.registry()  # note 13
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def page(request: Request) -> Response:
@@ -1910,6 +2057,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         restore_signals = drain_on_signals(service)
         watcher = asyncio.create_task(_drain_when_told(service))
         lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
+        live_gauges = asyncio.create_task(service.metrics.publish_live())
         tune_gc()  # before the pause metric starts: its start-up collection stalls no stream
         gc.callbacks.append(service.metrics.on_gc)
         log.info(
@@ -1927,6 +2075,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             restore_signals()
             watcher.cancel()
             lag_probe.cancel()
+            live_gauges.cancel()
             tasks = list(service.producers.values())  # only those outliving the drain (note 4)
             for task in tasks:
                 task.cancel()
@@ -1934,6 +2083,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             gc.callbacks.remove(service.metrics.on_gc)
             await service.client.close()
             await service.health_client.aclose()
+            if service.worker_metrics is not None:
+                service.worker_metrics.leave()
             log.info("service_stopped")
 
     routes = [
@@ -2043,7 +2194,7 @@ def main() -> None:
     """`python chatsvc.py`: one process, or with WORKERS > 1 uvicorn's supervisor and as many
     workers, each draining by itself (note 4). Exits 0 after a drain, 1 if the server did not start."""
     settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.secrets)
+    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
     options: dict[str, Any] = {
         "host": settings.HOST,
         "port": settings.PORT,
@@ -2071,7 +2222,7 @@ def main() -> None:
 def _module_app() -> Starlette:
     """The app from the environment, with logging configured: for `python chatsvc.py` and `uvicorn`."""
     settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.secrets)
+    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
     return create_app(settings)
 
 

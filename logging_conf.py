@@ -1,5 +1,6 @@
-"""JSON logging for chatsvc: one object per line on stdout, with the request's correlation id and
-secrets masked on every record, ours and the libraries' alike.
+"""Logging for chatsvc: one record per line on stdout, with the request's correlation id and
+secrets masked on every record, ours and the libraries' alike. JSON for machines (the default
+wherever stdout is not a terminal: containers, CI, files), or one readable line for people.
 
 Both filters sit on the *handler*, not on our logger: a filter on a logger sees only that logger's
 own records, while uvicorn's, openai's and httpx's records reach the handler through propagation.
@@ -21,9 +22,11 @@ Notes:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import logging.config
 import re
+import time
 from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any
@@ -147,7 +150,32 @@ def text_fingerprint(text: str) -> dict[str, Any]:
     return {"message_chars": len(text), "message_sha256": hashlib.sha256(text.encode()).hexdigest()[:12]}
 
 
-def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+class ConsoleFormatter(logging.Formatter):
+    """One line per record for a terminal: time, level, event, correlation id, then the fields as
+    key=value. The same records as JSON, after the same filters (so masked alike)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRS and k not in _NOT_FIELDS}
+        when = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        rid = getattr(record, "correlation_id", None) or "-"
+        line = f"{when} {record.levelname:<7} {record.getMessage()} [{rid}]"
+        line += "".join(f" {key}={_console_value(value)}" for key, value in fields.items())
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        return line
+
+
+_NOT_FIELDS = frozenset({"correlation_id", "color_message"})
+
+
+def _console_value(value: Any) -> str:
+    if isinstance(value, str) and value and not any(c.isspace() or c in '"=' for c in value):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_format: str = "json") -> None:
+    """`log_format`: "json" or "console" (chatsvc's LOG_FORMAT, "auto" resolved by its caller)."""
     library_level = _at_least("INFO", level)  # note 1
     logging.config.dictConfig(
         {
@@ -166,13 +194,14 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
                     "timestamp": "timestamp",
                     # uvicorn's ANSI-coloured copy of the message is noise in JSON.
                     "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
-                }
+                },
+                "console": {"()": ConsoleFormatter},
             },
             "handlers": {
                 "stdout": {
                     "class": "logging.StreamHandler",
                     "stream": "ext://sys.stdout",
-                    "formatter": "json",
+                    "formatter": log_format,
                     "filters": ["correlation_id", "redaction"],
                 }
             },

@@ -2,12 +2,15 @@
 `uvicorn chatsvc:app`, and with `--workers 2`. In each, started for real: /readyz answers 503
 and a new chat 503 shutting_down (not a refused connection) while a long stream still runs; the
 stream ends with its terminal event at the end of the grace; the process exits by itself, with
-the exit code the README documents. With two workers, requests reach both."""
+the exit code the README documents. With two workers, requests reach both, /metrics (whichever
+worker answers) counts them all (note 13), and the shared metrics directory is gone after the exit."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,29 @@ def wait_for_records(svc: Service, event: str, count: int, limit: float = 30) ->
     return found
 
 
+def metric_dirs(svc: Service) -> list[Path]:
+    """The metrics directory the workers of this supervisor share (note 13)."""
+    assert svc.proc is not None
+    return list(Path(tempfile.gettempdir()).glob(f"chatsvc-metrics-{svc.proc.pid}-*"))
+
+
+def assert_counted(svc: Service, sent: int) -> None:
+    """/metrics counts every chat sent, whichever worker served it and whichever answers the scrape.
+    A stream is counted just after its last event is sent: the first scrapes may come before."""
+    deadline = time.monotonic() + 10
+    while True:
+        counted = [requests_ok(httpx.get(f"{svc.url}/metrics").text) for _ in range(6)]
+        if counted == [sent] * 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # a count in another process: there is no event to await
+    assert counted == [sent] * 6
+
+
+def requests_ok(metrics: str) -> float:
+    found = re.findall(r'^chatsvc_requests_total\{code="ok"\} (\S+)$', metrics, re.M)
+    return sum(map(float, found))
+
+
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_sigterm_drains_under_every_launcher(launcher: str, fake_model: FakeModel, tmp_path: Path) -> None:
     command, settings, workers, exit_status = LAUNCHERS[launcher]
@@ -52,15 +78,17 @@ def test_sigterm_drains_under_every_launcher(launcher: str, fake_model: FakeMode
     try:
         pids = {r["pid"] for r in wait_for_records(svc, "service_started", workers)}
         assert len(pids) == workers
-        if workers > 1:  # the kernel hands connections to whichever worker accepts first
-            served: set[int] = set()
-            for i in range(200):
-                if served == pids:
-                    break
-                rid = f"spread-{i}"
-                assert svc.chat({"message": "hi"}, {"X-Request-ID": rid})[0].status_code == 200
-                served.add(svc.wait_for_log("request_completed", rid)["pid"])
-            assert served == pids, "requests reached only one worker"
+        # The kernel hands each connection to whichever worker accepts it first.
+        served: set[int] = set()
+        sent = 0
+        while sent < 4 or (served != pids and sent < 200):
+            rid = f"spread-{sent}"
+            assert svc.chat({"message": "hi"}, {"X-Request-ID": rid})[0].status_code == 200
+            served.add(svc.wait_for_log("request_completed", rid)["pid"])
+            sent += 1
+        assert served == pids, "requests reached only one worker"
+        assert_counted(svc, sent)
+        assert len(metric_dirs(svc)) == (1 if workers > 1 else 0)
 
         with open_stream(svc, "fake:deltas=5,stall_after=1", "drain-long") as (_, events):
             assert next(events).event == "meta"
@@ -83,5 +111,6 @@ def test_sigterm_drains_under_every_launcher(launcher: str, fake_model: FakeMode
         assert svc.proc is not None
         assert svc.proc.wait(timeout=30) == exit_status
         assert len(records(svc, "service_stopped")) == workers
+        assert metric_dirs(svc) == []  # removed by the last worker out
     finally:
         svc.stop()

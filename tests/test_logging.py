@@ -1,20 +1,27 @@
 """Logs: one JSON object per line with the agreed fields, the agreed events, no user text by default,
-and no secret at any level, the libraries' records included."""
+and no secret at any level, the libraries' records included; for a terminal, one readable line."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
+import pty
 import re
+import select
+import signal
+import subprocess
+import sys
 from datetime import datetime
 from typing import Any
 
+import httpx
 import pytest
 from pythonjsonlogger.json import JsonFormatter
 
-from logging_conf import MASK, RedactionFilter, Redactor, configure_logging, correlation_id
-from tests.conftest import Service
+from logging_conf import MASK, ConsoleFormatter, RedactionFilter, Redactor, configure_logging, correlation_id
+from tests.conftest import ROOT, Service, free_port, wait_until_answers
 
 PRIVATE_MESSAGE = "my private words about the merger, call +1 415 555 0100 or mail jane.doe@example.com"
 
@@ -110,7 +117,7 @@ def test_debug_run_never_prints_a_key_or_token(start_service: Any, log_content: 
         PASTED_SECRETS,
         "fake:deltas=3,die_after=1",
         "fake:status=401",  # the fake's error message holds an sk- key
-        "fake:status=500,fail_times=1,key=debug",
+        f"fake:status=500,fail_times=1,key=debug-{log_content}",  # one failed attempt, then the retry
         "fake:deltas=2,error_after=1",
         "fake:deltas=3,stall_after=1",
     ]:
@@ -123,6 +130,15 @@ def test_debug_run_never_prints_a_key_or_token(start_service: Any, log_content: 
     output = svc.output() + "\n".join(client_saw)
     assert "upstream_auth" in output  # the scenarios did fail as intended
     assert "request_completed" in output  # the run did log
+    # The exchange with the model server, at DEBUG: the request, its answer with both sets of
+    # headers (the Authorization header with the key, masked), every read, every write, the retry.
+    debug_events = {r["event"] for r in svc.logs()}
+    assert {"upstream_request", "upstream_response", "upstream_read", "client_write", "upstream_retry"} <= debug_events
+    sent_headers = [r["request_headers"] for r in svc.logs() if r["event"] == "upstream_response"]
+    assert sent_headers
+    assert all(h["authorization"] == f"Bearer {MASK}" for h in sent_headers)
+    statuses = {r["status"] for r in svc.logs() if r["event"] == "upstream_response"}
+    assert {200, 401, 500} <= statuses  # the stream, the refusal and the failed attempt before the retry
     for leaked in (key, service_key, "wrong-key-guess-123", "sk-leakedkey123456", "Bearer s", "Bearer eyJ"):
         assert leaked not in output
     for part in ("sk-usertyped0123456789abc", "eyJpYXQiOjE3MDB9", "jane.doe@example.com"):
@@ -136,11 +152,12 @@ def test_debug_run_never_prints_a_key_or_token(start_service: Any, log_content: 
 # The redaction filter itself, on any record --------------------------------------------------------
 
 
-@pytest.fixture
-def captured() -> Any:
-    """Our handler, as configure_logging sets it up, writing to a buffer."""
-    configure_logging("DEBUG", secrets=["exact-secret-value-42"])
-    ours = [h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter)]
+@pytest.fixture(params=["json", "console"])
+def captured(request: pytest.FixtureRequest) -> Any:
+    """Our handler, as configure_logging sets it up (in each format), writing to a buffer."""
+    configure_logging("DEBUG", secrets=["exact-secret-value-42"], log_format=request.param)
+    formatter = JsonFormatter if request.param == "json" else ConsoleFormatter
+    ours = [h for h in logging.getLogger().handlers if isinstance(h.formatter, formatter)]
     assert len(ours) == 1
     handler = ours[0]
     assert isinstance(handler, logging.StreamHandler)
@@ -196,7 +213,8 @@ def test_correlation_id_is_on_records_of_any_logger(captured: Any) -> None:
         logging.getLogger("uvicorn.error").info("hello")
     finally:
         correlation_id.reset(token)
-    assert '"correlation_id": "ctx-7"' in captured()
+    out = captured()
+    assert '"correlation_id": "ctx-7"' in out or "hello [ctx-7]" in out
 
 
 def test_redacting_a_record_leaves_ordinary_text_alone() -> None:
@@ -204,3 +222,56 @@ def test_redacting_a_record_leaves_ordinary_text_alone() -> None:
     assert RedactionFilter(redactor=Redactor(["xyz-secret"])).filter(record)
     assert record.getMessage() == "served 3 requests"
     assert getattr(record, "path", None) == "/chat"
+
+
+# For people: a terminal gets one readable line per record ------------------------------------------
+
+#: time, level, the message (uvicorn's have spaces), the correlation id in brackets, the fields.
+CONSOLE_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) +.+ \[[^\]]+\]")
+#: one of our records: its event is one word.
+OUR_EVENT = re.compile(r"^\S+ \S+ +([a-z_]+) \[([^\]]+)\](.*)$")
+
+
+def test_a_terminal_gets_readable_lines(fake_model: Any, tmp_path: Any) -> None:
+    """`python chatsvc.py` under a pseudo-terminal (LOG_FORMAT=auto): every line is time, level,
+    event, correlation id and the fields, the secrets masked; the same run on a pipe is JSON
+    (every other test here reads that)."""
+    key = "sk-console-test-key-0123456789abcdef"
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "OPENAI_BASE_URL": fake_model.base_url, "OPENAI_API_KEY": key,
+           "HOST": "127.0.0.1", "PORT": str(port)}  # fmt: skip
+    terminal, child_end = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "chatsvc.py")], cwd=tmp_path, env=env,
+        stdin=subprocess.DEVNULL, stdout=child_end, stderr=child_end,
+    )  # fmt: skip
+    os.close(child_end)
+    output = b""
+    try:
+        wait_until_answers(f"http://127.0.0.1:{port}/healthz", 30, proc)
+        body = {"message": f"my key is {key}"}
+        with httpx.Client(timeout=30) as client:
+            assert client.post(f"http://127.0.0.1:{port}/chat", json=body, headers={"X-Request-ID": "tty-1"}).is_success
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        while select.select([terminal], [], [], 5)[0]:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the child's end is closed, everything has been read
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(terminal)
+    lines = output.decode().replace("\r\n", "\n").splitlines()
+    assert lines
+    assert [line for line in lines if not CONSOLE_LINE.match(line)] == []
+    events = {(m[1], m[2]): m[3] for m in map(OUR_EVENT.match, lines) if m}
+    assert events[("service_started", "-")].startswith(" model=gpt-4o-mini ")
+    assert events[("request_received", "tty-1")] == " method=POST path=/chat"
+    assert "status=200" in events[("request_completed", "tty-1")]
+    assert key not in output.decode()
