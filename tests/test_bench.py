@@ -37,7 +37,8 @@ def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
 
 
 def test_cost_measurements_run() -> None:
-    """bench/run.py --costs and bench/client_cost.py, in their smoke mode: each prints its rows."""
+    """bench/run.py --costs, bench/client_cost.py and bench/protocols.py, in their smoke mode: each
+    prints its rows."""
     costs = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--costs", "--smoke"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
@@ -54,3 +55,9 @@ def test_cost_measurements_run() -> None:
     ).stdout  # fmt: skip
     for way in ("create, httpx transport", "create, aiohttp transport", "post, aiohttp transport", "aiohttp alone"):
         assert f"| {way} | " in clients, clients
+    protocols = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "protocols.py"), "--smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    for path in ("/chat", "/api/chat"):
+        assert f"| {path} | " in protocols, protocols

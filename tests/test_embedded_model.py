@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import run
 from tests.conftest import ROOT, free_port, iter_sse, wait_until_answers
 from tests.fake_model import FakeModel
 
@@ -90,6 +91,7 @@ def test_run_command_chats_with_the_embedded_model_and_stops_clean(run_command: 
     assert ready.group(1) == run_command.url
     assert ready.group(2) == "SmolLM2-135M-Instruct"
     assert "curl -N" in run_command.progress()
+    assert f"the chat page: {run_command.url}/ " in run_command.progress()
     assert httpx.get(f"{run_command.url}/readyz").json()["status"] == "ready"
 
     body = {"message": "Write two sentences about the sea.", "max_tokens": 60, "temperature": 0}
@@ -155,3 +157,15 @@ def test_run_command_with_a_configured_server_is_just_chatsvc(fake_model: FakeMo
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_long_set_up_step_says_it_is_still_working(capsys: pytest.CaptureFixture[str]) -> None:
+    """The llama-cpp-python build prints nothing for minutes: `make run` says which step it is at
+    and for how long, every HEARTBEAT_S (15 s; here 0.1 s, with a step of 1 s)."""
+    run.run([sys.executable, "-c", "import time; time.sleep(1)"], "step 2 of 3, building", heartbeat_s=0.1)
+
+    said = capsys.readouterr().err.splitlines()
+    assert said
+    assert all(
+        re.fullmatch(r"chatsvc:   still working: step 2 of 3, building, 0 min 0\d s so far", line) for line in said
+    )

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pythonjsonlogger.json import JsonFormatter
 
@@ -56,6 +56,9 @@ def secret_parts(secret: str) -> list[str]:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(secret=secrets, before=around, after=around, data=st.data())
 def test_no_secret_reaches_the_output(output: io.StringIO, secret: str, before: str, after: str, data: Any) -> None:
+    # The text around may hold what is asked not to appear (a token of 8 zeros after "00000000"):
+    # then the output rightly holds it too. Found by hypothesis on 2026-12-02.
+    assume(not any(part in before or part in after for part in secret_parts(secret)))
     text = f"{before}{secret}{after}"
     log = logging.getLogger(data.draw(st.sampled_from(["chatsvc", "uvicorn.error", "openai", "some.lib"])))
     where = data.draw(st.sampled_from(["message", "argument", "extra", "key", "exception"]))
