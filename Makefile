@@ -12,6 +12,7 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.dev tests/js/node_modules/.installed
 	bash tests/install-browser.sh
+	bash tests/install-prometheus.sh
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy

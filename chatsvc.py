@@ -496,6 +496,10 @@ _HTTP_DETAILS: dict[int, Callable[[Request], str]] = {
 
 
 def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: BaseException | None) -> None:
+    """The outcome of a request refused before any stream: its log line, and for a chat its count
+    in chatsvc_requests_total (a stream's outcome is its producer's to count)."""
+    if scope.get("path") in (CHATSVC.path, AI_SDK.path):
+        scope["app"].state.service.metrics.requests.labels(error.code).inc()
     level = logging.ERROR if error.code == "internal_error" else logging.WARNING
     log.log(
         level,
@@ -973,10 +977,15 @@ class Metrics:
         r = self.registry
         self.live: list[tuple[Gauge, Callable[[], float]]] = []
 
-        def gauge(name: str, documentation: str) -> Gauge:  # with several workers: the live ones summed
-            return Gauge(name, documentation, registry=r, multiprocess_mode="livesum")
+        def gauge(name: str, documentation: str, mode: Literal["livesum", "livemax"] = "livesum") -> Gauge:
+            return Gauge(name, documentation, registry=r, multiprocess_mode=mode)  # how workers combine
 
-        self.requests = Counter("chatsvc_requests", "Chat requests by outcome code", ["code"], registry=r)
+        self.requests = Counter(
+            "chatsvc_requests",
+            "Chat requests by outcome code, refusals before the stream included",
+            ["code"],
+            registry=r,
+        )
         self.active = gauge("chatsvc_active_streams", "Streams in progress, detached ones included")
         self.ttft = Histogram(
             "chatsvc_time_to_first_token_seconds",
@@ -996,6 +1005,10 @@ class Metrics:
         )
         self.detached = gauge("chatsvc_detached_streams", "Streams running with no client attached")
         self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)")
+        # For the alert rules (deploy/prometheus/rules.yml): the limits, and how long a drain has run.
+        self.max_streams = gauge("chatsvc_max_concurrent_streams", "MAX_CONCURRENT_STREAMS (summed: the host's)")
+        self.grace = gauge("chatsvc_shutdown_grace_seconds", "SHUTDOWN_GRACE_S", "livemax")
+        self.drain_seconds = gauge("chatsvc_drain_seconds", "Seconds since the drain began; 0 before", "livemax")
         # What leak checks watch: memory and open descriptors (process_*: per process, so not in
         # the sum of several workers), and tasks on the loop.
         if not self.multiprocess:
@@ -1069,6 +1082,11 @@ class Service:
         self.metrics = Metrics(multiprocess=self.worker_metrics is not None)
         self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
         self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
+        self.metrics.max_streams.set(settings.MAX_CONCURRENT_STREAMS)
+        self.metrics.grace.set(settings.SHUTDOWN_GRACE_S)
+        self.metrics.observe(
+            self.metrics.drain_seconds, lambda: time.monotonic() - self.drain_started if self.draining else 0
+        )
         # Every running stream's producer and its task, kept until the task is done (asyncio keeps
         # only weak references to tasks): the drain tightens their deadlines, shutdown cancels them.
         self.producers: dict[Producer, asyncio.Task[None]] = {}
@@ -1079,6 +1097,7 @@ class Service:
         self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
         self.slots_in_use = 0  # streams (detached ones too) plus requests still opening one
         self.draining = False
+        self.drain_started = 0.0
         self.drain_deadline = math.inf
         self._drain_event: anyio.Event | None = None
         self._drained: anyio.Event | None = None
@@ -1096,7 +1115,8 @@ class Service:
         if self.draining:
             return
         self.draining = True
-        self.drain_deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE_S
+        self.drain_started = time.monotonic()
+        self.drain_deadline = self.drain_started + self.settings.SHUTDOWN_GRACE_S
         self.drain_event.set()
         log.info("draining", extra={"active_streams": len(self.producers), "grace_s": self.settings.SHUTDOWN_GRACE_S})
         for producer in list(self.producers):
