@@ -101,8 +101,9 @@ Deliberate departures from the libraries' defaults (the code points back here as
     uvicorn spawns its workers) and joins the metrics directory of that supervisor:
     prometheus-client's multiprocess mode, which the worker switches on for itself because no
     code of ours runs in uvicorn's supervisor. Counters and histograms add up over every worker,
-    those of workers that have exited included; the gauges are `livesum` (the workers alive,
-    summed); a gauge read when scraped (tasks, detached streams, log bytes) is written every
+    those of workers that have exited included; gauges are summed over the workers alive
+    (`livesum`), or their largest value where a sum means nothing (`livemax`: the grace, the
+    drain's age); a gauge read when scraped (tasks, detached streams, log bytes) is written every
     second instead; process_* are per process and left out. A shared flock tells the first worker
     in (it empties the directory) and the last out (it removes it). A PROMETHEUS_MULTIPROC_DIR
     set by the operator is theirs: used as it is, never emptied.
@@ -2077,7 +2078,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         restore_signals = drain_on_signals(service)
         watcher = asyncio.create_task(_drain_when_told(service))
         lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
-        live_gauges = asyncio.create_task(service.metrics.publish_live())
+        # With several workers only (note 13): gauges read at a scrape are written every second.
+        live_gauges = asyncio.create_task(service.metrics.publish_live()) if service.metrics.live else None
         tune_gc()  # before the pause metric starts: its start-up collection stalls no stream
         gc.callbacks.append(service.metrics.on_gc)
         log.info(
@@ -2095,7 +2097,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             restore_signals()
             watcher.cancel()
             lag_probe.cancel()
-            live_gauges.cancel()
+            if live_gauges is not None:
+                live_gauges.cancel()
             tasks = list(service.producers.values())  # only those outliving the drain (note 4)
             for task in tasks:
                 task.cancel()
