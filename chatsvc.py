@@ -1085,9 +1085,7 @@ class Service:
         self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
         self.metrics.max_streams.set(settings.MAX_CONCURRENT_STREAMS)
         self.metrics.grace.set(settings.SHUTDOWN_GRACE_S)
-        self.metrics.observe(
-            self.metrics.drain_seconds, lambda: time.monotonic() - self.drain_started if self.draining else 0
-        )
+        self.metrics.observe(self.metrics.drain_seconds, self.drain_seconds)
         # Every running stream's producer and its task, kept until the task is done (asyncio keeps
         # only weak references to tasks): the drain tightens their deadlines, shutdown cancels them.
         self.producers: dict[Producer, asyncio.Task[None]] = {}
@@ -1098,7 +1096,6 @@ class Service:
         self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
         self.slots_in_use = 0  # streams (detached ones too) plus requests still opening one
         self.draining = False
-        self.drain_started = 0.0
         self.drain_deadline = math.inf
         self._drain_event: anyio.Event | None = None
         self._drained: anyio.Event | None = None
@@ -1116,12 +1113,17 @@ class Service:
         if self.draining:
             return
         self.draining = True
-        self.drain_started = time.monotonic()
-        self.drain_deadline = self.drain_started + self.settings.SHUTDOWN_GRACE_S
+        self.drain_deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE_S
         self.drain_event.set()
         log.info("draining", extra={"active_streams": len(self.producers), "grace_s": self.settings.SHUTDOWN_GRACE_S})
         for producer in list(self.producers):
             producer.tighten_deadline()
+
+    def drain_seconds(self) -> float:
+        """How long the drain has run (0 before one): its deadline is SHUTDOWN_GRACE_S after its start."""
+        if not self.draining:
+            return 0.0
+        return time.monotonic() - (self.drain_deadline - self.settings.SHUTDOWN_GRACE_S)
 
     async def wait_drained(self) -> None:
         """Until the last stream has ended, or the grace (and a margin for final events) is over."""
