@@ -11,8 +11,7 @@ run: $(VENV)/.runtime
 	$(BIN)/python run.py
 
 test: $(VENV)/.dev tests/js/node_modules/.installed
-	bash tests/install-browser.sh
-	bash tests/install-prometheus.sh
+	bash tests/install-debian.sh
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy

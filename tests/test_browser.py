@@ -1,5 +1,5 @@
 """The chat page at GET /, driven in headless Chromium (Debian's chromium and chromium-driver, put
-there by tests/install-browser.sh) against chatsvc and the fake model."""
+there by tests/install-debian.sh) against chatsvc and the fake model."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SCREENSHOT = ROOT / "docs" / "chat-page.png"
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromium-driver are not installed (tests/install-browser.sh installs them as root)")
+        pytest.skip("chromium and chromium-driver are not installed (tests/install-debian.sh installs them as root)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in (

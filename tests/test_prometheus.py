@@ -1,5 +1,5 @@
 """The alert rules in deploy/prometheus/ and a real Prometheus (Debian's, which `make test`
-installs with tests/install-prometheus.sh) scraping a running chatsvc: `promtool check rules`
+installs with tests/install-debian.sh) scraping a running chatsvc: `promtool check rules`
 and `promtool test rules` pass, every metric a rule names is one chatsvc exports, and after some
 traffic Prometheus's own HTTP API answers the request counter and a histogram quantile, with
 every rule evaluated without error."""
@@ -24,7 +24,7 @@ RULES_DIR = ROOT / "deploy" / "prometheus"
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    assert shutil.which("promtool"), "promtool is missing: bash tests/install-prometheus.sh (make test runs it)"
+    assert shutil.which("promtool"), "promtool is missing: bash tests/install-debian.sh (make test runs it)"
     return subprocess.run(["promtool", *args], cwd=RULES_DIR, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -56,7 +56,7 @@ def test_the_rules_name_only_metrics_that_chatsvc_exports(service: Service) -> N
 def prometheus(start_service: Any, tmp_path: Path) -> Iterator[tuple[str, Service]]:
     """A chatsvc of its own (so that its counts are exactly this test's) and a Prometheus that
     scrapes it every second, with the rules loaded."""
-    assert shutil.which("prometheus"), "prometheus is missing: bash tests/install-prometheus.sh (make test runs it)"
+    assert shutil.which("prometheus"), "prometheus is missing: bash tests/install-debian.sh (make test runs it)"
     svc: Service = start_service()
     shutil.copy(RULES_DIR / "rules.yml", tmp_path / "rules.yml")
     config = {
