@@ -107,6 +107,25 @@ Deliberate departures from the libraries' defaults (the code points back here as
     second instead; process_* are per process and left out. A shared flock tells the first worker
     in (it empties the directory) and the last out (it removes it). A PROMETHEUS_MULTIPROC_DIR
     set by the operator is theirs: used as it is, never emptied.
+14. Traces are OpenTelemetry's, switched on by its own variables: an OTLP endpoint
+    (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), unless OTEL_SDK_DISABLED
+    is true or OTEL_TRACES_EXPORTER is `none`. Then the lifespan builds the SDK's TracerProvider
+    with a BatchSpanProcessor and the OTLP/HTTP exporter, which read every other OTEL_* variable
+    themselves (sampler, headers, timeouts, resource); otherwise the SDK is not even imported.
+    - A request's server span starts in the middleware, from a valid W3C `traceparent` (and
+      `tracestate`) when one came, else a new trace. Only W3C trace context is read and
+      forwarded, never baggage: that is the caller's data, and the model server a third party.
+    - The upstream span (`chat {model}`, kind client, GenAI semantic conventions) is its child
+      and lasts from opening the upstream to the end of its body: it is the producer's, which
+      decides the outcome (note 3), so the outcome, finish reason and tokens are set on it, with
+      a `first_token` event. Its context goes to the model server as `traceparent`.
+    - Tracing off, a caller's `traceparent` is still forwarded as it came, and its ids logged.
+    - Every log line of a request carries `trace_id` and `span_id` (the producer's lines the
+      upstream span's), read from the current context by the log filter.
+    - Spans carry no stream id (it is a stream's capability when SERVICE_API_KEYS is unset; the
+      route is the template, `/chat/streams/{stream_id}`), no message text, no key, and on a
+      failure the exception's type and chatsvc's code but never a message. A resume's server
+      span links to the upstream span of the stream it follows.
 """
 
 from __future__ import annotations
@@ -131,6 +150,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -147,6 +167,9 @@ import orjson
 import uvicorn
 import yaml
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -501,6 +524,7 @@ def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: Base
     in chatsvc_requests_total (a stream's outcome is its producer's to count)."""
     if scope.get("path") in (CHATSVC.path, AI_SDK.path):
         scope["app"].state.service.metrics.requests.labels(error.code).inc()
+    mark_failed(trace.get_current_span(), error.code, exc, error=status >= 500)
     level = logging.ERROR if error.code == "internal_error" else logging.WARNING
     log.log(
         level,
@@ -514,6 +538,103 @@ def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: Base
     )
 
 
+# --- Traces (note 14) -------------------------------------------------------------------------------
+
+TRACE_CONTEXT = TraceContextTextMapPropagator()  # W3C traceparent and tracestate, nothing else
+NO_SPAN = trace.INVALID_SPAN  # tracing off: a span whose every method does nothing
+
+
+class Tracing:
+    """The app's tracer: None until `start` finds OpenTelemetry's variables set, and then the SDK's."""
+
+    def __init__(self) -> None:
+        self.tracer: trace.Tracer | None = None
+        self._provider: Any = None  # the SDK's TracerProvider, whose shutdown flushes the spans
+
+    def start(self, environ: Mapping[str, str]) -> None:
+        if not tracing_configured(environ):
+            return
+        # Imported here: with tracing off the SDK is never loaded, so it costs nothing.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({SERVICE_NAME: "chatsvc"}))
+        provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        self._provider = provider
+        self.tracer = provider.get_tracer("chatsvc")
+        log.info("tracing_started", extra={"exporter": "otlp/http"})
+
+    async def stop(self) -> None:
+        """Export what is queued (the exporter's own timeouts bound it), off the event loop."""
+        if self._provider is not None:
+            await anyio.to_thread.run_sync(self._provider.shutdown)
+            self._provider, self.tracer = None, None
+
+    def server_span(self, scope: Scope, parent: otel_context.Context | None) -> trace.Span:
+        if self.tracer is None:
+            return NO_SPAN
+        method = scope["method"]
+        return self.tracer.start_span(
+            method, context=parent, kind=trace.SpanKind.SERVER, attributes={"http.request.method": method}
+        )
+
+    def upstream_span(self, settings: Settings, chat: ChatRequest, model: str) -> trace.Span:
+        """The upstream call's span, a child of the current (server) span: GenAI conventions."""
+        if self.tracer is None:
+            return NO_SPAN
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": int(chat.max_tokens or settings.MAX_TOKENS),
+            "gen_ai.request.stream": True,
+        }
+        if chat.temperature is not None:
+            attributes["gen_ai.request.temperature"] = chat.temperature
+        upstream = urllib.parse.urlsplit(settings.OPENAI_BASE_URL or "https://api.openai.com/v1")
+        if upstream.hostname:
+            attributes["server.address"] = upstream.hostname
+        return self.tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT, attributes=attributes)
+
+
+def tracing_configured(environ: Mapping[str, str]) -> bool:
+    """OpenTelemetry's own switches (note 14)."""
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    return bool(endpoint) and not disabled and environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
+
+
+def incoming_trace(headers: Headers) -> otel_context.Context | None:
+    """The caller's trace context, if it sent a traceparent (an invalid one yields no span: a new trace)."""
+    if "traceparent" not in headers:
+        return None
+    return TRACE_CONTEXT.extract(headers)
+
+
+def mark_failed(span: trace.Span, code: str, exc: BaseException | None, *, error: bool = True) -> None:
+    """A failure on a span: chatsvc's code and the exception's type, never its message (note 14)."""
+    if span.is_recording():
+        cause = exc.__cause__ if isinstance(exc, ServiceError) else exc  # what broke, not our wrapper
+        span.set_attribute("chatsvc.outcome", code)
+        span.set_attribute("error.type", type(cause).__name__ if cause is not None else code)
+        if error:
+            span.set_status(trace.StatusCode.ERROR)
+
+
+def route_template(scope: Scope) -> str | None:
+    """The matched route's path template (http.route): the path with each parameter's value put back
+    as its name. Starlette keeps the endpoint and parameters in the scope, not the template."""
+    if "endpoint" not in scope:
+        return None
+    names = {str(value): name for name, value in scope.get("path_params", {}).items()}
+    return "/".join(f"{{{names[part]}}}" if part in names else part for part in scope["path"].split("/"))
+
+
 # --- Request middleware -----------------------------------------------------------------------------
 
 
@@ -521,11 +642,13 @@ class RequestContextMiddleware:
     """Gives every request a correlation id (validated incoming X-Request-ID, else a new UUID4), echoes
     it on the response, refuses over-long declared bodies (note 2) and logs the request's arrival and
     the completion of a plain response. The others have their outcome logged where it is decided:
-    an error where it is rendered, a stream by its producer."""
+    an error where it is rendered, a stream by its producer. With tracing on, each request is a
+    server span, continuing the caller's trace (note 14)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, tracing: Tracing) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -533,6 +656,29 @@ class RequestContextMiddleware:
             return
 
         headers = Headers(scope=scope)
+        parent = incoming_trace(headers)
+        span = self.tracing.server_span(scope, parent)
+        if span is NO_SPAN:
+            if parent is None:
+                await self.serve(scope, receive, send, headers)
+                return
+            trace_context = parent  # tracing off: the caller's trace is still forwarded and logged
+        else:
+            trace_context = trace.set_span_in_context(span, parent)
+        token = otel_context.attach(trace_context)
+        try:
+            await self.serve(scope, receive, send, headers, span)
+        finally:
+            otel_context.detach(token)
+            if span.is_recording():
+                if (route := route_template(scope)) is not None:
+                    span.update_name(f"{scope['method']} {route}")
+                    span.set_attribute("http.route", route)
+                span.end()
+
+    async def serve(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, span: trace.Span = NO_SPAN
+    ) -> None:
         incoming = headers.get(REQUEST_ID_HEADER)
         valid = incoming is not None and REQUEST_ID_PATTERN.fullmatch(incoming)
         request_id = incoming if valid and incoming else str(uuid.uuid4())
@@ -551,6 +697,10 @@ class RequestContextMiddleware:
             nonlocal status, plain
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if span.is_recording():
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
                 response_headers = MutableHeaders(scope=message)
                 response_headers[REQUEST_ID_HEADER] = request_id
                 plain = status < 400 and not response_headers.get("content-type", "").startswith("text/event-stream")
@@ -845,6 +995,8 @@ async def open_upstream(
     }
     if chat.temperature is not None:
         body["temperature"] = chat.temperature
+    headers = {"X-Client-Request-Id": correlation_id.get() or ""}
+    TRACE_CONTEXT.inject(headers)  # the current span's traceparent, if any (note 14)
     retries = 0
     while True:
         remaining = deadline - time.monotonic()
@@ -864,7 +1016,7 @@ async def open_upstream(
                     cast_to=ChatCompletion,
                     stream=True,
                     stream_cls=openai.AsyncStream[ChatCompletionChunk],
-                    options={"headers": {"X-Client-Request-Id": correlation_id.get() or ""}},
+                    options={"headers": headers},
                 )
             _log_upstream_response(stream.response)
             return stream, retries
@@ -1079,6 +1231,7 @@ class Service:
         self.settings = settings
         self.client = create_upstream_client(settings)
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
+        self.tracing = Tracing()  # started by the lifespan (note 14)
         self.worker_metrics = WorkerMetrics.join()  # note 13
         self.metrics = Metrics(multiprocess=self.worker_metrics is not None)
         self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
@@ -1400,6 +1553,7 @@ class StreamLog:
         self.delivered = False  # a follower has sent the terminal event
         self.followers = 0
         self.producer: Producer | None = None  # while the stream runs
+        self.span_context = trace.INVALID_SPAN_CONTEXT  # its upstream span's, for resumes to link to
         # A broadcast: set() wakes every follower waiting now, clear() at once readies the next wait.
         # A follower checks `entries` and waits with no await in between, so no append is missed.
         self._appended = asyncio.Event()
@@ -1464,6 +1618,7 @@ class Producer:
         service: Service,
         stream_log: StreamLog,
         stream: openai.AsyncStream[ChatCompletionChunk],
+        span: trace.Span,
         model: str,
         prompt_chars: int,
         started: float,
@@ -1473,6 +1628,8 @@ class Producer:
         self.settings = service.settings
         self.log = stream_log
         self.stream = stream  # only its raw response is read (note 9); close() closes it
+        self.span = span  # the upstream span (note 14); close() ends it
+        stream_log.span_context = span.get_span_context()
         self.model = model
         self.prompt_chars = prompt_chars
         self.started = started
@@ -1499,6 +1656,8 @@ class Producer:
     async def run(self) -> None:
         """Meta, the deltas as they come, then exactly one terminal event; or, abandoned, nothing more."""
         stream_log = self.log
+        if self.span is not NO_SPAN:  # this task's own context: its log lines carry the span's ids
+            otel_context.attach(trace.set_span_in_context(self.span))
         try:
             meta = {"correlation_id": correlation_id.get(), "model": self.model, "stream_id": stream_log.stream_id}
             stream_log.append([self.event("meta", meta)])
@@ -1686,6 +1845,7 @@ class Producer:
 
     def error_event(self, error: ServiceError, exc: BaseException | None) -> bytes:
         exception = type(exc).__name__ if exc else None
+        mark_failed(self.span, error.code, exc)
         level = logging.ERROR if error.code == "internal_error" else logging.WARNING
         usage, _ = self.conclude(
             error.code,
@@ -1712,6 +1872,9 @@ class Producer:
         self.first_token_at = time.monotonic()
         ttft = self.first_token_at - self.started
         self.service.metrics.ttft.observe(ttft)
+        if self.span.is_recording():
+            self.span.add_event("first_token")
+            self.span.set_attribute("gen_ai.response.time_to_first_chunk", ttft)
         log.info("first_token", extra={"ttft_ms": round(ttft * 1000, 1)})
 
     def usage(self) -> dict[str, Any]:
@@ -1742,6 +1905,17 @@ class Producer:
         timings and usage. Returns the usage and timings, for the terminal event to carry."""
         self.outcome = outcome
         usage, timings = self.usage(), self.timings()
+        if self.span.is_recording():
+            self.span.set_attributes(
+                {
+                    "chatsvc.outcome": outcome,
+                    "gen_ai.usage.input_tokens": usage["prompt_tokens"],
+                    "gen_ai.usage.output_tokens": usage["completion_tokens"],
+                    "chatsvc.usage.source": usage["source"],
+                }
+            )
+            if (finish_reason := fields.get("finish_reason")) is not None:
+                self.span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
         metrics = self.service.metrics
         metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
         metrics.tokens.labels("completion").inc(usage["completion_tokens"])
@@ -1753,6 +1927,7 @@ class Producer:
         self.keep()  # a grace still running ends with the stream
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await self.stream.close()
+        self.span.end()
         metrics = self.service.metrics
         metrics.requests.labels(self.outcome).inc()
         metrics.duration.observe(time.monotonic() - self.started)
@@ -1860,12 +2035,20 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     log.info("chat_request", extra=extra)
 
     service.take_slot()
+    model = chat_request.model or settings.OPENAI_MODEL
+    span = service.tracing.upstream_span(settings, chat_request, model)
+    token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
     try:
         stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
-    except BaseException:
+    except BaseException as exc:
         service.release_slot()
+        mark_failed(span, exc.code if isinstance(exc, ServiceError) else "internal_error", exc)
+        span.end()
         raise
-    model = chat_request.model or settings.OPENAI_MODEL
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+    span.set_attribute("chatsvc.upstream.retries", retries)
     log.info(
         "upstream_opened",
         extra={
@@ -1876,12 +2059,12 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
             "open_ms": round((time.monotonic() - started) * 1000, 1),
         },
     )
-    # The slot is the producer's to release from here on.
+    # The slot and the span are the producer's to release and end from here on.
     stream_log = service.start_stream(
         owner,
         protocol,
         chat_id,
-        lambda stream_log: Producer(service, stream_log, stream, model, prompt_chars, started, deadline),
+        lambda stream_log: Producer(service, stream_log, stream, span, model, prompt_chars, started, deadline),
     )
     return FollowerResponse(stream_log, 0, settings)
 
@@ -1914,6 +2097,7 @@ async def ai_sdk_stream(request: Request) -> Response:
         service.metrics.resumes.labels("not_found" if stream_log is None else "finished").inc()
         return Response(status_code=204)
     service.metrics.resumes.labels("resumed").inc()
+    trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_log.stream_id, "from_seq": 0, "via": "ai-sdk"})
     return FollowerResponse(stream_log, 0, service.settings)
 
@@ -1936,6 +2120,7 @@ def resume(request: Request, stream_id: str, via: str) -> Response:
         metrics.resumes.labels("finished").inc()
         return Response(status_code=204, headers={STREAM_ID_HEADER: stream_id})
     metrics.resumes.labels("resumed").inc()
+    trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_id, "from_seq": position, "via": via})
     return FollowerResponse(stream_log, position, service.settings)
 
@@ -2082,6 +2267,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
         # With several workers only (note 13): gauges read at a scrape are written every second.
         live_gauges = asyncio.create_task(service.metrics.publish_live()) if service.metrics.live else None
+        service.tracing.start(os.environ)
         tune_gc()  # before the pause metric starts: its start-up collection stalls no stream
         gc.callbacks.append(service.metrics.on_gc)
         log.info(
@@ -2108,6 +2294,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             gc.callbacks.remove(service.metrics.on_gc)
             await service.client.close()
             await service.health_client.aclose()
+            await service.tracing.stop()
             if service.worker_metrics is not None:
                 service.worker_metrics.leave()
             log.info("service_stopped")
@@ -2124,7 +2311,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     if settings.SERVE_PAGE:
         routes.append(Route("/", page))
-    middleware = [Middleware(RequestContextMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)]
+    middleware = [Middleware(RequestContextMiddleware, max_body_bytes=settings.MAX_BODY_BYTES, tracing=service.tracing)]
     if settings.CORS_ALLOW_ORIGINS:
         middleware.append(
             Middleware(

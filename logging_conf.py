@@ -1,6 +1,7 @@
-"""Logging for chatsvc: one record per line on stdout, with the request's correlation id and
-secrets masked on every record, ours and the libraries' alike. JSON for machines (the default
-wherever stdout is not a terminal: containers, CI, files), or one readable line for people.
+"""Logging for chatsvc: one record per line on stdout, with the request's correlation id (and trace
+and span ids, when it has a trace) and secrets masked on every record, ours and the libraries'
+alike. JSON for machines (the default wherever stdout is not a terminal: containers, CI, files), or
+one readable line for people.
 
 Both filters sit on the *handler*, not on our logger: a filter on a logger sees only that logger's
 own records, while uvicorn's, openai's and httpx's records reach the handler through propagation.
@@ -31,6 +32,7 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any
 
+from opentelemetry import trace
 from pythonjsonlogger.core import RESERVED_ATTRS
 
 #: The id of the request being served; set by the middleware at the top of every request.
@@ -113,10 +115,15 @@ def _mask_keeping_prefix(match: re.Match[str]) -> str:
 
 
 class CorrelationIdFilter(logging.Filter):
-    """Copies the current request's correlation id onto every record."""
+    """Copies the current request's correlation id onto every record, and its trace's ids when it has
+    one: OpenTelemetry keeps the current span in the context, as we keep the correlation id."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.correlation_id = correlation_id.get()
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            record.trace_id = format(span.trace_id, "032x")
+            record.span_id = format(span.span_id, "016x")
         return True
 
 
@@ -140,9 +147,12 @@ class RedactionFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact.text(record.stack_info)
         for key, value in list(record.__dict__.items()):
-            if key not in _RECORD_ATTRS and key != "correlation_id":
+            if key not in _RECORD_ATTRS and key not in _OURS:
                 setattr(record, key, redact.any(value))
         return True
+
+
+_OURS = frozenset({"correlation_id", "trace_id", "span_id"})  # set by our filter: nothing to mask
 
 
 def text_fingerprint(text: str) -> dict[str, Any]:

@@ -7,8 +7,9 @@ and the fake upstream directly, in one run.
 Each relay in turn is pinned to core 0 with taskset; the fake upstream and the load generator (each
 its own process) share core 1. Relays: `floor` (bench/floor_relay.py: the fixed stack, no checks),
 `chatsvc` (resume on, the defaults), `chatsvc-noresume` (RESUME_GRACE_S=0, RESUME_TTL_S=0),
-`ai-sdk` (chatsvc as `chatsvc`, but every stream on POST /api/chat, the AI SDK's protocol) and
-`obvious` (bench/obvious_relay.py). Scenarios:
+`ai-sdk` (chatsvc as `chatsvc`, but every stream on POST /api/chat, the AI SDK's protocol),
+`chatsvc-traced` (as `chatsvc`, with OpenTelemetry exporting every request's spans to a loopback
+OTLP receiver, tests/otlp_receiver.py, on core 1) and `obvious` (bench/obvious_relay.py). Scenarios:
   A. time to first delta, p50 at concurrency 1 (added: relay minus upstream direct), measured with
      every relay up at once, in interleaved rounds;
   B. CPU seconds of the relay per 10,000 deltas, 32 streams at once, chunks back to back;
@@ -326,6 +327,7 @@ class Bench:
             ("chatsvc", "floor", ("A", "B", "C")),
             ("chatsvc", "chatsvc-noresume", ("B", "C", "D mem")),
             ("ai-sdk", "chatsvc", ("B", "C")),
+            ("chatsvc-traced", "chatsvc", ("B", "C", "D mem")),
         ]
         ratios = [r for r in ratios if r[0] in relays and r[1] in relays]
         header = [*targets, *(f"{a} / {b}" for a, b, _ in ratios)]
@@ -366,8 +368,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
         "--relays",
-        default="floor,chatsvc,chatsvc-noresume,ai-sdk,obvious",
-        help="comma-separated: floor, chatsvc, chatsvc-noresume, ai-sdk, chatsvc-quiet, obvious, chatsvc-h11,"
+        default="floor,chatsvc,chatsvc-noresume,ai-sdk,chatsvc-traced,obvious",
+        help="comma-separated: floor, chatsvc, chatsvc-noresume, ai-sdk, chatsvc-traced, chatsvc-quiet, obvious,"
+        " chatsvc-h11,"
         " chatsvc-granian (after `pip install granian`)",
     )
     parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
@@ -377,7 +380,7 @@ def main() -> int:
         if args.smoke
         else Sizes(300, (320, 500), (64, 50), (1000, 20), 20, 100)
     )
-    up_port = free_port()
+    up_port, otlp_port = free_port(), free_port()
     upstream_env = {
         "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
         "OPENAI_API_KEY": "bench",
@@ -406,6 +409,12 @@ def main() -> int:
         # The same service as `chatsvc`, spoken to as the AI SDK's DefaultChatTransport does.
         # (R drives resumes by event id; the AI SDK resumes by chat, which tests/test_ai_sdk.py shows.)
         "ai-sdk": replace(chatsvc, name="ai-sdk", target="ai-sdk", resumes=False),
+        # The same service with every request traced (the default sampler) and exported.
+        "chatsvc-traced": replace(
+            chatsvc,
+            name="chatsvc-traced",
+            env={**upstream_env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}"},
+        ),
         # Resume on, with only warnings logged: how much of chatsvc's cost over the floor its logs are.
         "chatsvc-quiet": Relay(
             "chatsvc-quiet",
@@ -433,11 +442,22 @@ def main() -> int:
     }
     relays = [available[name] for name in args.relays.split(",")]
     bench = Bench(size, up_port)
-    with running(
-        [*pinned(1), PY, str(ROOT / "bench/fake_upstream.py"), "--port", str(up_port)],
-        {},
-        f"http://127.0.0.1:{up_port}/v1/models",
-    ):
+    with ExitStack() as servers:
+        servers.enter_context(
+            running(
+                [*pinned(1), PY, str(ROOT / "bench/fake_upstream.py"), "--port", str(up_port)],
+                {},
+                f"http://127.0.0.1:{up_port}/v1/models",
+            )
+        )
+        if any(relay.name == "chatsvc-traced" for relay in relays):
+            servers.enter_context(
+                running(
+                    [*pinned(1), PY, str(ROOT / "tests/otlp_receiver.py"), "--port", str(otlp_port)],
+                    {"PYTHONPATH": str(ROOT)},
+                    f"http://127.0.0.1:{otlp_port}/spans",
+                )
+            )
         if args.costs:
             costs(upstream_env, 200 if args.smoke else 6000)
             return 0
@@ -445,7 +465,12 @@ def main() -> int:
         bench.direct()
         for relay in relays:
             bench.relay(relay)
+        traced = any(relay.name == "chatsvc-traced" for relay in relays)
+        exported = int(get(f"http://127.0.0.1:{otlp_port}/spans")) if traced else 0
+        bench.failures += traced and exported == 0  # tracing that exports nothing would measure nothing
     print(bench.table([r.name for r in relays]))
+    if traced:
+        print(f"spans the OTLP receiver decoded: {exported}")
     print(f"streams failed or not intact: {bench.failures}")
     return 1 if bench.failures else 0
 

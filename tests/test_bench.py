@@ -27,6 +27,7 @@ def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
         ("chatsvc", "ABCDR"),
         ("chatsvc-noresume", "ABCDE"),
         ("ai-sdk", "ABCD"),
+        ("chatsvc-traced", "ABCDR"),
         ("floor", "ABCD"),
     ):
         column = header.index(relay)
@@ -34,6 +35,7 @@ def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
             assert rows[f"{scenario}."][column].strip() not in ("", "—"), (relay, rows[f"{scenario}."])
     assert rows["E."][header.index("chatsvc")].strip() == "kept for RESUME_GRACE_S"
     assert "streams failed or not intact: 0" in result.stdout
+    assert int(result.stdout.split("spans the OTLP receiver decoded: ")[1].split()[0]) > 0
 
 
 def test_cost_measurements_run() -> None:
