@@ -80,7 +80,8 @@ Deliberate departures from the libraries' defaults (the code points back here as
     - Finished logs are kept RESUME_TTL_S, within RESUME_BUFFER_MB for all logs together (oldest
       dropped first); expired ones are dropped at the next look-up, admission or metrics scrape,
       not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
-    - With SERVICE_API_KEYS, a stream is bound to a SHA-256 digest of the key that started it;
+    - With SERVICE_API_KEYS, a stream is bound to an HMAC-SHA-256 digest of the key that started it
+      (keyed by all of SERVICE_API_KEYS, so the same on every replica, note 15);
       another key gets 404, as for a stream that does not exist.
 12. Two protocols, one relay. POST /api/chat speaks the AI SDK's UI message stream (the `ai`
     package's DefaultChatTransport, which useChat uses), next to /chat's own events. A
@@ -126,6 +127,27 @@ Deliberate departures from the libraries' defaults (the code points back here as
       route is the template, `/chat/streams/{stream_id}`), no message text, no key, and on a
       failure the exception's type and chatsvc's code but never a message. A resume's server
       span links to the upstream span of the stream it follows.
+15. Any replica resumes any stream, with RESUME_STORE=redis:// (redis-py's asyncio client). The
+    producing replica's StreamLog stays the live path: its own followers read process memory, and
+    `RedisStore`'s writer task copies the log behind them, everything appended since its last round
+    trip in one pipeline (one XADD per stream, its entry id the seq of the first event in it, the
+    events as fields named by their seq, `end` with the terminal one). The facts of a stream
+    (protocol, owner digest, trace ids, state, delivered) sit in a hash beside it; both keys expire
+    RESUME_TTL_S after the terminal event (before it, after any stream's longest possible life), and
+    the Redis Stream is bounded to MAX_TOKENS + 16 entries. A replica that does not hold a stream
+    reads the store: the entries so far, then XREAD BLOCK to the terminal event (`RemoteLog`).
+    - The live path never waits for Redis: a write is queued, never awaited, by the producer. Each
+      round trip is bounded by RESUME_STORE_TIMEOUT_S and the queue by RESUME_STORE_QUEUE_MB (the
+      longest backlog goes first). A stream whose writes failed or fell behind is given up on: its
+      copy is marked `unresumable` (as soon as Redis answers), so other replicas answer 503
+      `resume_unavailable` rather than serve an answer with a hole; its own replica still serves it.
+      A follower on another replica checks that seqs run on without a gap, or ends.
+    - DELETE on any replica publishes the stream id (with its correlation id) on a channel that
+      every replica listens to; the producing one stops it. No replica listening: 503.
+    - Redis unreachable at start: exit 2 (check_store). Lost later: the live streams go on; resumes
+      elsewhere and /readyz answer 503 `resume_unavailable`; redis-py reconnects for the next write.
+    - redis is imported only with a Redis store: redis-py imports OpenTelemetry's metrics SDK when it
+      is installed, which took 60 ms and would load the SDK that note 14 keeps out.
 """
 
 from __future__ import annotations
@@ -136,6 +158,7 @@ import email.utils
 import fcntl
 import gc
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -155,9 +178,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import FrameType
-from typing import IO, Annotated, Any, Literal, TypeVar
+from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import aiohttp
 import anyio
@@ -199,6 +223,9 @@ from uvicorn.supervisors import Multiprocess
 
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
 
+if TYPE_CHECKING:  # imported where RESUME_STORE is Redis: redis-py loads OpenTelemetry's metrics SDK (60 ms)
+    import redis.asyncio
+
 log = logging.getLogger("chatsvc")
 
 HERE = Path(__file__).resolve().parent
@@ -238,6 +265,9 @@ class Settings(BaseSettings):
     RESUME_GRACE_S: float = Field(20.0, ge=0)
     RESUME_TTL_S: float = Field(60.0, ge=0)
     RESUME_BUFFER_MB: float = Field(64.0, gt=0)
+    RESUME_STORE: str = Field("memory", pattern=r"^(memory|rediss?://.+)$")
+    RESUME_STORE_TIMEOUT_S: float = Field(1.0, gt=0)
+    RESUME_STORE_QUEUE_MB: float = Field(8.0, gt=0)
     SERVICE_API_KEYS: SecretStr | None = None
     CORS_ALLOW_ORIGINS: Annotated[tuple[str, ...], NoDecode] = ()
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -285,11 +315,23 @@ class Settings(BaseSettings):
             return "console" if sys.stdout.isatty() else "json"
         return self.LOG_FORMAT
 
+    @cached_property
+    def owner_key(self) -> bytes:
+        """The key of the digests that bind streams to the API key that started them (note 11): the
+        same on every replica given the same SERVICE_API_KEYS, and no digest reveals a key without
+        all of them."""
+        return hashlib.sha256(b"chatsvc stream owner\0" + b"\0".join(sorted(self.service_keys))).digest()
+
+    @property
+    def redis_url(self) -> str | None:
+        return None if self.RESUME_STORE == "memory" else self.RESUME_STORE
+
     @property
     def secrets(self) -> list[str]:
         """Values that must never reach the logs."""
         key = self.OPENAI_API_KEY.get_secret_value() if self.OPENAI_API_KEY else ""
-        return [key, *(k.decode() for k in self.service_keys)]
+        store_password = urllib.parse.urlsplit(self.redis_url).password if self.redis_url else None
+        return [key, *(k.decode() for k in self.service_keys), *([store_password] if store_password else [])]
 
 
 def load_settings() -> Settings:
@@ -298,14 +340,17 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        message = {
-            "error": "invalid configuration",
-            "detail": problems,
-            "action": "fix the named variable in the environment or in .env (see .env.example), then start again",
-        }
-        print(json.dumps(message), file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_misconfigured("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+
+
+def exit_misconfigured(detail: str, variable: str = "the named variable") -> NoReturn:
+    message = {
+        "error": "invalid configuration",
+        "detail": detail,
+        "action": f"fix {variable} in the environment or in .env (see .env.example), then start again",
+    }
+    print(json.dumps(message), file=sys.stderr)
+    raise SystemExit(2)
 
 
 # --- Errors -----------------------------------------------------------------------------------------
@@ -351,6 +396,12 @@ ERRORS: dict[str, ErrorKind] = {
         "the model server refused our credentials",
         "the operator must check OPENAI_API_KEY (and OPENAI_BASE_URL)",
         False,
+    ),
+    "resume_unavailable": ErrorKind(
+        503,
+        "this stream cannot be resumed here now",
+        "retry after Retry-After seconds: the replica producing it still has it (RESUME_STORE)",
+        True,
     ),
     "overloaded": ErrorKind(
         503, "too many streams in progress", "retry after Retry-After seconds (limit: MAX_CONCURRENT_STREAMS)", True
@@ -1154,7 +1205,26 @@ class Metrics:
         )
         self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
         self.resumes = Counter(
-            "chatsvc_resumes", "Resume requests by outcome: resumed, finished (204), not_found", ["outcome"], registry=r
+            "chatsvc_resumes",
+            "Resume requests by outcome: resumed, finished (204), not_found, unavailable (503)",
+            ["outcome"],
+            registry=r,
+        )
+        # RESUME_STORE=redis:// (note 15): each round trip of the writer, and streams given up on.
+        self.store_writes = Counter(
+            "chatsvc_store_writes", "Round trips writing to RESUME_STORE, by result: ok, failed", ["result"], registry=r
+        )
+        self.store_latency = Histogram(
+            "chatsvc_store_write_seconds",
+            "Duration of a write round trip to RESUME_STORE",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
+        self.store_unresumable = Counter(
+            "chatsvc_store_unresumable_streams",
+            "Streams whose store writes failed or fell behind: resumable only on their own replica",
+            ["reason"],
+            registry=r,
         )
         self.detached = gauge("chatsvc_detached_streams", "Streams running with no client attached")
         self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)")
@@ -1232,6 +1302,7 @@ class Service:
         self.client = create_upstream_client(settings)
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.tracing = Tracing()  # started by the lifespan (note 14)
+        self.store = RedisStore(self, settings.redis_url) if settings.redis_url else None  # note 15
         self.worker_metrics = WorkerMetrics.join()  # note 13
         self.metrics = Metrics(multiprocess=self.worker_metrics is not None)
         self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
@@ -1337,19 +1408,38 @@ class Service:
         task.add_done_callback(lambda _: self.producers.pop(producer, None))
         return stream_log
 
-    def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog:
-        """The stream with this id, started with this key (another key's stream is not revealed)."""
+    async def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteLog:
+        """The stream with this id, started with this key (another key's stream is not revealed):
+        this replica's own if it holds it, else the store's copy (note 15)."""
         self.trim()
         stream_log = self.streams.get(stream_id)
-        if stream_log is None or not _same_owner(stream_log.owner, owner):
-            raise ServiceError("stream_not_found", "no stream with this id is running or kept")
-        return stream_log
+        if stream_log is not None:
+            if not _same_owner(stream_log.owner, owner):
+                raise stream_not_found()
+            return stream_log
+        if self.store is None:
+            raise stream_not_found()
+        return await self.store.find(stream_id, owner)
 
-    def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | None:
+    async def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | RemoteLog | None:
         """The chat's latest stream, if it is kept (note 12). The key that started the chat is part
-        of its name, so another key's chat is not even looked at."""
+        of its name, so another key's chat is not even looked at. With a store, the store says which
+        stream is the latest: it may have started on another replica."""
         self.trim()
-        return self.chats.get((owner, chat_id))
+        if self.store is None:
+            return self.chats.get((owner, chat_id))
+        stream_id = await self.store.find_chat((owner, chat_id))
+        if stream_id is None:
+            return None
+        try:
+            stream_log = await self.find_stream(stream_id, owner)
+        except ServiceError as exc:
+            if exc.code == "stream_not_found":  # expired between the two look-ups
+                return None
+            raise
+        if isinstance(stream_log, StreamLog) and stream_log.finished and not stream_log.delivered:
+            stream_log.delivered = await self.store.delivered(stream_id)  # to a follower on another replica?
+        return stream_log
 
     def on_finished(self, stream_log: StreamLog) -> None:
         if stream_log.stream_id in self.streams:
@@ -1547,6 +1637,7 @@ class StreamLog:
         self.owner = owner  # a digest of the key that started it, when SERVICE_API_KEYS is set
         self.protocol = protocol  # how its events are encoded: each once, for every follower
         self.chat = chat  # the AI SDK chat it answers, if any
+        self.correlation_id = correlation_id.get()  # the request that started it, for lines logged elsewhere
         self.entries: list[bytes] = []
         self.size = 0
         self.finished_at: float | None = None
@@ -1554,6 +1645,10 @@ class StreamLog:
         self.followers = 0
         self.producer: Producer | None = None  # while the stream runs
         self.span_context = trace.INVALID_SPAN_CONTEXT  # its upstream span's, for resumes to link to
+        # With RESUME_STORE=redis:// (note 15): what the store writer has yet to write, and how far.
+        self.unstored: list[bytes] = []
+        self.stored = 0  # events written (or handed to a write in flight)
+        self.store_note: str | None = None  # why it is resumable on this replica only, if it is
         # A broadcast: set() wakes every follower waiting now, clear() at once readies the next wait.
         # A follower checks `entries` and waits with no await in between, so no append is missed.
         self._appended = asyncio.Event()
@@ -1561,6 +1656,9 @@ class StreamLog:
     @property
     def finished(self) -> bool:
         return self.finished_at is not None
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
     def append(self, entries: list[bytes], *, terminal: bool = False) -> None:
         assert not self.finished, "a stream has exactly one terminal event"
@@ -1574,6 +1672,8 @@ class StreamLog:
             self.service.on_finished(self)
         self._appended.set()
         self._appended.clear()
+        if self.service.store is not None:  # after the followers: the store never delays them
+            self.service.store.mirror(self, entries, added)
 
     async def follow(self, position: int) -> AsyncIterator[bytes]:
         """The events from `position` on, then each as it is appended, to the terminal one. All that
@@ -1589,6 +1689,8 @@ class StreamLog:
                 yield batch
                 if whole:  # sent: the next call comes once the transport took the last write
                     self.delivered = True
+                    if self.service.store is not None:
+                        self.service.store.mirror(self, [], 0)  # the AI SDK's 204 on other replicas
                     return
             elif self.finished:
                 return
@@ -1957,7 +2059,7 @@ class FollowerResponse(EventSourceResponse):
     """One client's view of a stream: the log from a position, then live to the terminal event. The
     original POST is the first follower; a resume is another (note 11)."""
 
-    def __init__(self, stream_log: StreamLog, position: int, settings: Settings) -> None:
+    def __init__(self, stream_log: StreamLog | RemoteLog, position: int, settings: Settings) -> None:
         super().__init__(
             stream_log.follow(position),
             headers={**stream_log.protocol.headers, STREAM_ID_HEADER: stream_log.stream_id},
@@ -1980,6 +2082,359 @@ class FollowerResponse(EventSourceResponse):
             self.stream_log.detach(too_slow=too_slow)
 
 
+# --- The shared stream log (note 15) ----------------------------------------------------------------
+
+PROTOCOLS = {protocol.path: protocol for protocol in (CHATSVC, AI_SDK)}  # as a stream's facts name it
+CANCEL_CHANNEL = "chatsvc:cancel"  # DELETE on one replica, for the replica producing the stream
+
+
+def store_keys(stream_id: str) -> tuple[str, str]:
+    """A stream's events (a Redis Stream) and its facts (a hash); one hash tag, so one cluster slot."""
+    return f"chatsvc:{{{stream_id}}}:events", f"chatsvc:{{{stream_id}}}:facts"
+
+
+def chat_store_key(chat: ChatKey) -> str:
+    owner, chat_id = chat
+    return f"chatsvc:chat:{owner.hex() if owner else '-'}:{chat_id}"
+
+
+def store_unavailable(detail: str) -> ServiceError:
+    return ServiceError("resume_unavailable", detail, retry_after=2)
+
+
+class RedisStore:
+    """Every replica's stream logs, in Redis (note 15). The producing replica's StreamLog stays the
+    live path; this writer copies each log into a Redis Stream behind it, everything appended since
+    its last round trip in one pipeline, and other replicas follow that copy with XREAD BLOCK. A
+    DELETE reaches the producing replica by pub/sub."""
+
+    def __init__(self, service: Service, url: str) -> None:
+        import redis.asyncio  # here, not at the top: see there
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        settings = service.settings
+        self.service = service
+        self.errors = (redis.RedisError, OSError, TimeoutError)  # what an unreachable or slow Redis raises
+        self.timeout = settings.RESUME_STORE_TIMEOUT_S  # every round trip's bound
+        self.redis = redis.asyncio.Redis.from_url(
+            url,
+            socket_connect_timeout=min(settings.CONNECT_TIMEOUT_S, self.timeout),
+            socket_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 1),  # once, on a fresh connection (Redis restarted); no waits
+        )
+        self.dirty: dict[StreamLog, None] = {}  # logs with something to write, in order
+        self.queued = 0  # bytes in their `unstored` lists
+        self.queue_limit = int(settings.RESUME_STORE_QUEUE_MB * 1024 * 1024)
+        self.wake = asyncio.Event()
+        self.unmarked: set[str] = set()  # streams given up on, to mark unresumable once Redis answers
+        self.live_ttl = math.ceil(settings.REQUEST_TIMEOUT_S + settings.RESUME_TTL_S + 10)  # outlives any run
+        self.finished_ttl_ms = max(1, int(settings.RESUME_TTL_S * 1000))
+        self.max_entries = settings.MAX_TOKENS + 16  # write batches: at most one per delta, meta, end
+        self.block_ms = max(1, int(self.timeout * 500))  # an XREAD BLOCK returns well within the timeout
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.tasks = [asyncio.create_task(self.write()), asyncio.create_task(self.listen())]
+
+    async def stop(self) -> None:
+        """After the producers: one last write of what is queued (bounded), then close."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.dirty:
+            await self.write_once()
+        await self.redis.aclose()
+
+    async def answers(self) -> bool:
+        try:
+            with anyio.fail_after(self.timeout):
+                return bool(await self.redis.ping())
+        except self.errors:
+            return False
+
+    # Writing: the producing replica
+
+    def mirror(self, stream_log: StreamLog, entries: list[bytes], size: int) -> None:
+        """Queue what was appended (or, with no entries, that the terminal event was delivered)."""
+        if stream_log.store_note is not None:
+            return
+        stream_log.unstored += entries
+        self.queued += size
+        self.dirty[stream_log] = None
+        self.wake.set()
+        while self.queued > self.queue_limit and self.dirty:  # the largest backlog goes first
+            self.give_up(max(self.dirty, key=lambda d: sum(map(len, d.unstored))), "behind", None)
+
+    def give_up(self, stream_log: StreamLog, reason: str, exc: BaseException | None) -> None:
+        """This stream's copy stays incomplete: resumable on this replica only, with a log line and a metric."""
+        if stream_log.store_note is not None:
+            return
+        stream_log.store_note = reason
+        self.queued -= sum(map(len, stream_log.unstored))
+        stream_log.unstored = []
+        self.dirty.pop(stream_log, None)
+        self.unmarked.add(stream_log.stream_id)
+        self.wake.set()  # the mark goes out with the next round trip
+        self.service.metrics.store_unresumable.labels(reason).inc()
+        token = correlation_id.set(stream_log.correlation_id)  # the writer's task serves every stream
+        try:
+            log.warning(
+                "store_behind" if reason == "behind" else "store_write_failed",
+                extra={"stream_id": stream_log.stream_id, "stored_seq": stream_log.stored - 1,
+                       "exception": type(exc).__name__ if exc else None},
+            )  # fmt: skip
+        finally:
+            correlation_id.reset(token)
+
+    async def write(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            await self.write_once()
+
+    async def write_once(self) -> None:
+        """One pipelined round trip for everything queued; a failure gives up on the streams in it."""
+        batch, self.dirty = list(self.dirty), {}
+        marking, self.unmarked = self.unmarked, set()
+        pipe = self.redis.pipeline(transaction=False)
+        for stream_log in batch:
+            self.queue_writes(pipe, stream_log)
+        for stream_id in marking:
+            _, facts = store_keys(stream_id)
+            pipe.hset(facts, "state", "unresumable")
+            pipe.expire(facts, self.live_ttl)
+        metrics = self.service.metrics
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(self.timeout):
+                await pipe.execute()
+        except self.errors as exc:
+            metrics.store_writes.labels("failed").inc()
+            self.unmarked |= marking
+            for stream_log in batch:
+                self.give_up(stream_log, "failed", exc)
+            return
+        metrics.store_writes.labels("ok").inc()
+        metrics.store_latency.observe(time.monotonic() - started)
+
+    def queue_writes(self, pipe: redis.asyncio.client.Pipeline, stream_log: StreamLog) -> None:
+        """One XADD of the events not yet written, under the id of the first one's seq; the facts
+        with the first, the expiry moved to RESUME_TTL_S with the terminal one."""
+        entries, first = stream_log.unstored, stream_log.stored
+        self.queued -= sum(map(len, entries))
+        stream_log.unstored = []
+        stream_log.stored += len(entries)
+        events, facts = store_keys(stream_log.stream_id)
+        if first == 0 and entries:
+            span = stream_log.span_context
+            pipe.hset(
+                facts,
+                mapping={
+                    "protocol": stream_log.protocol.path,
+                    "owner": stream_log.owner.hex() if stream_log.owner else "",  # a keyed digest, never a key
+                    "trace": f"{span.trace_id:032x}{span.span_id:016x}" if span.is_valid else "",
+                    "state": "live",
+                },
+            )
+            pipe.expire(facts, self.live_ttl)
+            if stream_log.chat is not None:
+                pipe.set(chat_store_key(stream_log.chat), stream_log.stream_id, ex=self.live_ttl)
+        if entries:
+            fields: dict[Any, Any] = {str(first + i): entry for i, entry in enumerate(entries)}
+            ended = stream_log.finished and stream_log.stored == len(stream_log)
+            if ended:
+                fields["end"] = b""
+            pipe.xadd(events, fields, id=f"{first}-1", maxlen=self.max_entries, approximate=False)
+            if first == 0:
+                pipe.expire(events, self.live_ttl)
+            if ended:
+                pipe.hset(facts, "state", "finished")
+                for key in (events, facts, *([chat_store_key(stream_log.chat)] if stream_log.chat else [])):
+                    pipe.pexpire(key, self.finished_ttl_ms)
+        if stream_log.delivered:
+            pipe.hset(facts, "delivered", "1")
+
+    # Reading: any replica
+
+    async def find(self, stream_id: str, owner: bytes | None) -> RemoteLog:
+        """A stream from the store, its facts checked as find_stream checks a local one."""
+        events, facts_key = store_keys(stream_id)
+        try:
+            with anyio.fail_after(self.timeout):
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hgetall(facts_key)
+                pipe.xrevrange(events, count=1)
+                facts, last = await pipe.execute()
+        except self.errors:
+            raise store_unavailable("RESUME_STORE does not answer") from None
+        if not facts:
+            raise stream_not_found()
+        if b"owner" in facts and not _same_owner(bytes.fromhex(facts[b"owner"].decode()) or None, owner):
+            raise stream_not_found()
+        if facts.get(b"state") == b"unresumable" or b"protocol" not in facts:  # given up on before its facts
+            raise store_unavailable("this stream's copy in RESUME_STORE is incomplete")
+        length, finished = 0, False
+        if last:
+            fields = last[0][1]
+            length = max(int(key) for key in fields if key != b"end") + 1
+            finished = b"end" in fields
+        return RemoteLog(self, stream_id, facts, length, finished)
+
+    async def delivered(self, stream_id: str) -> bool:
+        try:
+            with anyio.fail_after(self.timeout):
+                return bool(await self.redis.hget(store_keys(stream_id)[1], "delivered"))
+        except self.errors:
+            raise store_unavailable("RESUME_STORE does not answer") from None
+
+    async def find_chat(self, chat: ChatKey) -> str | None:
+        try:
+            with anyio.fail_after(self.timeout):
+                stream_id: bytes | None = await self.redis.get(chat_store_key(chat))  # type: ignore[assignment]
+        except self.errors:
+            raise store_unavailable("RESUME_STORE does not answer") from None
+        return stream_id.decode() if stream_id else None
+
+    # Stopping: DELETE on any replica
+
+    async def cancel(self, stream_id: str) -> None:
+        """Tell every replica; the one producing the stream stops it (`listen`)."""
+        try:
+            with anyio.fail_after(self.timeout):
+                # With the DELETE's correlation id: the producing replica logs stream_cancelled with it.
+                listeners = await self.redis.publish(CANCEL_CHANNEL, f"{stream_id} {correlation_id.get() or ''}")
+        except self.errors:
+            raise store_unavailable("RESUME_STORE does not answer") from None
+        if not listeners:  # no replica hears: not even the one producing it
+            raise store_unavailable("no replica is listening on RESUME_STORE")
+
+    async def listen(self) -> None:
+        """Cancel the local producers that a DELETE on another replica names; resubscribe after a loss."""
+        lost = False
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(CANCEL_CHANNEL)
+                    if lost:
+                        log.info("store_reconnected")
+                        lost = False
+                    while True:
+                        message = await pubsub.get_message(timeout=self.timeout / 2)
+                        if message is not None:
+                            stream_id, _, request_id = message["data"].decode().partition(" ")
+                            stream_log = self.service.streams.get(stream_id)
+                            if stream_log is not None and stream_log.producer is not None:
+                                correlation_id.set(request_id or None)
+                                stream_log.producer.cancel()
+            except self.errors as exc:
+                if not lost:
+                    log.warning("store_unreachable", extra={"exception": type(exc).__name__})
+                    lost = True
+                await asyncio.sleep(self.timeout)
+
+
+class RemoteLog:
+    """A stream produced on another replica, read from the store (note 15), with the face that a
+    FollowerResponse and resume() know from a StreamLog."""
+
+    def __init__(
+        self, store: RedisStore, stream_id: str, facts: dict[bytes, bytes], length: int, finished: bool
+    ) -> None:
+        self.store = store
+        self.service = store.service
+        self.stream_id = stream_id
+        self.protocol = PROTOCOLS[facts[b"protocol"].decode()]
+        self.length = length
+        self.finished = finished
+        self.delivered = facts.get(b"delivered") == b"1"
+        self.producer: Producer | None = None  # on its own replica
+        trace_ids = facts.get(b"trace", b"").decode()
+        self.span_context = (
+            trace.SpanContext(int(trace_ids[:32], 16), int(trace_ids[32:], 16), is_remote=True)
+            if trace_ids
+            else trace.INVALID_SPAN_CONTEXT
+        )
+
+    def __len__(self) -> int:
+        return self.length
+
+    def attach(self) -> None:
+        pass  # the grace is the producing replica's affair
+
+    def detach(self, *, too_slow: bool) -> None:
+        pass
+
+    async def follow(self, position: int) -> AsyncIterator[bytes]:
+        """The events from `position` on: the store's copy so far, then each write as XREAD BLOCK
+        returns it, to the terminal event. A gap, an incomplete copy or a lost store ends the
+        response without one: the client's reconnect then gets its answer (404 or 503)."""
+        redis_client, events, facts = self.store.redis, *store_keys(self.stream_id)
+        last_id: Any = None  # the last entry read
+        expected = 0  # the seq that the next event must have
+        read: Any  # [(entry id, {seq: event, ..., maybe b"end": b""})], bytes all (no decoding)
+        try:
+            while True:
+                with anyio.fail_after(self.store.timeout):
+                    if last_id is None:
+                        read = await redis_client.xrange(events)
+                    else:
+                        reply: Any = await redis_client.xread({events: last_id}, block=self.store.block_ms)
+                        read = reply[0][1] if reply else []  # RESP2: [[key, entries]]
+                if not read:
+                    with anyio.fail_after(self.store.timeout):
+                        state = await redis_client.hget(facts, "state")
+                    if state in (None, b"unresumable"):
+                        log.warning("store_follow_ended", extra={"stream_id": self.stream_id, "seq": expected - 1})
+                        return
+                    last_id = last_id or "0-0"
+                    continue
+                batch: list[bytes] = []
+                ended = False
+                for entry_id, fields in read:
+                    last_id = entry_id
+                    for key, value in fields.items():
+                        if key == b"end":
+                            ended = True
+                        elif int(key) != expected:  # trimmed or lost: never a stream with a hole
+                            log.warning("store_gap", extra={"stream_id": self.stream_id, "seq": expected})
+                            return
+                        else:
+                            expected += 1
+                            if expected > position:
+                                batch.append(value)
+                if batch:
+                    yield b"".join(batch)
+                if ended:
+                    self.delivered = True
+                    with anyio.fail_after(self.store.timeout):
+                        await redis_client.hset(facts, "delivered", "1")
+                    return
+        except self.store.errors as exc:
+            log.warning("store_read_failed", extra={"stream_id": self.stream_id, "exception": type(exc).__name__})
+
+
+def stream_not_found() -> ServiceError:
+    return ServiceError("stream_not_found", "no stream with this id is running or kept")
+
+
+def check_store(settings: Settings) -> None:
+    """RESUME_STORE=redis://...: that Redis answers before the service starts; exit 2 if not."""
+    if settings.redis_url is None:
+        return
+    import redis
+
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=settings.CONNECT_TIMEOUT_S, socket_timeout=settings.CONNECT_TIMEOUT_S
+    )
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        exit_misconfigured(f"RESUME_STORE: Redis does not answer ({type(exc).__name__})", "RESUME_STORE")
+    finally:
+        client.close()
+
+
 # --- Endpoints --------------------------------------------------------------------------------------
 
 
@@ -1993,7 +2448,7 @@ async def chat(request: Request) -> Response:
     """POST /chat: a new stream, or (with Last-Event-ID, as fetch-event-source retries) a resume."""
     if (last_event_id := request.headers.get("last-event-id")) is not None:
         stream_id, _, _ = last_event_id.partition(":")
-        return resume(request, stream_id, "post")  # the body is not run again (note 11)
+        return await resume(request, stream_id, "post")  # the body is not run again (note 11)
     return await start_chat(request, CHATSVC)
 
 
@@ -2073,13 +2528,19 @@ async def stream(request: Request) -> Response:
     """GET /chat/streams/{stream_id}: replay after Last-Event-ID (or ?after=), then follow live.
     DELETE: stop the generation; idempotent. (One route: two would answer 405 with half the Allow.)"""
     if request.method == "GET":
-        return resume(request, request.path_params["stream_id"], "get")
+        return await resume(request, request.path_params["stream_id"], "get")
     service = service_of(request)
     owner = authorize(request, service.settings)
-    stream_log = service.find_stream(request.path_params["stream_id"], owner)
+    await stop_stream(service, await service.find_stream(request.path_params["stream_id"], owner))
+    return Response(status_code=204)
+
+
+async def stop_stream(service: Service, stream_log: StreamLog | RemoteLog) -> None:
+    """DELETE: the producer stops, here or (through the store) on the replica running it."""
     if stream_log.producer is not None:
         stream_log.producer.cancel()
-    return Response(status_code=204)
+    elif isinstance(stream_log, RemoteLog) and not stream_log.finished and service.store is not None:
+        await service.store.cancel(stream_log.stream_id)
 
 
 async def ai_sdk_stream(request: Request) -> Response:
@@ -2088,10 +2549,15 @@ async def ai_sdk_stream(request: Request) -> Response:
     stream that a client has not received whole (note 12). DELETE: stop that stream; idempotent."""
     service = service_of(request)
     owner = authorize(request, service.settings)
-    stream_log = service.find_chat_stream(request.path_params["chat_id"], owner)
+    try:
+        stream_log = await service.find_chat_stream(request.path_params["chat_id"], owner)
+    except ServiceError as exc:
+        if exc.code == "resume_unavailable" and request.method == "GET":
+            service.metrics.resumes.labels("unavailable").inc()
+        raise
     if request.method == "DELETE":
-        if stream_log is not None and stream_log.producer is not None:
-            stream_log.producer.cancel()
+        if stream_log is not None:
+            await stop_stream(service, stream_log)
         return Response(status_code=204)
     if stream_log is None or stream_log.delivered:
         service.metrics.resumes.labels("not_found" if stream_log is None else "finished").inc()
@@ -2102,21 +2568,21 @@ async def ai_sdk_stream(request: Request) -> Response:
     return FollowerResponse(stream_log, 0, service.settings)
 
 
-def resume(request: Request, stream_id: str, via: str) -> Response:
+async def resume(request: Request, stream_id: str, via: str) -> Response:
     """A follower from the position that Last-Event-ID or ?after= names; 204 when the terminal event
     was delivered already, which tells an EventSource to stop reconnecting (note 11)."""
     service = service_of(request)
     metrics = service.metrics
     try:
         owner = authorize(request, service.settings)
-        stream_log = service.find_stream(stream_id, owner)
+        stream_log = await service.find_stream(stream_id, owner)
         after = _resume_after(request, stream_log)
     except ServiceError as exc:
-        if exc.code == "stream_not_found":
-            metrics.resumes.labels("not_found").inc()
+        if exc.code in ("stream_not_found", "resume_unavailable"):
+            metrics.resumes.labels("not_found" if exc.code == "stream_not_found" else "unavailable").inc()
         raise
     position = after + 1
-    if stream_log.finished and position >= len(stream_log.entries):
+    if stream_log.finished and position >= len(stream_log):
         metrics.resumes.labels("finished").inc()
         return Response(status_code=204, headers={STREAM_ID_HEADER: stream_id})
     metrics.resumes.labels("resumed").inc()
@@ -2125,7 +2591,7 @@ def resume(request: Request, stream_id: str, via: str) -> Response:
     return FollowerResponse(stream_log, position, service.settings)
 
 
-def _resume_after(request: Request, stream_log: StreamLog) -> int:
+def _resume_after(request: Request, stream_log: StreamLog | RemoteLog) -> int:
     """The last seq the client has: from Last-Event-ID, else ?after=, else -1 (replay from the start).
     An id of another stream or a seq not yet sent is malformed: 404, never a guess."""
     last_event_id = request.headers.get("last-event-id")
@@ -2141,7 +2607,7 @@ def _resume_after(request: Request, stream_log: StreamLog) -> int:
         seq = int(after)
     else:
         return -1
-    if seq >= len(stream_log.entries):
+    if seq >= len(stream_log):
         raise ServiceError("stream_not_found", f"this stream has sent no event {seq} yet")
     return seq
 
@@ -2160,7 +2626,7 @@ def authorize(request: Request, settings: Settings) -> bytes | None:
         matched |= secrets.compare_digest(presented, key)
     if not matched:
         raise ServiceError("unauthorized", "no valid bearer token in the Authorization header")
-    return hashlib.sha256(presented).digest()
+    return hmac.new(settings.owner_key, presented, "sha256").digest()
 
 
 async def healthz(request: Request) -> Response:
@@ -2176,6 +2642,8 @@ async def readyz(request: Request) -> Response:
         raise ServiceError("shutting_down", "the service is draining", retry_after=5)
     if not settings.configured:
         raise ServiceError("not_configured", "neither OPENAI_API_KEY nor OPENAI_BASE_URL is set")
+    if service.store is not None and not await service.store.answers():
+        raise ServiceError("resume_unavailable", "RESUME_STORE does not answer", retry_after=2)
     if settings.UPSTREAM_HEALTH_URL and not await service.upstream_answers():
         detail = "the model server does not answer at UPSTREAM_HEALTH_URL"
         raise ServiceError("upstream_unreachable", detail, status=503)
@@ -2268,6 +2736,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # With several workers only (note 13): gauges read at a scrape are written every second.
         live_gauges = asyncio.create_task(service.metrics.publish_live()) if service.metrics.live else None
         service.tracing.start(os.environ)
+        if service.store is not None:
+            await service.store.start()
         tune_gc()  # before the pause metric starts: its start-up collection stalls no stream
         gc.callbacks.append(service.metrics.on_gc)
         log.info(
@@ -2291,6 +2761,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if service.store is not None:
+                await service.store.stop()
             gc.callbacks.remove(service.metrics.on_gc)
             await service.client.close()
             await service.health_client.aclose()
@@ -2406,6 +2878,7 @@ def main() -> None:
     """`python chatsvc.py`: one process, or with WORKERS > 1 uvicorn's supervisor and as many
     workers, each draining by itself (note 4). Exits 0 after a drain, 1 if the server did not start."""
     settings = load_settings()
+    check_store(settings)
     configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
     options: dict[str, Any] = {
         "host": settings.HOST,
@@ -2434,6 +2907,7 @@ def main() -> None:
 def _module_app() -> Starlette:
     """The app from the environment, with logging configured: for `python chatsvc.py` and `uvicorn`."""
     settings = load_settings()
+    check_store(settings)
     configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
     return create_app(settings)
 

@@ -1,7 +1,9 @@
 """A loopback TCP proxy that cuts a connection where a real network might: the first response it
 relays is cut at a byte position chosen from what has passed so far (between events, or inside
 one), with a reset, as when a phone changes networks. Once that cut is done, everything passes
-untouched. (Not "the first connection": node's fetch may open a spare one that it never uses.)"""
+untouched. (Not "the first connection": node's fetch may open a spare one that it never uses.)
+With `then_port`, the connections opened after the cut go there: a load balancer that sends the
+reconnect to another replica."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ CutAt = Callable[[bytes], int | None]
 
 
 class CuttingProxy:
-    def __init__(self, target_port: int, cut_at: CutAt) -> None:
+    def __init__(self, target_port: int, cut_at: CutAt, then_port: int | None = None) -> None:
         self.target_port = target_port
+        self.then_port = then_port
         self.cut_at = cut_at
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
@@ -45,7 +48,8 @@ class CuttingProxy:
             except OSError:  # stopped
                 return
             self.connections += 1
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            after_cut = self.then_port is not None and self.cut_done.is_set()
+            upstream = socket.create_connection(("127.0.0.1", self.then_port if after_cut else self.target_port))
             self._spawn(self._pipe, client, upstream, None)
             self._spawn(self._pipe, upstream, client, self.cut_at)
 

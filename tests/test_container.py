@@ -228,3 +228,22 @@ def test_deployment_follows_the_services_contract() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert box["securityContext"]["readOnlyRootFilesystem"] is True
     assert {"requests", "limits"} <= set(box["resources"])
+
+
+def test_the_redis_wiring_matches_across_the_manifests() -> None:
+    """RESUME_STORE comes from the Secret (its URL may hold a password); the example Secret's URL
+    names the try-it-out Redis Service of redis.yaml, which only chatsvc's pods may reach."""
+    import yaml
+
+    deployment = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    (box,) = deployment["spec"]["template"]["spec"]["containers"]
+    ref = {e["name"]: e for e in box["env"]}["RESUME_STORE"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["optional"]) == ("chatsvc-secrets", True)  # absent: memory, per pod
+    secret = yaml.safe_load((ROOT / "deploy/kubernetes/secret.example.yaml").read_text())
+    url = secret["stringData"][ref["key"]]
+    redis_docs = list(yaml.safe_load_all((ROOT / "deploy/kubernetes/redis.yaml").read_text()))
+    service = next(d for d in redis_docs if d["kind"] == "Service")
+    assert url == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    policy = next(d for d in redis_docs if d["kind"] == "NetworkPolicy")
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed == deployment["spec"]["selector"]["matchLabels"]

@@ -2,13 +2,17 @@
 // GET /chat/streams/{id}: it reconnects by itself with Last-Event-ID, and stops for good when the
 // service answers 204 after the terminal event. Prints one JSON line with the events and the opens.
 //
-//   node eventsource.mjs <url of /chat/streams/{id}>
+//   node eventsource.mjs <url of /chat/streams/{id}> [<headers as JSON>]
 import { EventSource } from "eventsource";
 
-const [url] = process.argv.slice(2);
+const [url, headersJson] = process.argv.slice(2);
+const extra = JSON.parse(headersJson || "{}");
 const events = [];
 let opens = 0;
-const source = new EventSource(url);
+// The package's documented way to add request headers (a browser's EventSource cannot): its fetch.
+const source = new EventSource(url, {
+  fetch: (input, init) => fetch(input, { ...init, headers: { ...init.headers, ...extra } }),
+});
 const closed = new Promise((resolve) => {
   source.addEventListener("open", () => { opens += 1; });
   for (const name of ["meta", "delta", "done", "error"]) {

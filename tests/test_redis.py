@@ -1,0 +1,412 @@
+"""Resume on any replica (note 15): a real redis-server (Debian's, installed by
+tests/install-debian.sh) on a loopback port, and two chatsvc replicas, A and B, sharing it with
+RESUME_STORE=redis://. A stream started on A is resumed, followed and stopped on B, by Python and by
+the real JS clients through a proxy that cuts the connection and sends the reconnect to B; then the
+faults: Redis unreachable at start, killed mid-stream and restarted, slow, and a replica restarted
+during a follow. (RESUME_STORE=memory, the default, is what every other test runs.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import Event, Service, free_port, iter_sse
+from tests.cutting_proxy import CuttingProxy, at_marker
+from tests.fake_model import FakeModel, expected_text
+from tests.spec import assert_error_response
+from tests.test_js_clients import ANSWER, assert_whole_once, node
+
+SLOW = "fake:deltas=30,delay=0.05"  # 1.5 s of answer
+KEY, OTHER_KEY = "redis-test-key-0123456789", "redis-test-key-other-98765"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+class RedisServer:
+    """Debian's redis-server on a loopback port, no persistence; started and stopped by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is missing: bash tests/install-debian.sh (make test runs it)"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--enable-debug-command", "local", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 20
+        while True:  # polling a child that has no readiness signal to await
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert self.proc.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not answer within 20 s"
+                time.sleep(0.02)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
+def replica(start_service: Any, store: str, **env: str) -> Service:
+    svc: Service = start_service(
+        RESUME_STORE=store, RESUME_GRACE_S="30", SERVICE_API_KEYS=f"{KEY},{OTHER_KEY}", PING_INTERVAL_S="0.2", **env
+    )
+    return svc
+
+
+@pytest.fixture(scope="module")
+def pair(start_service: Any, redis_server: RedisServer) -> tuple[Service, Service]:
+    return replica(start_service, redis_server.url), replica(start_service, redis_server.url)
+
+
+def post(svc: Service, message: str, rid: str, headers: dict[str, str] | None = None) -> Any:
+    client = httpx.Client(timeout=30)
+    return client, client.stream(
+        "POST", f"{svc.url}/chat", json={"message": message}, headers={"X-Request-ID": rid, **AUTH, **(headers or {})}
+    )
+
+
+def start_and_leave(svc: Service, message: str, rid: str, count: int) -> tuple[str, list[Event]]:
+    """Start a stream on `svc`, read `count` events (pings left out), hang up."""
+    client, stream = post(svc, message, rid)
+    with client, stream as response:
+        assert response.status_code == 200, response.read()
+        events = (e for e in iter_sse(response) if e.comment is None)
+        got = [next(events) for _ in range(count)]
+        stream_id = response.headers["x-stream-id"]
+    svc.wait_for_log("stream_detached", rid)
+    return stream_id, got
+
+
+def follow(svc: Service, stream_id: str, headers: dict[str, str] | None = None, **params: str) -> httpx.Response:
+    with httpx.Client(timeout=30) as client:
+        return client.get(f"{svc.url}/chat/streams/{stream_id}", headers={**AUTH, **(headers or {})}, params=params)
+
+
+def events_of(response: httpx.Response) -> list[Event]:
+    return [e for e in iter_sse(response) if e.comment is None]
+
+
+def text_of(events: list[Event]) -> str:
+    return "".join(e.data["content"] for e in events if e.event == "delta")
+
+
+def metric(svc: Service, name: str) -> float:
+    text = httpx.get(f"{svc.url}/metrics").text
+    return sum(float(m) for m in re.findall(rf"^{re.escape(name)} (\S+)$", text, flags=re.MULTILINE))
+
+
+# Any replica serves any stream ------------------------------------------------------------------------
+
+
+def test_a_stream_cut_on_a_is_resumed_on_b_exactly_once(pair: tuple[Service, Service], fake_model: FakeModel) -> None:
+    a, b = pair
+    seen = len(fake_model.requests)
+    stream_id, got = start_and_leave(a, SLOW, "r-ab-1", 4)
+    response = follow(b, stream_id, {"Last-Event-ID": got[-1].id or ""})
+    assert response.status_code == 200
+    assert response.headers["x-stream-id"] == stream_id
+    rest = events_of(response)
+    events = got + rest
+    assert [e.id for e in events] == [f"{stream_id}:{i}" for i in range(len(events))]
+    assert text_of(events) == expected_text(SLOW)
+    assert [e.event for e in events].count("done") == 1
+    assert events[-1].event == "done"
+    assert len(fake_model.requests) == seen + 1
+    assert b.wait_for_log("stream_resumed")["from_seq"] == 4
+
+
+def test_b_replays_from_every_position_what_a_sent(pair: tuple[Service, Service]) -> None:
+    a, b = pair
+    response, whole = a.chat({"message": "fake:deltas=6"}, headers=AUTH)
+    stream_id = response.headers["x-stream-id"]
+    for after in range(-1, len(whole) - 1):
+        assert [e.id for e in events_of(follow(b, stream_id, after=str(after)))] == [e.id for e in whole[after + 1 :]]
+    assert [(e.event, e.data) for e in events_of(follow(b, stream_id))] == [(e.event, e.data) for e in whole]
+    # Nothing left after the terminal event: 204, which stops an EventSource.
+    finished = follow(b, stream_id, {"Last-Event-ID": whole[-1].id or ""})
+    assert finished.status_code == 204
+
+
+def test_b_follows_a_live_stream_as_a_writes_it(pair: tuple[Service, Service]) -> None:
+    a, b = pair
+    client, stream = post(a, "fake:deltas=20,delay=0.05", "r-live")
+    with client, stream as response:
+        stream_id = response.headers["x-stream-id"]
+        on_b = events_of(follow(b, stream_id))  # starts while A is at the first events
+        on_a = events_of(response)
+    assert [(e.id, e.event, e.data) for e in on_b] == [(e.id, e.event, e.data) for e in on_a]
+    assert on_b[-1].event == "done"
+    assert b.logs_for("r-live") == []  # B only followed: the stream is A's
+    assert any(r["event"] == "stream_resumed" and r.get("stream_id") == stream_id for r in b.logs())
+
+
+def test_delete_on_b_stops_as_upstream(pair: tuple[Service, Service], fake_model: FakeModel) -> None:
+    a, b = pair
+    client, stream = post(a, "fake:deltas=200,delay=0.05", "r-del")
+    with client, stream as response:
+        stream_id = response.headers["x-stream-id"]
+        events = (e for e in iter_sse(response) if e.comment is None)
+        assert [next(events).event for _ in range(3)] == ["meta", "delta", "delta"]
+        upstream = fake_model.last()
+        with httpx.Client(timeout=30) as other:
+            deleted = other.delete(f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "X-Request-ID": "r-del-b"})
+        assert deleted.status_code == 204
+        assert upstream.closed.wait(10), "A's upstream connection was not closed"
+        rest = list(events)
+    assert rest[-1].event == "done"
+    assert rest[-1].data["finish_reason"] == "cancelled"
+    # A logs it with the id of the DELETE that B received: one id across the replicas.
+    assert a.wait_for_log("stream_cancelled", "r-del-b")["stream_id"] == stream_id
+    with httpx.Client(timeout=30) as other:  # idempotent, on either replica
+        assert other.delete(f"{b.url}/chat/streams/{stream_id}", headers=AUTH).status_code == 204
+        assert other.delete(f"{a.url}/chat/streams/{stream_id}", headers=AUTH).status_code == 204
+
+
+def test_the_key_binding_holds_across_replicas(pair: tuple[Service, Service]) -> None:
+    a, b = pair
+    response, _ = a.chat({"message": "fake:deltas=2"}, headers=AUTH)
+    stream_id = response.headers["x-stream-id"]
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    for method in ("GET", "DELETE"):
+        refused = httpx.request(method, f"{b.url}/chat/streams/{stream_id}", headers=other, timeout=30)
+        assert_error_response(refused, 404, "stream_not_found")
+    assert follow(b, stream_id).status_code == 200
+
+
+def test_the_store_holds_no_key_and_no_text_beyond_the_events(
+    pair: tuple[Service, Service], redis_server: RedisServer
+) -> None:
+    a, _ = pair
+    marker = "words-of-the-user-7f3a"
+    response, _ = a.chat({"message": f"fake:deltas=2,{marker}"}, headers=AUTH)
+    stream_id = response.headers["x-stream-id"]
+    client = redis_server.client()
+    keys = sorted(k.decode() for k in client.scan_iter(f"*{stream_id}*"))
+    assert keys == [f"chatsvc:{{{stream_id}}}:events", f"chatsvc:{{{stream_id}}}:facts"]
+    facts: dict[bytes, bytes] = client.hgetall(f"chatsvc:{{{stream_id}}}:facts")  # type: ignore[assignment]
+    dumped = json.dumps({k.decode(): v.decode() for k, v in facts.items()})
+    dumped += str(client.xrange(f"chatsvc:{{{stream_id}}}:events"))
+    assert KEY not in dumped
+    assert marker not in dumped
+    assert len(facts[b"owner"]) == 64  # a keyed digest: not the SHA-256 of the key either
+    assert facts[b"owner"].decode() != hashlib.sha256(KEY.encode()).hexdigest()
+    # Finished: the keys expire after RESUME_TTL_S (60 s by default).
+    assert 0 < client.pttl(f"chatsvc:{{{stream_id}}}:events") <= 60_000
+    client.close()
+
+
+def test_an_ai_sdk_chat_started_on_a_is_replayed_on_b(pair: tuple[Service, Service]) -> None:
+    a, b = pair
+    body = {"id": "chat-across", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": SLOW}]}]}
+    body["trigger"] = "submit-message"
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{a.url}/api/chat", json=body, headers=AUTH) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # the start, then hang up
+        replayed = client.get(f"{b.url}/api/chat/chat-across/stream", headers=AUTH)
+    assert replayed.status_code == 200
+    chunks = [json.loads(line[6:]) for line in replayed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == expected_text(SLOW)
+    assert chunks[-1]["type"] == "finish"
+    with httpx.Client(timeout=30) as client:  # delivered whole (on B): nothing in progress any more
+        assert client.get(f"{a.url}/api/chat/chat-across/stream", headers=AUTH).status_code == 204
+
+
+# The real JS clients, the reconnect sent to the other replica --------------------------------------
+
+
+def test_fetch_event_source_cut_on_a_resumes_on_b(pair: tuple[Service, Service], fake_model: FakeModel) -> None:
+    a, b = pair
+    seen = len(fake_model.requests)
+    proxy = CuttingProxy(a.port, at_marker(b"event: delta", 3, len(b'event: delta\r\ndata: {"con')), b.port).start()
+    try:
+        result = node("fetch_event_source.mjs", f"http://127.0.0.1:{proxy.port}/chat", ANSWER, json.dumps(AUTH))
+    finally:
+        proxy.stop()
+    assert proxy.cut_done.is_set()
+    assert result["statuses"] == [200, 200]
+    assert_whole_once(result["events"], ANSWER)
+    assert len(fake_model.requests) == seen + 1
+    stream_id = result["events"][0]["data"]["stream_id"]
+    assert [r["via"] for r in b.logs() if r["event"] == "stream_resumed" and r.get("stream_id") == stream_id] == [
+        "post"
+    ]
+
+
+def test_eventsource_cut_on_a_resumes_on_b_and_stops(pair: tuple[Service, Service], fake_model: FakeModel) -> None:
+    a, b = pair
+    seen = len(fake_model.requests)
+    stream_id, _ = start_and_leave(a, ANSWER, "r-es", 1)
+    proxy = CuttingProxy(a.port, at_marker(b"event: delta", 3, 5), b.port).start()
+    try:
+        url = f"http://127.0.0.1:{proxy.port}/chat/streams/{stream_id}"
+        result = node("eventsource.mjs", url, json.dumps(AUTH))
+    finally:
+        proxy.stop()
+    assert proxy.cut_done.is_set()
+    assert_whole_once(result["events"], ANSWER)
+    assert result["opens"] == 2
+    path = f"/chat/streams/{stream_id}"
+    assert [r["status"] for r in b.logs() if r["event"] == "request_completed" and r.get("path") == path] == [204]
+    assert len(fake_model.requests) == seen + 1
+
+
+# Faults ---------------------------------------------------------------------------------------------
+
+
+def test_an_unreachable_store_at_start_exits_2_naming_it(tmp_path: Path, fake_model: FakeModel) -> None:
+    svc = Service(
+        {"OPENAI_BASE_URL": fake_model.base_url, "RESUME_STORE": f"redis://127.0.0.1:{free_port()}/0"}, tmp_path
+    )
+    done = subprocess.run(svc.command, env=svc.env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    message = json.loads(done.stderr.strip().splitlines()[-1])
+    assert set(message) == {"error", "detail", "action"}
+    assert "RESUME_STORE" in message["detail"]
+    assert "RESUME_STORE" in message["action"]
+
+
+def test_redis_lost_mid_stream_then_back(
+    start_service: Any, tmp_path_factory: pytest.TempPathFactory, fake_model: FakeModel
+) -> None:
+    server = RedisServer(tmp_path_factory.mktemp("redis-lost")).start()
+    a, b = replica(start_service, server.url), replica(start_service, server.url)
+    try:
+        client, stream = post(a, "fake:deltas=30,delay=0.05", "r-lost")
+        with client, stream as response:
+            stream_id = response.headers["x-stream-id"]
+            events = (e for e in iter_sse(response) if e.comment is None)
+            got = [next(events) for _ in range(3)]
+            server.kill()
+            got += list(events)  # the live stream goes on, unharmed
+        assert text_of(got) == expected_text("fake:deltas=30,delay=0.05")
+        assert got[-1].event == "done"
+        a.wait_for_log("store_write_failed", "r-lost")
+        assert metric(a, 'chatsvc_store_unresumable_streams_total{reason="failed"}') >= 1
+        assert metric(a, 'chatsvc_store_writes_total{result="failed"}') >= 1
+
+        unavailable = follow(b, stream_id)
+        assert_error_response(unavailable, 503, "resume_unavailable")
+        assert int(unavailable.headers["retry-after"]) >= 1
+        assert_error_response(httpx.get(f"{b.url}/readyz"), 503, "resume_unavailable")
+        assert follow(a, stream_id).status_code == 200  # A still has it, in memory
+
+        port, server = server.port, RedisServer(server.workdir)
+        server.port = port  # Redis back where the replicas look for it
+        server.start()
+        assert httpx.get(f"{b.url}/readyz").status_code == 200
+        stream_id, got = start_and_leave(a, SLOW, "r-back", 3)  # new streams are stored again
+        rest = events_of(follow(b, stream_id, {"Last-Event-ID": got[-1].id or ""}))
+        assert text_of(got + rest) == expected_text(SLOW)
+    finally:
+        server.kill()
+
+
+def test_a_slow_store_never_holds_up_the_live_stream(start_service: Any, redis_server: RedisServer) -> None:
+    a = replica(start_service, redis_server.url, RESUME_STORE_TIMEOUT_S="0.3")
+    finished_while_redis_slept = threading.Event()
+    slept = threading.Event()
+
+    def sleep_redis() -> None:
+        with redis_server.client() as client:
+            client.execute_command("DEBUG", "SLEEP", "3")
+        slept.set()
+
+    client, stream = post(a, "fake:deltas=10,delay=0.05", "r-slow")
+    with client, stream as response:
+        events = (e for e in iter_sse(response) if e.comment is None)
+        assert next(events).event == "meta"
+        sleeper = threading.Thread(target=sleep_redis)
+        sleeper.start()
+        rest = list(events)
+        if not slept.is_set():
+            finished_while_redis_slept.set()
+    sleeper.join()
+    assert rest[-1].event == "done"
+    assert finished_while_redis_slept.is_set(), "the stream waited for Redis"
+    failed = a.wait_for_log("store_write_failed", "r-slow")
+    assert failed["exception"] in ("TimeoutError", "CancelledError")
+
+
+def test_a_backlog_over_the_queue_bound_marks_the_stream_unresumable_elsewhere(
+    start_service: Any, redis_server: RedisServer, pair: tuple[Service, Service]
+) -> None:
+    _, b = pair
+    a = replica(start_service, redis_server.url, RESUME_STORE_QUEUE_MB="0.01")  # 10 KiB
+    response, events = a.chat({"message": "fake:huge=20000"}, headers={**AUTH, "X-Request-ID": "r-big"})
+    assert events[-1].event == "done"  # the live stream is whole
+    assert a.wait_for_log("store_behind", "r-big")["stream_id"] == response.headers["x-stream-id"]
+    assert metric(a, 'chatsvc_store_unresumable_streams_total{reason="behind"}') == 1
+    refused = follow(b, response.headers["x-stream-id"])
+    assert_error_response(refused, 503, "resume_unavailable")
+    assert follow(a, response.headers["x-stream-id"]).status_code == 200  # A has it whole
+
+
+def test_replica_b_restarted_during_a_follow(
+    start_service: Any, redis_server: RedisServer, pair: tuple[Service, Service]
+) -> None:
+    a, _ = pair
+    b = replica(start_service, redis_server.url)
+    stream_id, got = start_and_leave(a, "fake:deltas=40,delay=0.05", "r-restart", 2)
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "GET", f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": got[-1].id or ""}
+        ) as response,
+    ):
+        events = (e for e in iter_sse(response) if e.comment is None)
+        got += [next(events) for _ in range(3)]
+        b.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        with pytest.raises(httpx.HTTPError):
+            got += list(events)
+    b.proc.wait()  # type: ignore[union-attr]
+    b2 = replica(start_service, redis_server.url)  # B again, after its restart
+    got += events_of(follow(b2, stream_id, {"Last-Event-ID": got[-1].id or ""}))
+    assert [e.id for e in got] == [f"{stream_id}:{i}" for i in range(len(got))]
+    assert text_of(got) == expected_text("fake:deltas=40,delay=0.05")
+    assert got[-1].event == "done"
+
+
+def test_the_store_metrics_count_writes_and_their_latency(pair: tuple[Service, Service]) -> None:
+    a, _ = pair
+    before = metric(a, 'chatsvc_store_writes_total{result="ok"}')
+    a.chat({"message": "fake:deltas=3"}, headers=AUTH)
+    assert metric(a, 'chatsvc_store_writes_total{result="ok"}') > before
+    assert metric(a, "chatsvc_store_write_seconds_count") >= metric(a, 'chatsvc_store_writes_total{result="ok"}')
