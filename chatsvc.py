@@ -1390,14 +1390,14 @@ class Service:
 
     def start_stream(
         self,
+        stream_id: str,
         owner: bytes | None,
         protocol: ChatProtocol,
-        chat_id: str | None,
+        chat: ChatKey | None,
         make_producer: Callable[[StreamLog], Producer],
     ) -> StreamLog:
         """A new stream's log, and its producer running in a task of its own: it outlives the request."""
-        chat = None if chat_id is None else (owner, chat_id)
-        stream_log = StreamLog(self, secrets.token_hex(16), owner, protocol, chat)
+        stream_log = StreamLog(self, stream_id, owner, protocol, chat)
         self.streams[stream_log.stream_id] = stream_log
         if chat is not None:
             self.chats[chat] = stream_log
@@ -2155,6 +2155,42 @@ class RedisStore:
 
     # Writing: the producing replica
 
+    def announce(
+        self, stream_id: str, owner: bytes | None, protocol: ChatProtocol, chat: ChatKey | None, span: trace.Span
+    ) -> asyncio.Task[BaseException | None]:
+        """Write a new stream's facts while its upstream opens: no client learns the stream's id
+        (from the response) before every replica can find it. The task's result is the failure, if any."""
+        pipe = self.redis.pipeline(transaction=False)
+        _, facts = store_keys(stream_id)
+        ids = span.get_span_context()
+        pipe.hset(
+            facts,
+            mapping={
+                "protocol": protocol.path,
+                "owner": owner.hex() if owner else "",  # a keyed digest, never a key
+                "trace": f"{ids.trace_id:032x}{ids.span_id:016x}" if ids.is_valid else "",
+                "state": "live",
+            },
+        )
+        pipe.expire(facts, self.live_ttl)
+        if chat is not None:
+            pipe.set(chat_store_key(chat), stream_id, ex=self.live_ttl)
+        return asyncio.create_task(self.execute(pipe))
+
+    async def execute(self, pipe: redis.asyncio.client.Pipeline) -> BaseException | None:
+        """One round trip, bounded and counted; the failure, if any."""
+        metrics = self.service.metrics
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(self.timeout):
+                await pipe.execute()
+        except self.errors as exc:
+            metrics.store_writes.labels("failed").inc()
+            return exc
+        metrics.store_writes.labels("ok").inc()
+        metrics.store_latency.observe(time.monotonic() - started)
+        return None
+
     def mirror(self, stream_log: StreamLog, entries: list[bytes], size: int) -> None:
         """Queue what was appended (or, with no entries, that the terminal event was delivered)."""
         if stream_log.store_note is not None:
@@ -2204,42 +2240,19 @@ class RedisStore:
             _, facts = store_keys(stream_id)
             pipe.hset(facts, "state", "unresumable")
             pipe.expire(facts, self.live_ttl)
-        metrics = self.service.metrics
-        started = time.monotonic()
-        try:
-            with anyio.fail_after(self.timeout):
-                await pipe.execute()
-        except self.errors as exc:
-            metrics.store_writes.labels("failed").inc()
+        if (failure := await self.execute(pipe)) is not None:
             self.unmarked |= marking
             for stream_log in batch:
-                self.give_up(stream_log, "failed", exc)
-            return
-        metrics.store_writes.labels("ok").inc()
-        metrics.store_latency.observe(time.monotonic() - started)
+                self.give_up(stream_log, "failed", failure)
 
     def queue_writes(self, pipe: redis.asyncio.client.Pipeline, stream_log: StreamLog) -> None:
-        """One XADD of the events not yet written, under the id of the first one's seq; the facts
-        with the first, the expiry moved to RESUME_TTL_S with the terminal one."""
+        """One XADD of the events not yet written, under the id of the first one's seq; the expiry
+        moved to RESUME_TTL_S with the terminal one (the facts went out with `announce`)."""
         entries, first = stream_log.unstored, stream_log.stored
         self.queued -= sum(map(len, entries))
         stream_log.unstored = []
         stream_log.stored += len(entries)
         events, facts = store_keys(stream_log.stream_id)
-        if first == 0 and entries:
-            span = stream_log.span_context
-            pipe.hset(
-                facts,
-                mapping={
-                    "protocol": stream_log.protocol.path,
-                    "owner": stream_log.owner.hex() if stream_log.owner else "",  # a keyed digest, never a key
-                    "trace": f"{span.trace_id:032x}{span.span_id:016x}" if span.is_valid else "",
-                    "state": "live",
-                },
-            )
-            pipe.expire(facts, self.live_ttl)
-            if stream_log.chat is not None:
-                pipe.set(chat_store_key(stream_log.chat), stream_log.stream_id, ex=self.live_ttl)
         if entries:
             fields: dict[Any, Any] = {str(first + i): entry for i, entry in enumerate(entries)}
             ended = stream_log.finished and stream_log.stored == len(stream_log)
@@ -2264,8 +2277,8 @@ class RedisStore:
             with anyio.fail_after(self.timeout):
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.hgetall(facts_key)
-                pipe.xrevrange(events, count=1)
-                facts, last = await pipe.execute()
+                pipe.xrange(events)  # all so far, for the follower's replay: one round trip in all
+                facts, read = await pipe.execute()
         except self.errors:
             raise store_unavailable("RESUME_STORE does not answer") from None
         if not facts:
@@ -2275,11 +2288,11 @@ class RedisStore:
         if facts.get(b"state") == b"unresumable" or b"protocol" not in facts:  # given up on before its facts
             raise store_unavailable("this stream's copy in RESUME_STORE is incomplete")
         length, finished = 0, False
-        if last:
-            fields = last[0][1]
+        if read:
+            fields = read[-1][1]
             length = max(int(key) for key in fields if key != b"end") + 1
             finished = b"end" in fields
-        return RemoteLog(self, stream_id, facts, length, finished)
+        return RemoteLog(self, stream_id, facts, read, length, finished)
 
     async def delivered(self, stream_id: str) -> bool:
         try:
@@ -2339,9 +2352,10 @@ class RemoteLog:
     FollowerResponse and resume() know from a StreamLog."""
 
     def __init__(
-        self, store: RedisStore, stream_id: str, facts: dict[bytes, bytes], length: int, finished: bool
+        self, store: RedisStore, stream_id: str, facts: dict[bytes, bytes], read: Any, length: int, finished: bool
     ) -> None:
         self.store = store
+        self.read: Any = read  # the entries that `find` read: the replay's first batch
         self.service = store.service
         self.stream_id = stream_id
         self.protocol = PROTOCOLS[facts[b"protocol"].decode()]
@@ -2377,7 +2391,7 @@ class RemoteLog:
             while True:
                 with anyio.fail_after(self.store.timeout):
                     if last_id is None:
-                        read = await redis_client.xrange(events)
+                        read, self.read = self.read, None
                     else:
                         reply: Any = await redis_client.xread({events: last_id}, block=self.store.block_ms)
                         read = reply[0][1] if reply else []  # RESP2: [[key, entries]]
@@ -2493,12 +2507,18 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     model = chat_request.model or settings.OPENAI_MODEL
     span = service.tracing.upstream_span(settings, chat_request, model)
     token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
+    stream_id = secrets.token_hex(16)  # note 11
+    chat = None if chat_id is None else (owner, chat_id)
+    # Note 15: every replica can find the stream before its id is out, at no cost to the live path.
+    announced = service.store.announce(stream_id, owner, protocol, chat, span) if service.store else None
     try:
         stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
     except BaseException as exc:
         service.release_slot()
         mark_failed(span, exc.code if isinstance(exc, ServiceError) else "internal_error", exc)
         span.end()
+        if announced is not None:
+            announced.cancel()
         raise
     finally:
         if token is not None:
@@ -2514,13 +2534,17 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
             "open_ms": round((time.monotonic() - started) * 1000, 1),
         },
     )
+    store_failure = await announced if announced is not None else None
     # The slot and the span are the producer's to release and end from here on.
     stream_log = service.start_stream(
+        stream_id,
         owner,
         protocol,
-        chat_id,
+        chat,
         lambda stream_log: Producer(service, stream_log, stream, span, model, prompt_chars, started, deadline),
     )
+    if store_failure is not None and service.store is not None:
+        service.store.give_up(stream_log, "failed", store_failure)
     return FollowerResponse(stream_log, 0, settings)
 
 
@@ -2607,7 +2631,9 @@ def _resume_after(request: Request, stream_log: StreamLog | RemoteLog) -> int:
         seq = int(after)
     else:
         return -1
-    if seq >= len(stream_log):
+    # A live stream's copy in the store may be behind what its client has: the follower waits for it.
+    behind_is_possible = isinstance(stream_log, RemoteLog) and not stream_log.finished
+    if seq >= len(stream_log) and not behind_is_possible:
         raise ServiceError("stream_not_found", f"this stream has sent no event {seq} yet")
     return seq
 

@@ -27,13 +27,17 @@ async def one(
     expected: str,
     leave_after: int | None = None,
     resume_after: int | None = None,
+    other_port: int | None = None,
+    delete_after: int | None = None,
 ) -> dict[str, Any]:
     """One stream. With `leave_after`, close the connection once the stream is open (0) or after
     that many deltas, and note when (CLOCK_MONOTONIC, shared with the fake upstream). With
     `resume_after`, cut it after that many deltas, as if the last ROLLBACK of them were lost in
     flight, and resume it at once with GET /chat/streams/{id} and the id of the last one kept,
     timing the reconnect to the first replayed event (read from the stream's log, not awaited from
-    the model)."""
+    the model); on `other_port` if given (another replica). With `delete_after`, after that many
+    deltas send DELETE /chat/streams/{id} (to `other_port` if given) and note when, as `leave_after`
+    does."""
     path, body = {
         "chatsvc": ("/chat", {"message": message}),
         "ai-sdk": (
@@ -82,13 +86,18 @@ async def one(
                 if leave_after is not None and len(text) >= leave_after:
                     writer.close()
                     return {"ok": True, "why": None, "left_at": time.monotonic()}
+                if delete_after is not None and len(text) >= delete_after:
+                    deleted_at = time.monotonic()
+                    status = await _delete(other_port or port, last_id.split(b":")[0])
+                    writer.close()
+                    return {"ok": status == b"204", "why": f"DELETE answered {status!r}", "left_at": deleted_at}
                 if resume_after is not None and not reconnected and len(text) >= resume_after:
                     writer.close()  # cut: the events read so far are kept, the partial line is not
                     buffer, pending, reconnected = b"", None, time.perf_counter()
                     del text[-ROLLBACK:]
                     stream_id = last_id.split(b":")[0]
                     last_id = b"%s:%d" % (stream_id, len(text))  # delta k is event k: meta is 0
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", other_port or port)
                     writer.write(
                         b"GET /chat/streams/%s HTTP/1.1\r\nHost: x\r\nLast-Event-ID: %s\r\nConnection: close\r\n\r\n"
                         % (stream_id, last_id)
@@ -108,6 +117,14 @@ async def one(
         "total": done - sent,
         "resumed_in": resumed_in,
     }
+
+
+async def _delete(port: int, stream_id: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"DELETE /chat/streams/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % stream_id)
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    return head.split(b" ")[1]
 
 
 def _ui_message(text: str) -> dict[str, Any]:
@@ -131,6 +148,8 @@ async def run(
     message: str,
     leave_after: int | None = None,
     resume_after: int | None = None,
+    other_port: int | None = None,
+    delete_after: int | None = None,
 ) -> dict[str, Any]:
     chunks = int(dict(item.split("=") for item in message.removeprefix("bench:").split(","))["chunks"])
     expected = "".join(f"t{i} " for i in range(chunks))
@@ -138,13 +157,16 @@ async def run(
 
     async def gated(i: int) -> dict[str, Any]:
         async with gate:
-            if leave_after is None:
-                return await one(port, target, message, expected, resume_after=resume_after)
-            return await one(port, target, f"{message},tag={i}", expected, leave_after)
+            if leave_after is None and delete_after is None:
+                return await one(port, target, message, expected, resume_after=resume_after, other_port=other_port)
+            tagged = f"{message},tag={i}"
+            return await one(
+                port, target, tagged, expected, leave_after, other_port=other_port, delete_after=delete_after
+            )
 
     started = time.perf_counter()
     results = await asyncio.gather(*(gated(i) for i in range(streams)))
-    if leave_after is not None:
+    if leave_after is not None or delete_after is not None:
         return {
             "streams": streams,
             "failed": sum(not r["ok"] for r in results),
@@ -172,8 +194,11 @@ if __name__ == "__main__":
     parser.add_argument("--message", default="bench:chunks=20")
     parser.add_argument("--leave-after", type=int, help="close each stream after this many deltas")
     parser.add_argument("--resume-after", type=int, help="cut each stream after this many deltas and resume it")
+    parser.add_argument("--delete-after", type=int, help="DELETE each stream after this many deltas")
+    parser.add_argument("--other-port", type=int, help="resume or DELETE there: another replica")
     args = parser.parse_args()
     result = run(
-        args.port, args.target, args.streams, args.concurrency, args.message, args.leave_after, args.resume_after
-    )
+        args.port, args.target, args.streams, args.concurrency, args.message,
+        args.leave_after, args.resume_after, args.other_port, args.delete_after,
+    )  # fmt: skip
     print(json.dumps(asyncio.run(result)))

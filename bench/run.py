@@ -9,7 +9,10 @@ its own process) share core 1. Relays: `floor` (bench/floor_relay.py: the fixed 
 `chatsvc` (resume on, the defaults), `chatsvc-noresume` (RESUME_GRACE_S=0, RESUME_TTL_S=0),
 `ai-sdk` (chatsvc as `chatsvc`, but every stream on POST /api/chat, the AI SDK's protocol),
 `chatsvc-traced` (as `chatsvc`, with OpenTelemetry exporting every request's spans to a loopback
-OTLP receiver, tests/otlp_receiver.py, on core 1) and `obvious` (bench/obvious_relay.py). Scenarios:
+OTLP receiver, tests/otlp_receiver.py, on core 1), `chatsvc-redis` (as `chatsvc`, with
+RESUME_STORE=redis:// on Debian's redis-server, on core 1, and a second replica beside it: its R
+resumes, and its X stops, every stream on that other replica) and `obvious`
+(bench/obvious_relay.py). Scenarios:
   A. time to first delta, p50 at concurrency 1 (added: relay minus upstream direct), measured with
      every relay up at once, in interleaved rounds;
   B. CPU seconds of the relay per 10,000 deltas, 32 streams at once, chunks back to back;
@@ -20,7 +23,9 @@ OTLP receiver, tests/otlp_receiver.py, on core 1) and `obvious` (bench/obvious_r
   E. a client that leaves before the first token, and one that leaves after it: how long until
      the fake upstream sees its connection closed (not with resume on: the grace keeps it open);
   R. resume: streams each cut once mid-stream and resumed at once with GET /chat/streams/{id} and
-     Last-Event-ID: all intact, and the time from the reconnect to the first replayed event.
+     Last-Event-ID: all intact, and the time from the reconnect to the first replayed event;
+  X. chatsvc-redis only: DELETE on the other replica, and how long until the fake upstream sees
+     the producing replica close its connection.
 `--costs` instead prints chatsvc's CPU per stream (with its logs and without) and per lone delta.
 Every stream is checked for integrity. Every process and wait is bounded; all stop by themselves.
 """
@@ -31,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -82,13 +88,21 @@ def get(url: str) -> bytes:
 
 
 def wait_http(url: str, limit: float = 30) -> None:
+    """Until `url` answers; a redis:// one until Redis answers PING."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
-            get(url)
-            return
+            if url.startswith("redis://"):
+                with socket.create_connection(("127.0.0.1", int(url.split(":")[2].split("/")[0])), 1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            else:
+                get(url)
+                return
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise SystemExit(f"bench: {url} did not answer")
 
 
@@ -152,6 +166,7 @@ class Relay:
     has_metrics: bool = False
     kept_on_leave: str | None = None  # why E does not apply, if it does not
     resumes: bool = False  # R applies
+    replicas: int = 1  # 2: R and X go to a second replica of the same relay
     target: str = "chatsvc"  # the load generator's: POST /chat; "ai-sdk": POST /api/chat
 
 
@@ -234,7 +249,15 @@ class Bench:
         port = free_port()
         env = {**relay.env, "PORT": str(port)}
         command = [*pinned(0), *(arg.format(port=port) for arg in relay.command)]
-        with running(command, env, f"http://127.0.0.1:{port}/healthz") as p:
+        with ExitStack() as replicas:
+            p = replicas.enter_context(running(command, env, f"http://127.0.0.1:{port}/healthz"))
+            other = port
+            if relay.replicas == 2:
+                other = free_port()
+                other_command = [*pinned(0), *(arg.format(port=other) for arg in relay.command)]
+                replicas.enter_context(
+                    running(other_command, {**relay.env, "PORT": str(other)}, f"http://127.0.0.1:{other}/healthz")
+                )
             self.count(load(port, relay.target, 20, 5, "bench:chunks=5"))  # warm-up
 
             for scenario, (streams, chunks), delay in (("B", size.b, 0.0), ("C", size.c, 0.02)):
@@ -277,20 +300,23 @@ class Bench:
             if relay.resumes:
                 for row, streams, concurrency in (("R1", size.a // 3, 1), ("R", size.r, 32)):
                     result = load(
-                        port, "chatsvc", streams, concurrency, "bench:chunks=20,delay=0.02", "--resume-after", "10"
-                    )
+                        port, "chatsvc", streams, concurrency, "bench:chunks=20,delay=0.02",
+                        "--resume-after", "10", "--other-port", str(other),
+                    )  # fmt: skip
                     self.count(result)
                     waits = result["resumed_in"]
                     self.put(row, name, f"p50 {pct(waits, 0.5) * 1000:.1f} ms, p99 {pct(waits, 0.99) * 1000:.1f} ms")
+            rows = [] if relay.kept_on_leave else [
+                ("E before", "bench:chunks=5,first=10", "--leave-after", "0"),
+                ("E after", "bench:chunks=100,delay=0.2", "--leave-after", "1"),
+            ]  # fmt: skip
             if relay.kept_on_leave:
                 self.put("E before", name, relay.kept_on_leave)
                 self.put("E after", name, relay.kept_on_leave)
-                return
-            for row, message, leave_after in (
-                ("E before", "bench:chunks=5,first=10", 0),
-                ("E after", "bench:chunks=100,delay=0.2", 1),
-            ):
-                result = load(port, relay.target, size.e, size.e, message, "--leave-after", str(leave_after))
+            if relay.replicas == 2:
+                rows.append(("X", "bench:chunks=100,delay=0.2", "--delete-after", "1"))
+            for row, message, how, after in rows:
+                result = load(port, relay.target, size.e, size.e, message, how, after, "--other-port", str(other))
                 self.count(result)
                 left_at = {tag: left for tag, left in result["left_at"].items() if left is not None}
                 deadline = time.monotonic() + 3  # far past the 50 ms goal: a close later than this is "never"
@@ -321,6 +347,7 @@ class Bench:
             "E after": "E. upstream closed after the client left, after the first token",
             "R1": f"R. {self.size.a // 3} streams cut once and resumed, one at a time: reconnect to first event",
             "R": f"R. {self.size.r} streams, 32 at a time, all cut at once and resumed: the same",
+            "X": "X. DELETE on the other replica to the upstream closed by the producing one",
         }
         targets = ["upstream", *relays]
         ratios = [
@@ -328,6 +355,7 @@ class Bench:
             ("chatsvc", "chatsvc-noresume", ("B", "C", "D mem")),
             ("ai-sdk", "chatsvc", ("B", "C")),
             ("chatsvc-traced", "chatsvc", ("B", "C", "D mem")),
+            ("chatsvc-redis", "chatsvc", ("B", "C", "D mem")),
         ]
         ratios = [r for r in ratios if r[0] in relays and r[1] in relays]
         header = [*targets, *(f"{a} / {b}" for a, b, _ in ratios)]
@@ -368,8 +396,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
         "--relays",
-        default="floor,chatsvc,chatsvc-noresume,ai-sdk,chatsvc-traced,obvious",
-        help="comma-separated: floor, chatsvc, chatsvc-noresume, ai-sdk, chatsvc-traced, chatsvc-quiet, obvious,"
+        default="floor,chatsvc,chatsvc-noresume,ai-sdk,chatsvc-traced,chatsvc-redis,obvious",
+        help="comma-separated: floor, chatsvc, chatsvc-noresume, ai-sdk, chatsvc-traced, chatsvc-redis,"
+        " chatsvc-quiet, obvious,"
         " chatsvc-h11,"
         " chatsvc-granian (after `pip install granian`)",
     )
@@ -380,7 +409,7 @@ def main() -> int:
         if args.smoke
         else Sizes(300, (320, 500), (64, 50), (1000, 20), 20, 100)
     )
-    up_port, otlp_port = free_port(), free_port()
+    up_port, otlp_port, redis_port = free_port(), free_port(), free_port()
     upstream_env = {
         "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
         "OPENAI_API_KEY": "bench",
@@ -410,6 +439,13 @@ def main() -> int:
         # (R drives resumes by event id; the AI SDK resumes by chat, which tests/test_ai_sdk.py shows.)
         "ai-sdk": replace(chatsvc, name="ai-sdk", target="ai-sdk", resumes=False),
         # The same service with every request traced (the default sampler) and exported.
+        # The same service with the stream logs in Redis, and a second replica for R and X.
+        "chatsvc-redis": replace(
+            chatsvc,
+            name="chatsvc-redis",
+            env={**upstream_env, "RESUME_STORE": f"redis://127.0.0.1:{redis_port}/0"},
+            replicas=2,
+        ),
         "chatsvc-traced": replace(
             chatsvc,
             name="chatsvc-traced",
@@ -456,6 +492,15 @@ def main() -> int:
                     [*pinned(1), PY, str(ROOT / "tests/otlp_receiver.py"), "--port", str(otlp_port)],
                     {"PYTHONPATH": str(ROOT)},
                     f"http://127.0.0.1:{otlp_port}/spans",
+                )
+            )
+        if any(relay.name == "chatsvc-redis" for relay in relays):
+            redis_server = shutil.which("redis-server") or "redis-server"  # tests/install-debian.sh
+            servers.enter_context(
+                running(
+                    [*pinned(1), redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""],
+                    {},
+                    f"redis://127.0.0.1:{redis_port}/0",
                 )
             )
         if args.costs:

@@ -28,6 +28,7 @@ def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
         ("chatsvc-noresume", "ABCDE"),
         ("ai-sdk", "ABCD"),
         ("chatsvc-traced", "ABCDR"),
+        ("chatsvc-redis", "ABCDRX"),  # R and X on its other replica
         ("floor", "ABCD"),
     ):
         column = header.index(relay)
