@@ -136,6 +136,10 @@ Deliberate departures from the libraries' defaults (the code points back here as
     RESUME_TTL_S after the terminal event (before it, after any stream's longest possible life), and
     the Redis Stream is bounded to MAX_TOKENS + 16 entries. A replica that does not hold a stream
     reads the store: the entries so far, then XREAD BLOCK to the terminal event (`RemoteLog`).
+    - The writer gathers for STORE_WRITE_INTERVAL_S (5 ms) before each round trip, so that one
+      carries what all streams appended meanwhile: a round trip cost this process some 190 µs of
+      CPU (most of it the loopback send) whether it carries one XADD or eight. Other replicas see
+      events up to that much later; the producing replica's followers are not affected.
     - The live path never waits for Redis: a write is queued, never awaited, by the producer. Each
       round trip is bounded by RESUME_STORE_TIMEOUT_S and the queue by RESUME_STORE_QUEUE_MB (the
       longest backlog goes first). A stream whose writes failed or fell behind is given up on: its
@@ -1226,6 +1230,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for result in ("ok", "failed"):  # 0 from the start (and without a store): rate() sees the first
+            self.store_writes.labels(result)
         self.detached = gauge("chatsvc_detached_streams", "Streams running with no client attached")
         self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)")
         # For the alert rules (deploy/prometheus/rules.yml): the limits, and how long a drain has run.
@@ -2085,6 +2091,9 @@ class FollowerResponse(EventSourceResponse):
 # --- The shared stream log (note 15) ----------------------------------------------------------------
 
 PROTOCOLS = {protocol.path: protocol for protocol in (CHATSVC, AI_SDK)}  # as a stream's facts name it
+#: The writer gathers this long after the first event to write (note 15): a round trip costs some
+#: 190 µs of CPU whatever it carries (measured: 43 µs an XADD with 8 in one pipeline).
+STORE_WRITE_INTERVAL_S = 0.005
 CANCEL_CHANNEL = "chatsvc:cancel"  # DELETE on one replica, for the replica producing the stream
 
 
@@ -2226,6 +2235,7 @@ class RedisStore:
     async def write(self) -> None:
         while True:
             await self.wake.wait()
+            await asyncio.sleep(STORE_WRITE_INTERVAL_S)  # what comes meanwhile shares the round trip
             self.wake.clear()
             await self.write_once()
 

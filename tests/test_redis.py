@@ -218,6 +218,11 @@ def test_the_store_holds_no_key_and_no_text_beyond_the_events(
     response, _ = a.chat({"message": f"fake:deltas=2,{marker}"}, headers=AUTH)
     stream_id = response.headers["x-stream-id"]
     client = redis_server.client()
+    facts_key = f"chatsvc:{{{stream_id}}}:facts"
+    deadline = time.monotonic() + 10
+    while client.hget(facts_key, "state") != b"finished":  # the copy is written behind the stream
+        assert time.monotonic() < deadline, client.hgetall(facts_key)
+        time.sleep(0.01)  # polling Redis: there is no event to await from here
     keys = sorted(k.decode() for k in client.scan_iter(f"*{stream_id}*"))
     assert keys == [f"chatsvc:{{{stream_id}}}:events", f"chatsvc:{{{stream_id}}}:facts"]
     facts: dict[bytes, bytes] = client.hgetall(f"chatsvc:{{{stream_id}}}:facts")  # type: ignore[assignment]
