@@ -26,6 +26,7 @@ import redis
 from tests.conftest import Event, Service, free_port, iter_sse
 from tests.cutting_proxy import CuttingProxy, at_marker
 from tests.fake_model import FakeModel, expected_text
+from tests.otlp_receiver import OTLPReceiver
 from tests.spec import assert_error_response
 from tests.test_js_clients import ANSWER, assert_whole_once, node
 
@@ -415,3 +416,24 @@ def test_the_store_metrics_count_writes_and_their_latency(pair: tuple[Service, S
     a.chat({"message": "fake:deltas=3"}, headers=AUTH)
     assert metric(a, 'chatsvc_store_writes_total{result="ok"}') > before
     assert metric(a, "chatsvc_store_write_seconds_count") >= metric(a, 'chatsvc_store_writes_total{result="ok"}')
+
+
+def test_a_resume_on_b_links_to_the_upstream_span_on_a(start_service: Any, redis_server: RedisServer) -> None:
+    """Traces across replicas (note 14): the producer's span ids travel in the stream's facts."""
+    receiver = OTLPReceiver().start()
+    try:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        a, b = replica(start_service, redis_server.url, **otel), replica(start_service, redis_server.url, **otel)
+        stream_id, got = start_and_leave(a, SLOW, "r-link", 3)
+        resumed = follow(b, stream_id, {"Last-Event-ID": got[-1].id or "", "X-Request-ID": "r-link-b"})
+        assert resumed.status_code == 200
+        trace_id = a.wait_for_log("request_completed", "r-link")["trace_id"]
+        upstream = receiver.wait_for(lambda spans: next((s for s in spans if s.name.startswith("chat ")), None))
+        follower = receiver.wait_for(
+            lambda spans: next((s for s in spans if s.name == "GET /chat/streams/{stream_id}"), None)
+        )
+        assert upstream.trace_id == trace_id
+        assert follower.links == [(trace_id, upstream.span_id)]
+        assert follower.trace_id != trace_id  # a trace of its own, linked
+    finally:
+        receiver.stop()
