@@ -136,10 +136,13 @@ Deliberate departures from the libraries' defaults (the code points back here as
     RESUME_TTL_S after the terminal event (before it, after any stream's longest possible life), and
     the Redis Stream is bounded to MAX_TOKENS + 16 entries. A replica that does not hold a stream
     reads the store: the entries so far, then XREAD BLOCK to the terminal event (`RemoteLog`).
-    - The writer gathers for STORE_WRITE_INTERVAL_S (5 ms) before each round trip, so that one
-      carries what all streams appended meanwhile: a round trip cost this process some 190 µs of
-      CPU (most of it the loopback send) whether it carries one XADD or eight. Other replicas see
-      events up to that much later; the producing replica's followers are not affected.
+    - The writer gathers for STORE_WRITE_INTERVAL_S (50 ms) before each round trip, so that one
+      carries what every stream appended meanwhile, and one XADD a stream's deltas of that time:
+      a round trip cost this process some 190 µs of CPU (most of it the loopback send) and each
+      XADD in it 25 to 55 µs more (redis-py's packing and parsing). At 5 ms, with deltas 20 ms
+      apart, the store cost 1.55x chatsvc's CPU per delta (interleaved rounds); at 50 ms 1.23x.
+      Followers on other replicas get the live events in bursts up to 50 ms late; the producing
+      replica's own followers, and resumes of what was already written, are not affected.
     - The live path never waits for Redis: a write is queued, never awaited, by the producer. Each
       round trip is bounded by RESUME_STORE_TIMEOUT_S and the queue by RESUME_STORE_QUEUE_MB (the
       longest backlog goes first). A stream whose writes failed or fell behind is given up on: its
@@ -2092,8 +2095,8 @@ class FollowerResponse(EventSourceResponse):
 
 PROTOCOLS = {protocol.path: protocol for protocol in (CHATSVC, AI_SDK)}  # as a stream's facts name it
 #: The writer gathers this long after the first event to write (note 15): a round trip costs some
-#: 190 µs of CPU whatever it carries (measured: 43 µs an XADD with 8 in one pipeline).
-STORE_WRITE_INTERVAL_S = 0.005
+#: 190 µs of CPU, and each XADD in it 25 to 55 µs more, so a stream's deltas should share one.
+STORE_WRITE_INTERVAL_S = 0.05
 CANCEL_CHANNEL = "chatsvc:cancel"  # DELETE on one replica, for the replica producing the stream
 
 

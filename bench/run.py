@@ -156,6 +156,7 @@ class Sizes:
     d: tuple[int, int]
     e: int
     r: int
+    interleaved: tuple[int, int] = (32, 100)  # Bi and Ci: streams (all at once), chunks each
 
 
 @dataclass
@@ -217,12 +218,13 @@ class Bench:
         on all of them alike."""
         samples: dict[str, list[float]] = {"upstream": [], **{r.name: [] for r in relays}}
         targets = [("upstream", self.up_port, "upstream")]
+        pids: dict[str, int] = {}
         with ExitStack() as stack:
             for relay in relays:
                 port = free_port()
                 env = {**relay.env, "PORT": str(port)}
                 command = [*pinned(0), *(arg.format(port=port) for arg in relay.command)]
-                stack.enter_context(running(command, env, f"http://127.0.0.1:{port}/healthz"))
+                pids[relay.name] = stack.enter_context(running(command, env, f"http://127.0.0.1:{port}/healthz")).pid
                 self.count(load(port, relay.target, 20, 5, "bench:chunks=5"))  # warm-up
                 targets.append((relay.name, port, relay.target))
             for _ in range(A_ROUNDS):
@@ -230,12 +232,32 @@ class Bench:
                     result = load(port, target, max(5, self.size.a // A_ROUNDS), 1, "bench:chunks=5")
                     self.count(result)
                     samples[name] += result["ttfb"]
+            self.interleaved_cpu(targets[1:], pids)
         direct = statistics.median(samples["upstream"])
         self.put("A", "upstream", f"{direct * 1000:.2f} ms", direct)
         for relay in relays:
             ttfb = statistics.median(samples[relay.name])
             added = ttfb - direct
             self.put("A", relay.name, f"{ttfb * 1000:.2f} ms, added {added * 1000:.2f} ms", added)
+
+    def interleaved_cpu(self, targets: list[tuple[str, int, str]], pids: dict[str, int]) -> None:
+        """B and C again, smaller, in interleaved rounds over the relays that A started: the
+        machine's drift, which moves single B and C runs by 30 % and more, falls on all alike.
+        Each relay's figure is the median of its rounds."""
+        (streams, chunks), rounds = self.size.interleaved, A_ROUNDS
+        per_round: dict[str, dict[str, list[float]]] = {"Bi": {}, "Ci": {}}
+        for _ in range(rounds):
+            for row, delay in (("Bi", 0.0), ("Ci", 0.02)):
+                for name, port, target in targets:
+                    before = cpu_seconds(pids[name])
+                    result = load(port, target, streams, streams, f"bench:chunks={chunks},delay={delay}")
+                    self.count(result)
+                    per_10k = (cpu_seconds(pids[name]) - before) / (streams * chunks) * 10_000
+                    per_round[row].setdefault(name, []).append(per_10k)
+        for row, figures in per_round.items():
+            for name, values in figures.items():
+                median = statistics.median(values)
+                self.put(row, name, f"{median:.3f} CPU s ({median * 100:.0f} µs a delta)", median)
 
     def direct(self) -> None:
         size, port = self.size, self.up_port
@@ -338,6 +360,9 @@ class Bench:
             "A": "A. time to first delta, p50, c=1",
             "B": "B. CPU per 10,000 deltas, c=32, back to back",
             "C": "C. CPU per 10,000 deltas, c=32, a chunk every 20 ms",
+            "Bi": f"B, interleaved: {self.size.interleaved[0]} streams of {self.size.interleaved[1]} chunks,"
+            f" median of {A_ROUNDS} rounds",
+            "Ci": f"C, interleaved: the same, a chunk every 20 ms, median of {A_ROUNDS} rounds",
             "D": f"D. {self.size.d[0]} streams, a chunk every 500 ms: p99 first delta / p99 stream"
             f" (ideal {(self.size.d[1] - 1) * 0.5:.1f} s)",
             "D mem": "D. memory per open stream",
@@ -351,11 +376,11 @@ class Bench:
         }
         targets = ["upstream", *relays]
         ratios = [
-            ("chatsvc", "floor", ("A", "B", "C")),
-            ("chatsvc", "chatsvc-noresume", ("B", "C", "D mem")),
-            ("ai-sdk", "chatsvc", ("B", "C")),
-            ("chatsvc-traced", "chatsvc", ("B", "C", "D mem")),
-            ("chatsvc-redis", "chatsvc", ("B", "C", "D mem")),
+            ("chatsvc", "floor", ("A", "B", "C", "Bi", "Ci")),
+            ("chatsvc", "chatsvc-noresume", ("B", "C", "Bi", "Ci", "D mem")),
+            ("ai-sdk", "chatsvc", ("B", "C", "Bi", "Ci")),
+            ("chatsvc-traced", "chatsvc", ("B", "C", "Bi", "Ci", "D mem")),
+            ("chatsvc-redis", "chatsvc", ("B", "C", "Bi", "Ci", "D mem")),
         ]
         ratios = [r for r in ratios if r[0] in relays and r[1] in relays]
         header = [*targets, *(f"{a} / {b}" for a, b, _ in ratios)]
@@ -405,7 +430,7 @@ def main() -> int:
     parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
     args = parser.parse_args()
     size = (
-        Sizes(20, (32, 50), (8, 10), (50, 4), 3, 10)
+        Sizes(20, (32, 50), (8, 10), (50, 4), 3, 10, (8, 10))
         if args.smoke
         else Sizes(300, (320, 500), (64, 50), (1000, 20), 20, 100)
     )
