@@ -182,7 +182,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -328,6 +328,10 @@ class Settings(BaseSettings):
         same on every replica given the same SERVICE_API_KEYS, and no digest reveals a key without
         all of them."""
         return hashlib.sha256(b"chatsvc stream owner\0" + b"\0".join(sorted(self.service_keys))).digest()
+
+    @cached_property
+    def upstream_host(self) -> str | None:
+        return urllib.parse.urlsplit(self.OPENAI_BASE_URL or "https://api.openai.com/v1").hostname
 
     @property
     def redis_url(self) -> str | None:
@@ -654,9 +658,8 @@ class Tracing:
         }
         if chat.temperature is not None:
             attributes["gen_ai.request.temperature"] = chat.temperature
-        upstream = urllib.parse.urlsplit(settings.OPENAI_BASE_URL or "https://api.openai.com/v1")
-        if upstream.hostname:
-            attributes["server.address"] = upstream.hostname
+        if settings.upstream_host:
+            attributes["server.address"] = settings.upstream_host
         return self.tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT, attributes=attributes)
 
 
@@ -2098,6 +2101,7 @@ PROTOCOLS = {protocol.path: protocol for protocol in (CHATSVC, AI_SDK)}  # as a 
 #: 190 µs of CPU, and each XADD in it 25 to 55 µs more, so a stream's deltas should share one.
 STORE_WRITE_INTERVAL_S = 0.05
 CANCEL_CHANNEL = "chatsvc:cancel"  # DELETE on one replica, for the replica producing the stream
+T = TypeVar("T")
 
 
 def store_keys(stream_id: str) -> tuple[str, str]:
@@ -2160,10 +2164,18 @@ class RedisStore:
 
     async def answers(self) -> bool:
         try:
-            with anyio.fail_after(self.timeout):
-                return bool(await self.redis.ping())
-        except self.errors:
+            return bool(await self.ask(self.redis.ping()))
+        except ServiceError:
             return False
+
+    async def ask(self, command: Awaitable[T]) -> T:
+        """One round trip outside the writer, bounded by RESUME_STORE_TIMEOUT_S; a store that does
+        not answer in time is 503 resume_unavailable."""
+        try:
+            with anyio.fail_after(self.timeout):
+                return await command
+        except self.errors:
+            raise store_unavailable("RESUME_STORE does not answer") from None
 
     # Writing: the producing replica
 
@@ -2286,14 +2298,10 @@ class RedisStore:
     async def find(self, stream_id: str, owner: bytes | None) -> RemoteLog:
         """A stream from the store, its facts checked as find_stream checks a local one."""
         events, facts_key = store_keys(stream_id)
-        try:
-            with anyio.fail_after(self.timeout):
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.hgetall(facts_key)
-                pipe.xrange(events)  # all so far, for the follower's replay: one round trip in all
-                facts, read = await pipe.execute()
-        except self.errors:
-            raise store_unavailable("RESUME_STORE does not answer") from None
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(facts_key)
+        pipe.xrange(events)  # all so far, for the follower's replay: one round trip in all
+        facts, read = await self.ask(pipe.execute())
         if not facts:
             raise stream_not_found()
         if b"owner" in facts and not _same_owner(bytes.fromhex(facts[b"owner"].decode()) or None, owner):
@@ -2308,30 +2316,18 @@ class RedisStore:
         return RemoteLog(self, stream_id, facts, read, length, finished)
 
     async def delivered(self, stream_id: str) -> bool:
-        try:
-            with anyio.fail_after(self.timeout):
-                return bool(await self.redis.hget(store_keys(stream_id)[1], "delivered"))
-        except self.errors:
-            raise store_unavailable("RESUME_STORE does not answer") from None
+        return bool(await self.ask(self.redis.hget(store_keys(stream_id)[1], "delivered")))
 
     async def find_chat(self, chat: ChatKey) -> str | None:
-        try:
-            with anyio.fail_after(self.timeout):
-                stream_id: bytes | None = await self.redis.get(chat_store_key(chat))  # type: ignore[assignment]
-        except self.errors:
-            raise store_unavailable("RESUME_STORE does not answer") from None
+        stream_id: bytes | None = await self.ask(self.redis.get(chat_store_key(chat)))  # type: ignore[arg-type]
         return stream_id.decode() if stream_id else None
 
     # Stopping: DELETE on any replica
 
     async def cancel(self, stream_id: str) -> None:
         """Tell every replica; the one producing the stream stops it (`listen`)."""
-        try:
-            with anyio.fail_after(self.timeout):
-                # With the DELETE's correlation id: the producing replica logs stream_cancelled with it.
-                listeners = await self.redis.publish(CANCEL_CHANNEL, f"{stream_id} {correlation_id.get() or ''}")
-        except self.errors:
-            raise store_unavailable("RESUME_STORE does not answer") from None
+        # With the DELETE's correlation id: the producing replica logs stream_cancelled with it.
+        listeners = await self.ask(self.redis.publish(CANCEL_CHANNEL, f"{stream_id} {correlation_id.get() or ''}"))
         if not listeners:  # no replica hears: not even the one producing it
             raise store_unavailable("no replica is listening on RESUME_STORE")
 
@@ -2433,7 +2429,6 @@ class RemoteLog:
                 if batch:
                     yield b"".join(batch)
                 if ended:
-                    self.delivered = True
                     with anyio.fail_after(self.store.timeout):
                         await redis_client.hset(facts, "delivered", "1")
                     return

@@ -29,6 +29,7 @@ from tests.fake_model import FakeModel, expected_text
 from tests.otlp_receiver import OTLPReceiver
 from tests.spec import assert_error_response
 from tests.test_js_clients import ANSWER, assert_whole_once, node
+from tests.test_resume import text_of
 
 SLOW = "fake:deltas=30,delay=0.05"  # 1.5 s of answer
 KEY, OTHER_KEY = "redis-test-key-0123456789", "redis-test-key-other-98765"
@@ -122,10 +123,6 @@ def follow(svc: Service, stream_id: str, headers: dict[str, str] | None = None, 
 
 def events_of(response: httpx.Response) -> list[Event]:
     return [e for e in iter_sse(response) if e.comment is None]
-
-
-def text_of(events: list[Event]) -> str:
-    return "".join(e.data["content"] for e in events if e.event == "delta")
 
 
 def metric(svc: Service, name: str) -> float:
