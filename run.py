@@ -22,9 +22,10 @@ Notes:
    it runs, every HEARTBEAT_S, that it is still at it and for how long: the llama-cpp-python
    build prints nothing of its own for minutes.
 6. llama.cpp is built for plain x86-64-v3 (AVX2, FMA; GGML_NATIVE=OFF), not for the build machine's
-   every feature: on Sapphire-Rapids-class CPUs the native build turns on ggml's AMX kernels, and
-   the server died of SIGSEGV on its first chat (ggml-org/llama.cpp#20824; CI saw it twice). The
-   135M model needs no AVX-512, and a portable build behaves alike on every machine. A CMAKE_ARGS
+   every feature: built natively, the server died of SIGSEGV on its first chat on CI (twice) and
+   on a Sapphire-Rapids-class machine, where the native build turns on ggml's AMX kernels, the
+   crash that ggml-org/llama.cpp#20824 reports. The 135M model needs no AVX-512, and a portable
+   build behaves alike on every machine. A CMAKE_ARGS
    of your own (CUDA, Metal) is used instead. pip's wheel cache is keyed by the sdist alone, so a
    wheel built before this change is reused: `pip cache remove llama_cpp_python` drops it.
 7. Signal handlers are ours from the start (a shell that starts us in the background leaves SIGINT
