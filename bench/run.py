@@ -230,8 +230,8 @@ class Bench:
                 targets.append((relay.name, port, relay.target))
             for round_number in range(A_ROUNDS):
                 # A new order each round (the same in every run), so that no relay always follows the
-                # same one: so shuffled, two copies of the same code measured alike (2.18 and 2.19 ms
-                # added), where fixed orders had put near-identical variants 0.3 ms apart.
+                # same one: in trials with a fixed order, near-identical variants came out 0.3 ms
+                # apart; shuffled, two copies of the same code measured alike.
                 for name, port, target in random.Random(round_number).sample(targets, len(targets)):
                     result = load(port, target, max(5, self.size.a // A_ROUNDS), 1, "bench:chunks=5")
                     self.count(result)
