@@ -230,6 +230,40 @@ def test_deployment_follows_the_services_contract() -> None:
     assert {"requests", "limits"} <= set(box["resources"])
 
 
+def test_the_readiness_probe_outwaits_what_readyz_waits_on() -> None:
+    """Bug: the probe gave /readyz 1 s with failureThreshold 1, while /readyz may wait on the store
+    (RESUME_STORE_TIMEOUT_S) and then the model server (CONNECT_TIMEOUT_S): one slow Redis answer
+    took every pod out at once. Fix: the probe waits longer than both, and takes two misses, which
+    still come well inside the drain's grace."""
+    import yaml
+
+    from chatsvc import Settings
+
+    deployment = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    (box,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in box["env"]}
+    probe = box["readinessProbe"]
+    defaults = Settings.model_fields
+    waits = defaults["RESUME_STORE_TIMEOUT_S"].default + defaults["CONNECT_TIMEOUT_S"].default
+    assert probe["timeoutSeconds"] > waits
+    assert probe["failureThreshold"] >= 2
+    assert probe["failureThreshold"] * probe["periodSeconds"] < float(env["SHUTDOWN_GRACE_S"])
+
+
+def test_a_read_only_root_leaves_the_workers_a_writable_tmp() -> None:
+    """Bug: WORKERS > 1 keeps prometheus-client's multiprocess files under the temporary directory,
+    which the manifest's read-only root refused. Fix: an emptyDir mounted at /tmp."""
+    import yaml
+
+    deployment = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (box,) = pod["containers"]
+    assert box["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in box.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    assert "emptyDir" in volumes[mounts["/tmp"]]  # noqa: S108 (the path in the pod, not ours)
+
+
 def test_the_redis_wiring_matches_across_the_manifests() -> None:
     """RESUME_STORE comes from the Secret (its URL may hold a password); the example Secret's URL
     names the try-it-out Redis Service of redis.yaml, which only chatsvc's pods may reach."""
