@@ -82,7 +82,9 @@ Deliberate departures from the libraries' defaults (the code points back here as
       not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
     - With SERVICE_API_KEYS, a stream is bound to an HMAC-SHA-256 digest of the key that started it
       (keyed by all of SERVICE_API_KEYS, so the same on every replica, note 15);
-      another key gets 404, as for a stream that does not exist.
+      another key gets 404, as for a stream that does not exist. Without keys a /chat stream is
+      bound to nothing: its id, minted here, is the capability; an AI SDK chat, whose id the
+      client chose, is bound to its browser (note 21).
 12. Two protocols, one relay. POST /api/chat speaks the AI SDK's UI message stream (the `ai`
     package's DefaultChatTransport, which useChat uses), next to /chat's own events. A
     `ChatProtocol` is the only difference: how the request is read (UI messages, text parts only,
@@ -94,7 +96,8 @@ Deliberate departures from the libraries' defaults (the code points back here as
       message from it) and follows it live. Its answer is 204 once a follower has sent the
       terminal event, as the SDK expects when nothing is in progress; a stream that ended while
       its client was away is still replayed, so no end of an answer is lost to a dropped
-      connection. The chat's name is its id with the key that started it.
+      connection. The chat's name is its id with its owner: the key that started it, or without
+      keys the browser (note 21).
     - A failure after the first byte is the SDK's `error` chunk whose text is the ErrorBody as
       JSON: the same text as the message of the APICallError that a refused request raises.
 13. Several workers, one /metrics. Under a supervisor (uvicorn's, from `--workers N` or WORKERS),
@@ -155,6 +158,23 @@ Deliberate departures from the libraries' defaults (the code points back here as
       elsewhere and /readyz answer 503 `resume_unavailable`; redis-py reconnects for the next write.
     - redis is imported only with a Redis store: redis-py imports OpenTelemetry's metrics SDK when it
       is installed, which took 60 ms and would load the SDK that note 14 keeps out.
+21. Without SERVICE_API_KEYS, an AI SDK chat belongs to the browser that started it, not to whoever
+    knows its id: the client chooses the id, and it is often in the page's URL. POST /api/chat
+    without a well-formed owner cookie mints one (`chatsvc_owner`, 128 random bits as hex;
+    HttpOnly, SameSite=Lax, Path=/; over https `__Host-chatsvc_owner` and Secure, so that no
+    sibling subdomain can plant one, and https is as uvicorn sees it: FORWARDED_ALLOW_IPS says whose
+    X-Forwarded-Proto it believes). The chat's owner is a SHA-256 digest of the token, kept where a
+    key's digest is (the chat's name, the stream, the store's facts, so every replica checks it);
+    the token itself is neither kept nor logged. A resume or stop names the chat with the digest of
+    the cookie it brings, so without the right one it names a chat that nobody started: 204, as
+    for any chat that does not exist, and a stranger's POST with the same id starts the stranger's
+    own chat. It is a session cookie: it has to outlive the chats it started (the longest stream
+    and RESUME_TTL_S after it), and an expiry could fall inside one, while it grants nothing beyond
+    the chats kept at the moment. A same-origin page's fetch sends it by default; another origin
+    needs `credentials: 'include'` and CORS_ALLOW_ORIGINS naming it (then credentials are allowed;
+    never for `*`, which would let any site read a visitor's chats). With SERVICE_API_KEYS the key
+    is the owner (note 11) and no cookie is set: it would bind nothing. /chat is left as it is: its
+    stream id is minted here and unguessable, so binding it would add nothing but a cookie to carry.
 """
 
 from __future__ import annotations
@@ -1646,7 +1666,7 @@ class StreamLog:
     ) -> None:
         self.service = service
         self.stream_id = stream_id
-        self.owner = owner  # a digest of the key that started it, when SERVICE_API_KEYS is set
+        self.owner = owner  # a digest of the key that started it, or of an AI SDK chat's owner cookie
         self.protocol = protocol  # how its events are encoded: each once, for every follower
         self.chat = chat  # the AI SDK chat it answers, if any
         self.correlation_id = correlation_id.get()  # the request that started it, for lines logged elsewhere
@@ -2501,6 +2521,9 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
         log.info("client_disconnected", extra={"path": protocol.path, "while": "reading the request body"})
         return Response(status_code=400)
     chat_request, chat_id = protocol.parse(body, settings)
+    minted = None
+    if chat_id is not None and owner is None:  # a chat the client named is its browser's (note 21)
+        owner, minted = browser_owner(request)
 
     messages = chat_request.messages(settings.SYSTEM_PROMPT)
     prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
@@ -2553,7 +2576,10 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     )
     if store_failure is not None and service.store is not None:
         service.store.give_up(stream_log, "failed", store_failure)
-    return FollowerResponse(stream_log, 0, settings)
+    response = FollowerResponse(stream_log, 0, settings)
+    if minted is not None:
+        set_owner_cookie(response, request, minted)
+    return response
 
 
 async def stream(request: Request) -> Response:
@@ -2581,6 +2607,8 @@ async def ai_sdk_stream(request: Request) -> Response:
     stream that a client has not received whole (note 12). DELETE: stop that stream; idempotent."""
     service = service_of(request)
     owner = authorize(request, service.settings)
+    if owner is None:  # without its cookie, a new owner: it has started no chat (note 21)
+        owner, _ = browser_owner(request)
     try:
         stream_log = await service.find_chat_stream(request.path_params["chat_id"], owner)
     except ServiceError as exc:
@@ -2661,6 +2689,34 @@ def authorize(request: Request, settings: Settings) -> bytes | None:
     if not matched:
         raise ServiceError("unauthorized", "no valid bearer token in the Authorization header")
     return hmac.new(settings.owner_key, presented, "sha256").digest()
+
+
+OWNER_COOKIE = "chatsvc_owner"
+OWNER_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")  # as minted: secrets.token_hex(16)
+
+
+def browser_owner(request: Request) -> tuple[bytes, str | None]:
+    """The owner of the AI SDK chats a browser starts, without SERVICE_API_KEYS (note 21): a digest
+    of its owner cookie. A request without a well-formed one is a new owner; its token is returned
+    for the response to set."""
+    token = request.cookies.get(owner_cookie_name(request), "")
+    minted = None
+    if OWNER_TOKEN_PATTERN.fullmatch(token) is None:
+        token = minted = secrets.token_hex(16)
+    # 128 random bits: a digest without a key cannot be turned back into a token.
+    return hashlib.sha256(b"chatsvc chat owner\0" + token.encode()).digest(), minted
+
+
+def owner_cookie_name(request: Request) -> str:
+    """Over https, the __Host- prefix: the browser takes such a cookie only with Secure and Path=/
+    and without Domain, so no sibling subdomain can set one for this host (note 21)."""
+    return f"__Host-{OWNER_COOKIE}" if request.scope["scheme"] == "https" else OWNER_COOKIE
+
+
+def set_owner_cookie(response: Response, request: Request, token: str) -> None:
+    """A session cookie (note 21 says why), never readable by the page's scripts."""
+    secure = request.scope["scheme"] == "https"
+    response.set_cookie(owner_cookie_name(request), token, path="/", secure=secure, httponly=True, samesite="lax")
 
 
 async def healthz(request: Request) -> Response:
@@ -2823,6 +2879,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.CORS_ALLOW_ORIGINS),
+                # The owner cookie of an AI SDK chat (note 21), for origins named here only: with `*`,
+                # Starlette would echo any origin, and any site could read its visitors' chats.
+                allow_credentials="*" not in settings.CORS_ALLOW_ORIGINS,
                 allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID", REQUEST_ID_HEADER],
                 expose_headers=[REQUEST_ID_HEADER, STREAM_ID_HEADER, "Retry-After"],

@@ -6,7 +6,9 @@ as useChat does. What the SDK does not show (the headers, the limits, DELETE) is
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -170,6 +172,7 @@ def test_a_dropped_connection_is_resumed_by_reconnect_to_stream(
     assert proxy.cut_done.is_set()
     assert [e["phase"] for e in result["errors"]] == ["stream"]  # the cut, as the SDK saw it
     assert result["reconnects"] == ["stream", "none"]  # replayed once; then nothing left: 204
+    assert list(result["cookies"]) == ["chatsvc_owner"]  # set by the POST, sent with each reconnect (note 21)
     replay = result["reads"][1]
     assert replay == ["start", "text-start", *["text-delta"] * 40, "text-end", "finish"]
     assert text_of(result["message"]) == expected_text(message)  # exactly the model's, once
@@ -282,3 +285,95 @@ def test_the_key_binds_the_chat(small: Service) -> None:
         assert client.delete(url, headers=AUTH).status_code == 204
         types = [json.loads(line[6:])["type"] for line in response.iter_lines() if line.startswith("data: {")]
     assert types[-1] == "abort"  # stopped by its own key only
+
+
+# Whose chat it is without keys (note 21) -----------------------------------------------------------
+
+OWNER_COOKIE = "chatsvc_owner"
+CHAT = "chat-owned"
+STRANGERS = [{}, {OWNER_COOKIE: "0" * 32}, {OWNER_COOKIE: "x"}]  # none, a well-formed one, a malformed one
+
+
+def chat_body(chat_id: str, text: str) -> dict[str, Any]:
+    return {"id": chat_id, "messages": [user(text)], "trigger": "submit-message"}
+
+
+def text_of_chunks(chunks: list[Any]) -> str:
+    return "".join(c["delta"] for c in chunks if isinstance(c, dict) and c["type"] == "text-delta")
+
+
+def owner_cookie(response: httpx.Response) -> tuple[str, str, set[str]]:
+    """The one Set-Cookie of a response: its name, value and attributes (lower case)."""
+    [set_cookie] = response.headers.get_list("set-cookie")
+    name, _, rest = set_cookie.partition("=")
+    value, *attributes = rest.split("; ")
+    return name, value, {a.lower() for a in attributes}
+
+
+def test_a_chat_without_the_cookie_mints_one(chatsvc: Service, small: Service) -> None:
+    """Bug: without SERVICE_API_KEYS, a chat id was the whole capability. Fix: the first chat of a
+    browser sets an HttpOnly cookie of 128 random bits, the chat's owner from then on."""
+    url = f"{chatsvc.url}/api/chat"
+    first = httpx.post(url, json=chat_body("chat-cookie", "fake:deltas=1"), timeout=30)
+    name, value, attributes = owner_cookie(first)
+    assert name == OWNER_COOKIE
+    assert re.fullmatch(r"[0-9a-f]{32}", value)
+    assert attributes == {"httponly", "path=/", "samesite=lax"}  # a session cookie, sent over http too
+    second = httpx.post(url, json=chat_body("chat-cookie", "fake:deltas=1"), timeout=30)
+    assert owner_cookie(second)[1] != value  # each browser its own
+    kept = httpx.post(url, json=chat_body("chat-cookie", "fake:deltas=1"), cookies={OWNER_COOKIE: value}, timeout=30)
+    assert "set-cookie" not in kept.headers
+    # Behind a proxy that says https (uvicorn believes loopback's X-Forwarded-Proto): Secure, and the
+    # __Host- prefix, which no sibling subdomain can set for this host.
+    secure = httpx.post(url, json=chat_body("chat-cookie", "fake:deltas=1"), headers={"X-Forwarded-Proto": "https"})
+    name, _, attributes = owner_cookie(secure)
+    assert name == f"__Host-{OWNER_COOKIE}"
+    assert attributes == {"httponly", "path=/", "samesite=lax", "secure"}
+    # With keys, the key is the owner (note 11): no cookie.
+    keyed = httpx.post(f"{small.url}/api/chat", json=chat_body("chat-cookie", "fake:deltas=1"), headers=AUTH)
+    assert keyed.status_code == 200
+    assert "set-cookie" not in keyed.headers
+
+
+def test_a_stranger_with_the_chat_id_reads_nothing_and_stops_nothing(chatsvc: Service) -> None:
+    """Bug: anyone with a chat's id (often in the page's URL) read its answer in progress and could
+    stop it. Fix: without the owner's cookie the chat is not there: 204, as for a chat never started."""
+    message = "fake:deltas=60,delay=0.05"
+    stream_url = f"{chatsvc.url}/api/chat/{CHAT}/stream"
+    with ExitStack() as clients:
+        strangers = [clients.enter_context(httpx.Client(timeout=30, cookies=c)) for c in STRANGERS]
+        has_chatted = clients.enter_context(httpx.Client(timeout=30))  # with a cookie of its own
+        assert has_chatted.post(f"{chatsvc.url}/api/chat", json=chat_body("chat-other", "fake:deltas=1")).is_success
+        owner = clients.enter_context(httpx.Client(timeout=30))
+        response = clients.enter_context(owner.stream("POST", f"{chatsvc.url}/api/chat", json=chat_body(CHAT, message)))
+        lines = response.iter_lines()
+        first = json.loads(next(line for line in lines if "text-delta" in line)[6:])
+        for stranger in [*strangers, has_chatted]:
+            read = stranger.get(stream_url)
+            assert (read.status_code, read.content) == (204, b""), stranger.cookies
+            assert stranger.delete(stream_url).status_code == 204
+        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert rest[-1]["type"] == "finish"  # not stopped by any of them
+    assert text_of_chunks([first, *rest]) == expected_text(message)  # the owner's, whole and once
+
+
+def test_a_strangers_post_with_the_same_id_starts_its_own_chat(chatsvc: Service, fake_model: FakeModel) -> None:
+    """Bug: a POST with another's chat id replaced that chat's stream, so the owner's reconnect
+    replayed the stranger's text. Fix: a chat is named by its id and its owner."""
+    message = "fake:deltas=40,delay=0.05"
+    url, stream_url = f"{chatsvc.url}/api/chat", f"{chatsvc.url}/api/chat/chat-taken/stream"
+    with httpx.Client(timeout=30) as owner:
+        with owner.stream("POST", url, json=chat_body("chat-taken", message)) as response:
+            assert next(line for line in response.iter_lines() if "text-delta" in line)  # then the page goes away
+        with httpx.Client(timeout=30) as stranger:
+            theirs = stranger.post(url, json=chat_body("chat-taken", "fake:deltas=3"))
+            assert text_of_chunks(ui_chunks(theirs)) == expected_text("fake:deltas=3")
+            assert stranger.get(stream_url).status_code == 204  # theirs, delivered whole
+        seen = len(fake_model.requests)
+        replay = owner.get(stream_url)
+        assert replay.status_code == 200
+        chunks = ui_chunks(replay)
+        assert text_of_chunks(chunks) == expected_text(message)  # the owner's answer, whole
+        assert chunks[-2]["type"] == "finish"
+        assert owner.get(stream_url).status_code == 204  # exactly once
+    assert len(fake_model.requests) == seen  # replayed, not generated again

@@ -4,6 +4,7 @@ there by tests/install-debian.sh) against chatsvc and the fake model."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -187,6 +188,48 @@ def test_reload_mid_answer_resumes_and_shows_the_whole_answer(page: WebDriver, f
     page.refresh()  # the answer is over: the page shows the conversation and resumes nothing
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn")) == 4)
     assert answer_text(page) == expected_text(message)
+
+
+#: What the AI SDK's DefaultChatTransport does in a page (fetch with its default credentials,
+#: same-origin): POST /api/chat, read until the first text delta, then drop the request.
+SEND_AND_DROP = """
+const [message, done] = arguments;
+(async () => {
+  const abort = new AbortController();
+  const body = {id: "browser-chat", trigger: "submit-message",
+                messages: [{id: "u1", role: "user", parts: [{type: "text", text: message}]}]};
+  const sent = await fetch("/api/chat", {method: "POST", headers: {"content-type": "application/json"},
+                                         body: JSON.stringify(body), signal: abort.signal});
+  const reader = sent.body.getReader(), decoder = new TextDecoder();
+  let read = "";
+  while (!read.includes("text-delta")) read += decoder.decode((await reader.read()).value, {stream: true});
+  abort.abort();
+  done({status: sent.status, cookies: document.cookie});
+})().catch((err) => done({error: String(err)}));
+"""
+#: ... and its reconnectToStream.
+RECONNECT = """
+const done = arguments[0];
+fetch("/api/chat/browser-chat/stream").then(async (r) => done({status: r.status, text: await r.text()}),
+                                            (err) => done({error: String(err)}));
+"""
+
+
+def test_a_same_origin_ai_sdk_chat_resumes_with_its_owner_cookie(page: WebDriver, service: Service) -> None:
+    """Chromium keeps the owner cookie that POST /api/chat sets and sends it with the reconnect, with
+    no code in the page; the page's scripts cannot read it; without it the chat is not there (note 21)."""
+    message = "fake:deltas=30,delay=0.05"
+    page.set_script_timeout(30)
+    sent = page.execute_async_script(SEND_AND_DROP, message)
+    assert sent == {"status": 200, "cookies": ""}  # HttpOnly: not in document.cookie
+    stranger = httpx.get(f"{service.url}/api/chat/browser-chat/stream", timeout=30)  # the id alone
+    assert (stranger.status_code, stranger.content) == (204, b"")
+    resumed = page.execute_async_script(RECONNECT)
+    assert resumed["status"] == 200, resumed
+    lines = [line[6:] for line in resumed["text"].split("\n") if line.startswith("data: {")]
+    chunks = [json.loads(line) for line in lines]
+    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == expected_text(message)
+    assert chunks[-1]["type"] == "finish"
 
 
 def test_page_is_usable_at_320_px_and_labelled(page: WebDriver) -> None:

@@ -266,6 +266,50 @@ def test_an_ai_sdk_chat_started_on_a_is_replayed_on_b(pair: tuple[Service, Servi
         assert client.get(f"{a.url}/api/chat/chat-across/stream", headers=AUTH).status_code == 204
 
 
+@pytest.fixture(scope="module")
+def keyless_pair(start_service: Any, redis_server: RedisServer) -> tuple[Service, Service]:
+    """Two replicas without SERVICE_API_KEYS: an AI SDK chat is its owner cookie's (note 21)."""
+    a: Service = start_service(RESUME_STORE=redis_server.url, RESUME_GRACE_S="30")
+    b: Service = start_service(RESUME_STORE=redis_server.url, RESUME_GRACE_S="30")
+    return a, b
+
+
+def test_without_keys_an_ai_sdk_chat_is_its_owners_on_every_replica(
+    keyless_pair: tuple[Service, Service], redis_server: RedisServer
+) -> None:
+    """Bug: without keys, anyone with the chat id read it on any replica, and a POST of the same id
+    on B took the chat over. Fix: the owner cookie's digest names the chat in the store too."""
+    a, b = keyless_pair
+    ui = {"id": "chat-owned-across", "trigger": "submit-message"}
+    mine = {**ui, "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": SLOW}]}]}
+    theirs = {**ui, "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "fake:deltas=2"}]}]}
+    with httpx.Client(timeout=30) as owner:
+        with owner.stream("POST", f"{a.url}/api/chat", json=mine) as response:
+            assert response.status_code == 200
+            stream_id = response.headers["x-stream-id"]
+            next(response.iter_lines())  # the start, then hang up
+        for cookies in ({}, {"chatsvc_owner": "0" * 32}):
+            with httpx.Client(timeout=30, cookies=cookies) as stranger:
+                read = stranger.get(f"{b.url}/api/chat/chat-owned-across/stream")
+                assert (read.status_code, read.content) == (204, b"")
+                assert stranger.delete(f"{b.url}/api/chat/chat-owned-across/stream").status_code == 204
+                assert stranger.post(f"{b.url}/api/chat", json=theirs).status_code == 200  # a chat of its own
+        replayed = owner.get(f"{b.url}/api/chat/chat-owned-across/stream")  # the cookie A set, sent to B
+        assert replayed.status_code == 200
+        chunks = [json.loads(line[6:]) for line in replayed.text.splitlines() if line.startswith("data: {")]
+        assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == expected_text(SLOW)
+        assert chunks[-1]["type"] == "finish"
+        assert owner.get(f"{a.url}/api/chat/chat-owned-across/stream").status_code == 204  # once
+        token = owner.cookies["chatsvc_owner"]
+    client = redis_server.client()
+    facts: dict[bytes, bytes] = client.hgetall(f"chatsvc:{{{stream_id}}}:facts")  # type: ignore[assignment]
+    assert re.fullmatch(rb"[0-9a-f]{64}", facts[b"owner"])  # a digest of the cookie, never the cookie
+    stored = [*client.scan_iter("chatsvc:*")]
+    stored += [v for k in stored if client.type(k) == b"hash" for v in client.hvals(k)]
+    assert not [item for item in stored if token.encode() in item]
+    client.close()
+
+
 # The real JS clients, the reconnect sent to the other replica --------------------------------------
 
 

@@ -275,6 +275,18 @@ def test_only_the_key_that_started_a_stream_can_resume_or_stop_it(start_service:
     assert httpx.delete(url, headers=one).status_code == 204
 
 
+def test_without_keys_a_chat_stream_is_its_ids_alone(resumable: Service) -> None:
+    """/chat's stream id is minted by the service and unguessable: it stays the capability, with or
+    without the AI SDK's owner cookie on either side (note 21 binds only the chats a client names)."""
+    cookie = {"Cookie": "chatsvc_owner=" + "1" * 32}
+    response, events = resumable.chat({"message": "hello"}, cookie)
+    assert "set-cookie" not in response.headers
+    stream_id = response.headers["x-stream-id"]
+    assert [e.data for e in follow(resumable, stream_id)] == [e.data for e in events]
+    other = {"Cookie": "chatsvc_owner=" + "2" * 32}
+    assert [e.data for e in follow(resumable, stream_id, other)] == [e.data for e in events]
+
+
 # DELETE ------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -107,3 +108,29 @@ def test_cors_is_off_by_default_and_on_when_configured(service: Service, start_s
     response = httpx.options(f"{svc.url}/api/chat", headers=ai_sdk)
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_cors_allows_credentials_for_the_named_origins_only() -> None:
+    """Bug: a page on another origin could not carry an AI SDK chat's owner cookie (note 21): no
+    Access-Control-Allow-Credentials. Fix: allowed for the origins CORS_ALLOW_ORIGINS names; never
+    with `*`, for which Starlette would echo any origin, so that any site could read a visitor's chats.
+    (Headers only: the app in process, its lifespan not run.)"""
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+
+    async def ask(origins: str, origin: str) -> list[httpx.Response]:
+        app = chatsvc.create_app(chatsvc.Settings(CORS_ALLOW_ORIGINS=origins, _env_file=None))
+        headers = {"Origin": origin, "Cookie": "chatsvc_owner=" + "0" * 32}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return [
+                await client.options("/api/chat", headers={**preflight, **headers}),
+                await client.get("/api/chat/c/stream", headers=headers),  # the resume: the cookie's answer
+            ]
+
+    for response in anyio.run(ask, "https://app.example", "https://app.example"):
+        assert response.status_code in (200, 204)
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        assert response.headers["access-control-allow-credentials"] == "true"
+    for response in anyio.run(ask, "*", "https://elsewhere.example"):
+        assert response.status_code in (200, 204)
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in response.headers
