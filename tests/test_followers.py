@@ -32,6 +32,15 @@ def bounded(start_service: Any) -> Service:
     return svc
 
 
+def idle(service: Service) -> None:
+    """Until the streams of an earlier test have ended: their clients' hang-ups reach the service
+    asynchronously, and the producers end a moment later (polled: nothing to await from here)."""
+    deadline = time.monotonic() + 10
+    while "chatsvc_active_streams 0.0" not in httpx.get(f"{service.url}/metrics").text:
+        assert time.monotonic() < deadline, "streams of an earlier test are still running"
+        time.sleep(0.05)
+
+
 @contextmanager
 def following(service: Service, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
     """A request whose response stays open (a follower) until the block is left."""
@@ -60,6 +69,7 @@ def test_followers_beyond_the_stream_limit_are_refused(bounded: Service) -> None
     """Bug: any number of clients could follow one stream, each holding a connection and a replay.
     Fix: MAX_FOLLOWERS_PER_STREAM, the producer's own client included; a refused follower takes
     nothing, and one that leaves makes room."""
+    idle(bounded)
     with ExitStack() as stack:
         first = stack.enter_context(following(bounded, "POST", "/chat", json={"message": LIVE}))
         held = [first_event(first)]
@@ -82,9 +92,32 @@ def test_followers_beyond_the_stream_limit_are_refused(bounded: Service) -> None
     assert (record["code"], record["status"]) == ("too_many_followers", 503)
 
 
+def test_ai_sdk_resumes_beyond_the_stream_limit_are_refused(bounded: Service) -> None:
+    """The AI SDK's reconnectToStream is a follower like any other (note 12)."""
+    idle(bounded)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": LIVE}]}
+    body = {"id": "chat-crowded", "messages": [message], "trigger": "submit-message"}
+    with ExitStack() as stack:
+        first = stack.enter_context(following(bounded, "POST", "/api/chat", json=body))
+        second = stack.enter_context(following(bounded, "GET", "/api/chat/chat-crowded/stream"))
+        held = [first_chunk(first), first_chunk(second)]
+        with following(bounded, "GET", "/api/chat/chat-crowded/stream") as third:
+            assert_refused(third)
+        del held
+
+
+def first_chunk(response: httpx.Response) -> Iterator[Event]:
+    """As first_event, for the AI SDK's stream: its first chunk is `start`."""
+    assert response.status_code == 200, response.read()
+    events = (e for e in iter_sse(response) if e.comment is None)
+    assert next(events).data["type"] == "start"
+    return events
+
+
 def test_followers_beyond_the_process_limit_are_refused(bounded: Service) -> None:
     """Bug: followers of all streams together had no bound. Fix: MAX_FOLLOWERS per process; a new
     chat's own client counts, so a full process refuses a new chat before asking the model."""
+    idle(bounded)
     with ExitStack() as stack:
         a = stack.enter_context(following(bounded, "POST", "/chat", json={"message": LIVE}))
         held = [first_event(a)]
