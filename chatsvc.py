@@ -163,7 +163,8 @@ Deliberate departures from the libraries' defaults (the code points back here as
     at a time, whole events joined while they fit, one longer event in pieces whose last holds its
     id line (note 11); each write is under SEND_TIMEOUT_S, and uvicorn's send waits while its
     buffer is over 64 KiB, so a client that does not read is cut off after SEND_TIMEOUT_S holding
-    at most three writes (the same ten: +2 MB). The live part is sent the same way.
+    at most three writes (the same ten: +2 MB; bench/followers_memory.py). The live part is sent
+    the same way.
     - MAX_FOLLOWERS_PER_STREAM (8) and MAX_FOLLOWERS (4 x MAX_CONCURRENT_STREAMS) bound the
       followers of this process, of one stream and in all; a stream's own client is one of them.
       A follower is counted from its admission, at the start of its response, to the end of the
