@@ -1730,8 +1730,9 @@ ID_LINE_BYTES = 64  # more than any event's `id:` line and the line breaks after
 
 def pieces(entries: list[bytes], start: int, end: int) -> Iterator[bytes]:
     """entries[start:end] as writes of at most WRITE_BYTES (note 20): whole events, joined while
-    they fit. An event longer than that goes alone, cut so that its last piece holds its whole id
-    line: a cut between pieces is no worse for a resuming client than a cut between events."""
+    they fit. An event longer than that goes alone, cut so that its last piece (up to ID_LINE_BYTES
+    longer) holds its whole id line: a cut between pieces is then no worse for a resuming client
+    than a cut between events."""
     if end - start == 1 and len(entries[start]) <= WRITE_BYTES:  # a live delta: most writes
         yield entries[start]
         return
