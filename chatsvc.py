@@ -18,7 +18,7 @@ Deliberate departures from the libraries' defaults (the code points back here as
    and logs it, and releases the slot and the upstream connection in one `finally`. Each client
    connection is a follower (`FollowerResponse`): it replays the log from a position, then sends
    whatever has been appended since its last send, so deltas that arrived together leave in one
-   write and none waits for another. The log is the only channel between them. The read is bounded
+   write (note 20) and none waits for another. The log is the only channel between them. The read is bounded
    by one cancel scope in the producer (the request budget and, while draining, the shutdown grace;
    a finish_reason moves it to FINISH_WAIT_S ahead) and by the client's read timeout
    (IDLE_TIMEOUT_S, between any two reads). The producer reads ahead of a slow client: the answer
@@ -70,8 +70,9 @@ Deliberate departures from the libraries' defaults (the code points back here as
       line, so with the id first a cut inside the event's data would skip the event on resume.
       Last, a cut anywhere before the id line leaves the previous id. One position is left that no
       server can cover for such a client: between the id line's line break and the blank line that
-      ends the event (2 bytes); each event leaves in one write, so a network cut falls there only
-      when a TCP segment boundary does. EventSource takes the id only when it dispatches the event.
+      ends the event (2 bytes); each event leaves in one write (one over 64 KiB in pieces, the last
+      holding the whole id line: note 20), so a network cut falls there only when a TCP segment
+      boundary does. EventSource takes the id only when it dispatches the event.
     - When the last follower leaves before the end, the producer goes on for RESUME_GRACE_S (a
       timer, cancelled by a resume); nobody back, the stream is forgotten at once (so no follower
       can attach to it any more), the read is cancelled and `client_disconnected` logged. 0: at
@@ -158,6 +159,29 @@ Deliberate departures from the libraries' defaults (the code points back here as
       elsewhere and /readyz answer 503 `resume_unavailable`; redis-py reconnects for the next write.
     - redis is imported only with a Redis store: redis-py imports OpenTelemetry's metrics SDK when it
       is installed, which took 60 ms and would load the SDK that note 14 keeps out.
+20. Followers are bounded, in number and in what each holds. A replay used to leave in one write
+    of the whole log, which uvicorn's transport takes whole whether or not the client reads: ten
+    followers of a 6 MB answer that read nothing added 115 MB to the process and were never cut
+    off (a write that is taken never times out). Now a follower writes at most WRITE_BYTES (64 KiB)
+    at a time, whole events joined while they fit, one longer event in pieces whose last holds its
+    id line (note 11); each write is under SEND_TIMEOUT_S, and uvicorn's send waits while its
+    buffer is over 64 KiB, so a client that does not read is cut off after SEND_TIMEOUT_S holding
+    at most three writes (the same ten: +2 MB; bench/followers_memory.py). The live part is sent
+    the same way.
+    - MAX_FOLLOWERS_PER_STREAM (8) and MAX_FOLLOWERS (4 x MAX_CONCURRENT_STREAMS) bound the
+      followers of this process, of one stream and in all; a stream's own client is one of them.
+      A follower is counted from its admission, at the start of its response, to the end of the
+      response (`Followers.admit`, a context manager); beyond a limit it is refused before the
+      first byte with 503 `too_many_followers` and Retry-After: 1. 503, not 429: it is the
+      instance's capacity, as `overloaded` is, not the caller's rate (another replica may have
+      room; 429 here already means the model server's rate limit).
+    - A new chat is refused when the process has no room for its client, before the model is
+      asked; its client is then admitted without a second check, since refusing it after the
+      stream started would leave a stream that nobody follows. That overshoot is bounded by the
+      chats opening at the same moment. Resumes are checked where they are logged and admitted
+      with no await in between, so a refused resume is never logged as resumed.
+    - A follower cut off for not reading logs `follower_cut_off` (its own request's correlation
+      id), as well as the stream's outcome when it was the last one (note 8).
 21. Without SERVICE_API_KEYS, an AI SDK chat belongs to the browser that started it, not to whoever
     knows its id: the client chooses the id, and it is often in the page's URL. POST /api/chat
     without a well-formed owner cookie mints one (`chatsvc_owner`, 128 random bits as hex;
@@ -186,6 +210,7 @@ import fcntl
 import gc
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -202,8 +227,8 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -287,6 +312,8 @@ class Settings(BaseSettings):
     UPSTREAM_MAX_RETRIES: int = Field(2, ge=0, le=10)
     PING_INTERVAL_S: float = Field(15.0, gt=0)
     MAX_CONCURRENT_STREAMS: int = Field(256, ge=1)
+    MAX_FOLLOWERS: int | None = Field(None, ge=1)  # note 20; unset: 4 x MAX_CONCURRENT_STREAMS
+    MAX_FOLLOWERS_PER_STREAM: int = Field(8, ge=1)
     SHUTDOWN_GRACE_S: float = Field(25.0, ge=0)
     SEND_TIMEOUT_S: float = Field(30.0, gt=0)
     RESUME_GRACE_S: float = Field(20.0, ge=0)
@@ -321,6 +348,20 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("MAX_FOLLOWERS")
+    @classmethod
+    def _room_for_every_stream(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Every stream's first client is a follower (note 20): fewer followers than streams would
+        # refuse chats that MAX_CONCURRENT_STREAMS admits.
+        streams = info.data.get("MAX_CONCURRENT_STREAMS")
+        if value is not None and streams is not None and value < streams:
+            raise ValueError(f"must be at least MAX_CONCURRENT_STREAMS ({streams})")
+        return value
+
+    @property
+    def max_followers(self) -> int:
+        return self.MAX_FOLLOWERS or 4 * self.MAX_CONCURRENT_STREAMS
 
     @property
     def configured(self) -> bool:
@@ -436,6 +477,12 @@ ERRORS: dict[str, ErrorKind] = {
     ),
     "overloaded": ErrorKind(
         503, "too many streams in progress", "retry after Retry-After seconds (limit: MAX_CONCURRENT_STREAMS)", True
+    ),
+    "too_many_followers": ErrorKind(
+        503,
+        "too many clients follow streams here",
+        "retry after Retry-After seconds (limits: MAX_FOLLOWERS_PER_STREAM, MAX_FOLLOWERS)",
+        True,
     ),
     "shutting_down": ErrorKind(
         503, "the service is shutting down", "retry; another instance or this one after restart will answer", True
@@ -1325,6 +1372,48 @@ class Metrics:
             self.collecting_when_idle = False
 
 
+class Followers:
+    """The clients following streams in this process, in all and by stream (note 20)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.limit = settings.max_followers
+        self.per_stream = settings.MAX_FOLLOWERS_PER_STREAM
+        self.total = 0
+        self.by_stream: dict[str, int] = {}
+
+    def check(self, stream_id: str | None) -> None:
+        """Refuse a follower (of this stream; None: of a new one) that would pass a limit."""
+        if stream_id is not None and self.by_stream.get(stream_id, 0) >= self.per_stream:
+            raise ServiceError(
+                "too_many_followers",
+                f"{self.per_stream} clients follow this stream (MAX_FOLLOWERS_PER_STREAM)",
+                retry_after=1,
+            )
+        if self.total >= self.limit:
+            raise ServiceError(
+                "too_many_followers", f"{self.limit} clients follow streams here (MAX_FOLLOWERS)", retry_after=1
+            )
+
+    @contextmanager
+    def admit(self, stream_id: str, *, first: bool = False) -> Iterator[None]:
+        """Count a follower for as long as the block runs, or refuse it. `first`: a new stream's own
+        client, whose room start_chat checked before asking the model: refusing it now would leave
+        a stream that nobody follows, and the overshoot is bounded by the chats opening meanwhile."""
+        if not first:
+            self.check(stream_id)
+        # No await between the check and the count: concurrent followers cannot overshoot.
+        self.total += 1
+        self.by_stream[stream_id] = self.by_stream.get(stream_id, 0) + 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            if self.by_stream[stream_id] == 1:
+                del self.by_stream[stream_id]
+            else:
+                self.by_stream[stream_id] -= 1
+
+
 class Service:
     """The state one app shares across requests: settings, the upstream client, slots, the stream
     logs and their producers, drain."""
@@ -1351,6 +1440,7 @@ class Service:
         self.log_bytes = 0  # held by the logs in `streams`
         self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
         self.slots_in_use = 0  # streams (detached ones too) plus requests still opening one
+        self.followers = Followers(settings)
         self.draining = False
         self.drain_deadline = math.inf
         self._drain_event: anyio.Event | None = None
@@ -1652,6 +1742,38 @@ AI_SDK = ChatProtocol(
 )
 
 
+#: The most bytes a follower sends at once (note 20): a client that does not read is cut off after
+#: SEND_TIMEOUT_S holding this and the transport's buffer (64 KiB), not a whole replay.
+WRITE_BYTES = 64 * 1024
+ID_LINE_BYTES = 64  # more than any event's `id:` line and the line breaks after it (note 11)
+
+
+def pieces(entries: list[bytes], start: int, end: int) -> Iterator[bytes]:
+    """entries[start:end] as writes of at most WRITE_BYTES (note 20): whole events, joined while
+    they fit. An event longer than that goes alone, cut so that its last piece (up to ID_LINE_BYTES
+    longer) holds its whole id line: a cut between pieces is then no worse for a resuming client
+    than a cut between events."""
+    if end - start == 1 and len(entries[start]) <= WRITE_BYTES:  # a live delta: most writes
+        yield entries[start]
+        return
+    batch: list[bytes] = []
+    size = 0
+    for i in range(start, end):
+        entry = entries[i]
+        if batch and size + len(entry) > WRITE_BYTES:
+            yield b"".join(batch)
+            batch, size = [], 0
+        if len(entry) > WRITE_BYTES:
+            cuts = [*range(0, len(entry) - ID_LINE_BYTES, WRITE_BYTES), len(entry)]
+            for cut, next_cut in itertools.pairwise(cuts):
+                yield entry[cut:next_cut]
+        else:
+            batch.append(entry)
+            size += len(entry)
+    if batch:
+        yield b"".join(batch)
+
+
 SEQ = "0|[1-9][0-9]{0,8}"  # an event's number: no sign, no leading zero, bounded
 EVENT_ID_PATTERN = re.compile(rf"^([0-9a-f]{{32}}):({SEQ})$")
 AFTER_PATTERN = re.compile(rf"^(-1|{SEQ})$")  # ?after=: a seq, or -1 for the start
@@ -1709,16 +1831,17 @@ class StreamLog:
 
     async def follow(self, position: int) -> AsyncIterator[bytes]:
         """The events from `position` on, then each as it is appended, to the terminal one. All that
-        arrived since the last send leaves in one write (note 3)."""
+        arrived since the last send leaves at once (note 3), in writes of at most WRITE_BYTES (note 20)."""
         debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every write
         while True:
-            entries = self.entries
-            if position < len(entries):
-                batch = entries[position] if position + 1 == len(entries) else b"".join(entries[position:])
-                if debug:
-                    log.debug("client_write", extra={"bytes": len(batch), "events": len(entries) - position})
-                position, whole = len(entries), self.finished
-                yield batch
+            entries = self.entries  # appended to in place: entries[:end] stay as they are
+            if position < (end := len(entries)):
+                whole = self.finished
+                for piece in pieces(entries, position, end):
+                    if debug:
+                        log.debug("client_write", extra={"bytes": len(piece), "events": end - position})
+                    yield piece
+                position = end
                 if whole:  # sent: the next call comes once the transport took the last write
                     self.delivered = True
                     if self.service.store is not None:
@@ -2091,7 +2214,9 @@ class FollowerResponse(EventSourceResponse):
     """One client's view of a stream: the log from a position, then live to the terminal event. The
     original POST is the first follower; a resume is another (note 11)."""
 
-    def __init__(self, stream_log: StreamLog | RemoteLog, position: int, settings: Settings) -> None:
+    def __init__(
+        self, stream_log: StreamLog | RemoteLog, position: int, settings: Settings, *, first: bool = False
+    ) -> None:
         super().__init__(
             stream_log.follow(position),
             headers={**stream_log.protocol.headers, STREAM_ID_HEADER: stream_log.stream_id},
@@ -2102,16 +2227,28 @@ class FollowerResponse(EventSourceResponse):
             shutdown_grace_period=settings.SHUTDOWN_GRACE_S + 2,  # note 5
         )
         self.stream_log = stream_log
-        stream_log.attach()
+        self.first = first  # a new stream's own client (note 20)
+        self.send_timeout_s = settings.SEND_TIMEOUT_S
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        too_slow = False
-        try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            too_slow = True  # note 8; uvicorn closes the connection
-        finally:
-            self.stream_log.detach(too_slow=too_slow)
+        # Counted from here to the end of the response; refused before the first byte (note 20).
+        with self.stream_log.service.followers.admit(self.stream_log.stream_id, first=self.first):
+            self.stream_log.attach()
+            too_slow = False
+            try:
+                await super().__call__(scope, receive, send)
+            except SendTimeoutError:
+                too_slow = True  # note 8; uvicorn closes the connection
+                log.warning(
+                    "follower_cut_off",
+                    extra={
+                        "stream_id": self.stream_log.stream_id,
+                        "path": scope["path"],
+                        "send_timeout_s": self.send_timeout_s,
+                    },
+                )
+            finally:
+                self.stream_log.detach(too_slow=too_slow)
 
 
 # --- The shared stream log (note 15) ----------------------------------------------------------------
@@ -2446,8 +2583,8 @@ class RemoteLog:
                             expected += 1
                             if expected > position:
                                 batch.append(value)
-                if batch:
-                    yield b"".join(batch)
+                for piece in pieces(batch, 0, len(batch)):  # note 20
+                    yield piece
                 if ended:
                     with anyio.fail_after(self.store.timeout):
                         await redis_client.hset(facts, "delivered", "1")
@@ -2534,6 +2671,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
         extra["content"] = request.app.state.redactor.content(chat_request.message)
     log.info("chat_request", extra=extra)
 
+    service.followers.check(None)  # its client is a follower: refused before the model is asked (note 20)
     service.take_slot()
     model = chat_request.model or settings.OPENAI_MODEL
     span = service.tracing.upstream_span(settings, chat_request, model)
@@ -2576,7 +2714,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     )
     if store_failure is not None and service.store is not None:
         service.store.give_up(stream_log, "failed", store_failure)
-    response = FollowerResponse(stream_log, 0, settings)
+    response = FollowerResponse(stream_log, 0, settings, first=True)
     if minted is not None:
         set_owner_cookie(response, request, minted)
     return response
@@ -2622,6 +2760,7 @@ async def ai_sdk_stream(request: Request) -> Response:
     if stream_log is None or stream_log.delivered:
         service.metrics.resumes.labels("not_found" if stream_log is None else "finished").inc()
         return Response(status_code=204)
+    service.followers.check(stream_log.stream_id)  # as the response will (note 20), before it is logged
     service.metrics.resumes.labels("resumed").inc()
     trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_log.stream_id, "from_seq": 0, "via": "ai-sdk"})
@@ -2645,6 +2784,7 @@ async def resume(request: Request, stream_id: str, via: str) -> Response:
     if stream_log.finished and position >= len(stream_log):
         metrics.resumes.labels("finished").inc()
         return Response(status_code=204, headers={STREAM_ID_HEADER: stream_id})
+    service.followers.check(stream_id)  # as the response will (note 20), before it is logged
     metrics.resumes.labels("resumed").inc()
     trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_id, "from_seq": position, "via": via})

@@ -1,5 +1,5 @@
 """The relay's two hand-made parts against the libraries' behaviour they stand in for (note 9):
-the upstream SSE parser, and the encoding of events."""
+the upstream SSE parser, and the encoding of events; and how a follower cuts its writes (note 20)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sse_starlette import JSONServerSentEvent
 
-from chatsvc import UpstreamFrames, encode_deltas, encode_event
+from chatsvc import WRITE_BYTES, UpstreamFrames, encode_deltas, encode_event, pieces
 
 texts = st.text(st.characters(codec="utf-8"), max_size=20)
 STREAM_ID = "0123456789abcdef0123456789abcdef"
@@ -79,3 +79,23 @@ def test_an_event_without_end_beyond_the_limit_is_refused() -> None:
     parser.feed(b"data: " + b"x" * (UpstreamFrames.MAX_EVENT_BYTES - 6))
     with pytest.raises(ValueError, match="MAX_EVENT_BYTES"):
         parser.feed(b"x")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3 * WRITE_BYTES), max_size=12), st.data())
+def test_a_replay_leaves_in_bounded_pieces_that_keep_each_id_line_whole(sizes: list[int], data: st.DataObject) -> None:
+    """Bug: a replay left in one write of the whole log. Fix: writes of whole events up to
+    WRITE_BYTES; a longer event alone, cut so that no cut falls inside or after its id line."""
+    entries = [encode_event(STREAM_ID, seq, "delta", {"content": "x" * size}) for seq, size in enumerate(sizes)]
+    start = data.draw(st.integers(0, len(entries)))
+    end = data.draw(st.integers(start, len(entries)))
+
+    written = list(pieces(entries, start, end))
+
+    assert b"".join(written) == b"".join(entries[start:end])
+    assert all(0 < len(piece) <= WRITE_BYTES + 64 for piece in written)
+    for piece in written:
+        tail = piece.rfind(b"\r\nid: ")
+        assert tail == -1 or piece.endswith(b"\r\n\r\n"), "a cut inside an id line"
+    small = [entry for entry in entries[start:end] if len(entry) <= WRITE_BYTES]
+    assert all(any(entry in piece for piece in written) for entry in small), "a small event was cut"
