@@ -99,9 +99,10 @@ def test_ai_sdk_resumes_beyond_the_stream_limit_are_refused(bounded: Service) ->
     body = {"id": "chat-crowded", "messages": [message], "trigger": "submit-message"}
     with ExitStack() as stack:
         first = stack.enter_context(following(bounded, "POST", "/api/chat", json=body))
-        second = stack.enter_context(following(bounded, "GET", "/api/chat/chat-crowded/stream"))
+        owner = {"cookies": dict(first.cookies)}  # the chat is its browser's (note 21)
+        second = stack.enter_context(following(bounded, "GET", "/api/chat/chat-crowded/stream", **owner))
         held = [first_chunk(first), first_chunk(second)]
-        with following(bounded, "GET", "/api/chat/chat-crowded/stream") as third:
+        with following(bounded, "GET", "/api/chat/chat-crowded/stream", **owner) as third:
             assert_refused(third)
         del held
 
