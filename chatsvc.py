@@ -73,10 +73,10 @@ Deliberate departures from the libraries' defaults (the code points back here as
       ends the event (2 bytes); each event leaves in one write, so a network cut falls there only
       when a TCP segment boundary does. EventSource takes the id only when it dispatches the event.
     - When the last follower leaves before the end, the producer goes on for RESUME_GRACE_S (a
-      timer, cancelled by a resume; followers on other replicas count too, note 19); nobody back, the stream is forgotten at once (so no follower
-      can attach to it any more), the read is cancelled and `client_disconnected` logged. 0: at
-      once, as before resuming existed. DELETE cancels the read and ends the log with `done`
-      finish_reason "cancelled".
+      timer, cancelled by a resume; followers on other replicas count too, note 19); nobody back,
+      the stream is forgotten at once (so no follower can attach to it any more), the read is
+      cancelled and `client_disconnected` logged. 0: at once, as before resuming existed. DELETE
+      cancels the read and ends the log with `done` finish_reason "cancelled".
     - Finished logs are kept RESUME_TTL_S, within RESUME_BUFFER_MB for all logs together (oldest
       dropped first); expired ones are dropped at the next look-up, admission or metrics scrape,
       not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).

@@ -458,8 +458,10 @@ def test_a_resume_on_b_links_to_the_upstream_span_on_a(start_service: Any, redis
 
 @pytest.fixture(scope="module")
 def short_grace(start_service: Any, redis_server: RedisServer) -> tuple[Service, Service]:
-    """Two replicas whose grace (1 s) is far shorter than the streams that the tests cut."""
-    return tuple(replica(start_service, redis_server.url, RESUME_GRACE_S="1") for _ in range(2))  # type: ignore[return-value]
+    """Two replicas whose grace (1 s) is far shorter than the streams that the tests cut, and whose
+    finished streams expire at once (RESUME_TTL_S 0.5 s)."""
+    env = {"RESUME_GRACE_S": "1", "RESUME_TTL_S": "0.5"}
+    return tuple(replica(start_service, redis_server.url, **env) for _ in range(2))  # type: ignore[return-value]
 
 
 def until_terminal(sse: Iterator[Event], bound_s: float = 20) -> list[Event]:
@@ -576,24 +578,24 @@ def test_every_key_in_the_store_expires(
     body = {"id": "chat-ttl", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}
     body["trigger"] = "submit-message"
     assert httpx.post(f"{a.url}/api/chat", json=body, headers=AUTH, timeout=30).status_code == 200
-    late = replica(start_service, redis_server.url, RESUME_TTL_S="0.5", RESUME_STORE_TIMEOUT_S="5")
     with socket.socket() as sock:  # a client whose small receive window leaves the end unsent
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", late.port))
+        sock.connect(("127.0.0.1", a.port))
         payload = json.dumps({"message": "fake:huge=100000,deltas=60,delay=0.01"}).encode()  # 6 MB: over the buffers
         head = f"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer {KEY}\r\n"
         sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
         start = sock.recv(4096)
         stream_id = re.search(rb"x-stream-id: ([0-9a-f]{32})", start, flags=re.IGNORECASE)[1].decode()  # type: ignore[index]
         wait_for_state(redis_server, stream_id, None)  # expired, the answer's end still unsent
-        writes = metric(late, 'chatsvc_store_writes_total{result="ok"}')
+        writes = metric(a, 'chatsvc_store_writes_total{result="ok"}')
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)  # now read it all, quickly
         received = start
         while not received.endswith(b"\r\n0\r\n\r\n"):  # the body's last chunk: after `delivered`
             chunk = sock.recv(1 << 20)
             assert chunk, received[-200:]
             received += chunk
     deadline = time.monotonic() + 10
-    while metric(late, 'chatsvc_store_writes_total{result="ok"}') == writes:  # `delivered` written
+    while metric(a, 'chatsvc_store_writes_total{result="ok"}') == writes:  # `delivered` written
         assert time.monotonic() < deadline
         time.sleep(0.02)  # polling the metrics: there is no event to await from here
     assert_every_key_expires(redis_server)
