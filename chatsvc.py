@@ -74,10 +74,10 @@ Deliberate departures from the libraries' defaults (the code points back here as
       holding the whole id line: note 20), so a network cut falls there only when a TCP segment
       boundary does. EventSource takes the id only when it dispatches the event.
     - When the last follower leaves before the end, the producer goes on for RESUME_GRACE_S (a
-      timer, cancelled by a resume); nobody back, the stream is forgotten at once (so no follower
-      can attach to it any more), the read is cancelled and `client_disconnected` logged. 0: at
-      once, as before resuming existed. DELETE cancels the read and ends the log with `done`
-      finish_reason "cancelled".
+      timer, cancelled by a resume; followers on other replicas count too, note 19); nobody back,
+      the stream is forgotten at once (so no follower can attach to it any more), the read is
+      cancelled and `client_disconnected` logged. 0: at once, as before resuming existed. DELETE
+      cancels the read and ends the log with `done` finish_reason "cancelled".
     - Finished logs are kept RESUME_TTL_S, within RESUME_BUFFER_MB for all logs together (oldest
       dropped first); expired ones are dropped at the next look-up, admission or metrics scrape,
       not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
@@ -138,8 +138,9 @@ Deliberate departures from the libraries' defaults (the code points back here as
     events as fields named by their seq, `end` with the terminal one). The facts of a stream
     (protocol, owner digest, trace ids, state, delivered) sit in a hash beside it; both keys expire
     RESUME_TTL_S after the terminal event (before it, after any stream's longest possible life), and
-    the Redis Stream is bounded to MAX_TOKENS + 16 entries. A replica that does not hold a stream
-    reads the store: the entries so far, then XREAD BLOCK to the terminal event (`RemoteLog`).
+    the Redis Stream is bounded to MAX_TOKENS + 16 entries; no key is ever without an expiry (note 19).
+    A replica that does not hold a stream reads the store: the entries so far, then XREAD BLOCK to
+    the terminal event (`RemoteLog`).
     - The writer gathers for STORE_WRITE_INTERVAL_S (50 ms) before each round trip, so that one
       carries what every stream appended meanwhile, and one XADD a stream's deltas of that time:
       a round trip cost this process some 190 µs of CPU (most of it the loopback send) and each
@@ -159,6 +160,31 @@ Deliberate departures from the libraries' defaults (the code points back here as
       elsewhere and /readyz answer 503 `resume_unavailable`; redis-py reconnects for the next write.
     - redis is imported only with a Redis store: redis-py imports OpenTelemetry's metrics SDK when it
       is installed, which took 60 ms and would load the SDK that note 14 keeps out.
+19. A stream lives in the store as long as someone follows it, anywhere, and no longer.
+    - A follower on a replica other than the producer's renews the stream's presence key
+      (`chatsvc:{id}:followed`, SET PX) every STORE_PRESENCE_S (1 s), living STORE_PRESENCE_TTL_S
+      (3 s): one round trip a second per such follower, none per delta. When the producer's grace
+      (note 11) runs out, it asks for the key's PTTL: while it lives, the grace starts again from its
+      lapse, so a stream followed only elsewhere is stopped RESUME_GRACE_S to RESUME_GRACE_S + 3 s
+      after its last follower left. `Producer.followed_anywhere` answers the same question for
+      anyone else. An abandoned stream's facts say `abandoned`: other replicas answer 404, as its
+      own does, and a follower caught in the race ends with `stream_lost`.
+    - Each replica renews a liveness key of its own (`chatsvc:replica:<random>`) on the same
+      schedule, and names it in the facts of the streams it produces. A follower elsewhere that
+      reads no new event (XREAD BLOCK returns empty) checks the facts' state and that key in one
+      round trip; the key gone while the state is still `live` means the producer died (killed, out
+      of memory, its host lost) or lost Redis: the follower ends with an `error` event
+      `stream_lost` (retryable), never pings for as long as the facts live, then a silent close.
+      Its usage is an estimate (note 6): the announced prompt estimate and one token a delta.
+    - Every key expires at every moment, so none piles up under `noeviction` or `volatile-*`
+      policies: a write that can create a key sets its expiry in the same step. Hashes are written
+      by one Lua script (WRITE_EXPIRING: the command, then PEXPIRE; or, for `delivered` and the
+      end of a stream, only if the key still exists), the Redis Stream is created by its first
+      XADD through the same script and later XADDs carry NOMKSTREAM, and the other keys are SET
+      with PX/EX. A client that takes its answer after RESUME_TTL_S then writes nothing.
+    - A message on the cancel channel that is not `<stream id> <correlation id>` in UTF-8 (anyone
+      who can publish to Redis can send one) is ignored, with a line `store_bad_message` at most
+      every 10 s counting them; the listener goes on, and after Redis drops it, subscribes again.
 20. Followers are bounded, in number and in what each holds. A replay used to leave in one write
     of the whole log, which uvicorn's transport takes whole whether or not the client reads: ten
     followers of a 6 MB answer that read nothing added 115 MB to the process and were never cut
@@ -228,7 +254,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -473,6 +499,12 @@ ERRORS: dict[str, ErrorKind] = {
         503,
         "this stream cannot be resumed here now",
         "retry after Retry-After seconds: the replica producing it still has it (RESUME_STORE)",
+        True,
+    ),
+    "stream_lost": ErrorKind(
+        503,
+        "the replica producing this stream is gone",
+        "send the chat again: the rest of this answer was lost with the replica producing it (RESUME_STORE)",
         True,
     ),
     "overloaded": ErrorKind(
@@ -1907,6 +1939,7 @@ class Producer:
         self.abandoned = False
         self.too_slow = False  # the last follower was cut off for not reading (note 8)
         self.grace_timer: asyncio.TimerHandle | None = None
+        self.grace_check: asyncio.Task[None] | None = None  # asks the store whether others follow (note 19)
 
     # The stream's life
 
@@ -2051,13 +2084,48 @@ class Producer:
             "stream_detached",
             extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1, "grace_s": grace},
         )
-        self.grace_timer = asyncio.get_running_loop().call_later(grace, self.stop_abandoned)
+        self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over)
+
+    def grace_over(self) -> None:
+        """Nobody came back here within the grace: stop, unless (note 19) others follow elsewhere."""
+        self.grace_timer = None
+        if self.log.finished or self.cancelled:
+            return
+        if self.service.store is None:
+            self.stop_abandoned()
+        else:
+            self.grace_check = asyncio.create_task(self.wait_for_followers_elsewhere())
+
+    async def wait_for_followers_elsewhere(self) -> None:
+        """Followers on other replicas keep the stream's presence key alive in the store: while it
+        lives, the grace starts again from its lapse (note 19)."""
+        assert self.service.store is not None
+        try:
+            remaining_ms = await self.service.store.followed_elsewhere_ms(self.log.stream_id)
+        except ServiceError:
+            remaining_ms = 0  # Redis does not answer: no other replica can follow the stream either
+        if self.log.followers or self.grace_timer or self.log.finished or self.cancelled:
+            return  # resumed here meanwhile (perhaps left again: a new grace runs), or ended
+        if remaining_ms:
+            grace = remaining_ms / 1000 + self.settings.RESUME_GRACE_S
+            self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over)
+        else:
+            self.stop_abandoned()
+
+    async def followed_anywhere(self) -> bool:
+        """Whether a client follows this stream, on this replica or (with a store) on another: one
+        that nobody follows is detached (note 19)."""
+        if self.log.followers:
+            return True
+        store = self.service.store
+        return store is not None and await store.followed_elsewhere_ms(self.log.stream_id) > 0
 
     def stop_abandoned(self) -> None:
-        self.grace_timer = None
         if not (self.log.finished or self.cancelled):
             self.abandoned = True
             self.service.drop(self.log)  # from now on a resume finds nothing: no follower can attach
+            if self.service.store is not None:  # nor on another replica, and a follower there ends
+                self.service.store.mark(self.log.stream_id, "abandoned")
             self.stop_scope.cancel()
 
     def cancel(self) -> None:
@@ -2258,12 +2326,32 @@ PROTOCOLS = {protocol.path: protocol for protocol in (CHATSVC, AI_SDK)}  # as a 
 #: 190 µs of CPU, and each XADD in it 25 to 55 µs more, so a stream's deltas should share one.
 STORE_WRITE_INTERVAL_S = 0.05
 CANCEL_CHANNEL = "chatsvc:cancel"  # DELETE on one replica, for the replica producing the stream
+#: Liveness in the store (note 19): each replica renews a key naming it, and each follower on a
+#: replica other than the producer's the stream's presence key, this often; each key lives
+#: STORE_PRESENCE_TTL_S, so a replica or a follower that stopped renewing is gone within that.
+STORE_PRESENCE_S = 1.0
+STORE_PRESENCE_TTL_S = 3.0
+STORE_BAD_MESSAGE_LOG_S = 10.0  # at most one log line this often for malformed cancel messages
+#: A write that can create a key sets its expiry in the same step (note 19), so that no key ever
+#: lives without one: KEYS[1] the key; ARGV[1] its expiry in ms, or "" to leave the key's own;
+#: ARGV[2] "XX" to write only a key that exists; ARGV[3] the command; ARGV[4...] its arguments.
+WRITE_EXPIRING = """
+if ARGV[2] == 'XX' and redis.call('exists', KEYS[1]) == 0 then return false end
+local reply = redis.call(ARGV[3], KEYS[1], unpack(ARGV, 4))
+if ARGV[1] ~= '' then redis.call('pexpire', KEYS[1], ARGV[1]) end
+return reply
+"""
 T = TypeVar("T")
 
 
 def store_keys(stream_id: str) -> tuple[str, str]:
     """A stream's events (a Redis Stream) and its facts (a hash); one hash tag, so one cluster slot."""
     return f"chatsvc:{{{stream_id}}}:events", f"chatsvc:{{{stream_id}}}:facts"
+
+
+def presence_key(stream_id: str) -> str:
+    """Alive while a follower on a replica other than the producer's follows the stream (note 19)."""
+    return f"chatsvc:{{{stream_id}}}:followed"
 
 
 def chat_store_key(chat: ChatKey) -> str:
@@ -2300,15 +2388,22 @@ class RedisStore:
         self.queued = 0  # bytes in their `unstored` lists
         self.queue_limit = int(settings.RESUME_STORE_QUEUE_MB * 1024 * 1024)
         self.wake = asyncio.Event()
-        self.unmarked: set[str] = set()  # streams given up on, to mark unresumable once Redis answers
+        # Streams whose facts must say a new state once Redis answers: unresumable (given up on), or
+        # abandoned (nobody followed within the grace, note 19).
+        self.marks: dict[str, str] = {}
         self.live_ttl = math.ceil(settings.REQUEST_TIMEOUT_S + settings.RESUME_TTL_S + 10)  # outlives any run
+        self.live_ttl_ms = self.live_ttl * 1000
         self.finished_ttl_ms = max(1, int(settings.RESUME_TTL_S * 1000))
+        self.presence_ttl_ms = int(STORE_PRESENCE_TTL_S * 1000)
+        self.replica_key = f"chatsvc:replica:{secrets.token_hex(8)}"  # alive while this replica is (note 19)
+        self.bad_messages = 0  # malformed cancel messages since the last line about them
+        self.bad_message_logged = -math.inf
         self.max_entries = settings.MAX_TOKENS + 16  # write batches: at most one per delta, meta, end
         self.block_ms = max(1, int(self.timeout * 500))  # an XREAD BLOCK returns well within the timeout
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self.tasks = [asyncio.create_task(self.write()), asyncio.create_task(self.listen())]
+        self.tasks = [asyncio.create_task(task) for task in (self.write(), self.listen(), self.stay_alive())]
 
     async def stop(self) -> None:
         """After the producers: one last write of what is queued (bounded), then close."""
@@ -2334,26 +2429,45 @@ class RedisStore:
         except self.errors:
             raise store_unavailable("RESUME_STORE does not answer") from None
 
+    def write_expiring(
+        self, pipe: redis.asyncio.client.Pipeline, key: str, ttl_ms: int | None, *command: Any, existing: bool = False
+    ) -> None:
+        """Queue a write that sets the key's expiry in the same step (`ttl_ms`; None: the key's own),
+        or (`existing`) that creates no key: no key lives without an expiry (note 19)."""
+        pipe.eval(WRITE_EXPIRING, 1, key, "" if ttl_ms is None else ttl_ms, "XX" if existing else "", *command)
+
     # Writing: the producing replica
 
+    async def stay_alive(self) -> None:
+        """Renew this replica's liveness key: followers elsewhere end when it lapses (note 19)."""
+        while True:
+            with suppress(ServiceError):  # `write` and `listen` log a lost Redis; a lapse means it
+                await self.ask(self.redis.set(self.replica_key, 1, px=self.presence_ttl_ms))
+            await asyncio.sleep(STORE_PRESENCE_S)
+
     def announce(
-        self, stream_id: str, owner: bytes | None, protocol: ChatProtocol, chat: ChatKey | None, span: trace.Span
+        self,
+        stream_id: str,
+        owner: bytes | None,
+        protocol: ChatProtocol,
+        chat: ChatKey | None,
+        span: trace.Span,
+        prompt_tokens: int,
     ) -> asyncio.Task[BaseException | None]:
         """Write a new stream's facts while its upstream opens: no client learns the stream's id
         (from the response) before every replica can find it. The task's result is the failure, if any."""
         pipe = self.redis.pipeline(transaction=False)
         _, facts = store_keys(stream_id)
         ids = span.get_span_context()
-        pipe.hset(
-            facts,
-            mapping={
-                "protocol": protocol.path,
-                "owner": owner.hex() if owner else "",  # a keyed digest, never a key
-                "trace": f"{ids.trace_id:032x}{ids.span_id:016x}" if ids.is_valid else "",
-                "state": "live",
-            },
-        )
-        pipe.expire(facts, self.live_ttl)
+        fields = {
+            "protocol": protocol.path,
+            "owner": owner.hex() if owner else "",  # a keyed digest, never a key
+            "trace": f"{ids.trace_id:032x}{ids.span_id:016x}" if ids.is_valid else "",
+            "state": "live",
+            "replica": self.replica_key,  # followers elsewhere end when it lapses (note 19)
+            "prompt_tokens": prompt_tokens,  # for the usage of a `stream_lost` event
+        }
+        self.write_expiring(pipe, facts, self.live_ttl_ms, "HSET", *(x for item in fields.items() for x in item))
         if chat is not None:
             pipe.set(chat_store_key(chat), stream_id, ex=self.live_ttl)
         return asyncio.create_task(self.execute(pipe))
@@ -2391,8 +2505,7 @@ class RedisStore:
         self.queued -= sum(map(len, stream_log.unstored))
         stream_log.unstored = []
         self.dirty.pop(stream_log, None)
-        self.unmarked.add(stream_log.stream_id)
-        self.wake.set()  # the mark goes out with the next round trip
+        self.mark(stream_log.stream_id, "unresumable")
         self.service.metrics.store_unresumable.labels(reason).inc()
         token = correlation_id.set(stream_log.correlation_id)  # the writer's task serves every stream
         try:
@@ -2404,6 +2517,11 @@ class RedisStore:
         finally:
             correlation_id.reset(token)
 
+    def mark(self, stream_id: str, state: str) -> None:
+        """Write this state into the stream's facts with the next round trip."""
+        self.marks[stream_id] = state
+        self.wake.set()
+
     async def write(self) -> None:
         while True:
             await self.wake.wait()
@@ -2414,22 +2532,26 @@ class RedisStore:
     async def write_once(self) -> None:
         """One pipelined round trip for everything queued; a failure gives up on the streams in it."""
         batch, self.dirty = list(self.dirty), {}
-        marking, self.unmarked = self.unmarked, set()
+        marking, self.marks = self.marks, {}
         pipe = self.redis.pipeline(transaction=False)
         for stream_log in batch:
             self.queue_writes(pipe, stream_log)
-        for stream_id in marking:
-            _, facts = store_keys(stream_id)
-            pipe.hset(facts, "state", "unresumable")
-            pipe.expire(facts, self.live_ttl)
+        for stream_id, state in marking.items():
+            events, facts = store_keys(stream_id)
+            if state == "unresumable":  # given up on, perhaps before its facts went out: they may be new
+                self.write_expiring(pipe, facts, self.live_ttl_ms, "HSET", "state", state)
+            else:  # abandoned: gone everywhere once RESUME_TTL_S has passed, as a finished one
+                self.write_expiring(pipe, facts, self.finished_ttl_ms, "HSET", "state", state, existing=True)
+                pipe.pexpire(events, self.finished_ttl_ms)
         if (failure := await self.execute(pipe)) is not None:
-            self.unmarked |= marking
+            self.marks = {**marking, **self.marks}
             for stream_log in batch:
                 self.give_up(stream_log, "failed", failure)
 
     def queue_writes(self, pipe: redis.asyncio.client.Pipeline, stream_log: StreamLog) -> None:
         """One XADD of the events not yet written, under the id of the first one's seq; the expiry
-        moved to RESUME_TTL_S with the terminal one (the facts went out with `announce`)."""
+        moved to RESUME_TTL_S with the terminal one (the facts went out with `announce`). Only the
+        first XADD creates the Redis Stream, with its expiry in the same step (note 19)."""
         entries, first = stream_log.unstored, stream_log.stored
         self.queued -= sum(map(len, entries))
         stream_log.unstored = []
@@ -2440,15 +2562,17 @@ class RedisStore:
             ended = stream_log.finished and stream_log.stored == len(stream_log)
             if ended:
                 fields["end"] = b""
-            pipe.xadd(events, fields, id=f"{first}-1", maxlen=self.max_entries, approximate=False)
             if first == 0:
-                pipe.expire(events, self.live_ttl)
+                flat = (x for item in fields.items() for x in item)
+                self.write_expiring(pipe, events, self.live_ttl_ms, "XADD", "MAXLEN", self.max_entries, "0-1", *flat)
+            else:
+                pipe.xadd(events, fields, id=f"{first}-1", maxlen=self.max_entries, approximate=False, nomkstream=True)
             if ended:
-                pipe.hset(facts, "state", "finished")
-                for key in (events, facts, *([chat_store_key(stream_log.chat)] if stream_log.chat else [])):
+                self.write_expiring(pipe, facts, self.finished_ttl_ms, "HSET", "state", "finished", existing=True)
+                for key in (events, *([chat_store_key(stream_log.chat)] if stream_log.chat else [])):
                     pipe.pexpire(key, self.finished_ttl_ms)
-        if stream_log.delivered:
-            pipe.hset(facts, "delivered", "1")
+        if stream_log.delivered:  # perhaps after the facts expired: then nothing is written
+            self.write_expiring(pipe, facts, None, "HSET", "delivered", "1", existing=True)
 
     # Reading: any replica
 
@@ -2463,6 +2587,8 @@ class RedisStore:
             raise stream_not_found()
         if b"owner" in facts and not _same_owner(bytes.fromhex(facts[b"owner"].decode()) or None, owner):
             raise stream_not_found()
+        if facts.get(b"state") == b"abandoned":  # as its own replica answers (note 19)
+            raise stream_not_found()
         if facts.get(b"state") == b"unresumable" or b"protocol" not in facts:  # given up on before its facts
             raise store_unavailable("this stream's copy in RESUME_STORE is incomplete")
         length, finished = 0, False
@@ -2471,6 +2597,10 @@ class RedisStore:
             length = max(int(key) for key in fields if key != b"end") + 1
             finished = b"end" in fields
         return RemoteLog(self, stream_id, facts, read, length, finished)
+
+    async def followed_elsewhere_ms(self, stream_id: str) -> int:
+        """How long the presence of followers on other replicas lasts yet (note 19), in ms; 0 for none."""
+        return max(0, await self.ask(self.redis.pttl(presence_key(stream_id))))
 
     async def delivered(self, stream_id: str) -> bool:
         return bool(await self.ask(self.redis.hget(store_keys(stream_id)[1], "delivered")))
@@ -2501,16 +2631,30 @@ class RedisStore:
                     while True:
                         message = await pubsub.get_message(timeout=self.timeout / 2)
                         if message is not None:
-                            stream_id, _, request_id = message["data"].decode().partition(" ")
-                            stream_log = self.service.streams.get(stream_id)
-                            if stream_log is not None and stream_log.producer is not None:
-                                correlation_id.set(request_id or None)
-                                stream_log.producer.cancel()
+                            self.cancel_named(message["data"])
             except self.errors as exc:
                 if not lost:
                     log.warning("store_unreachable", extra={"exception": type(exc).__name__})
                     lost = True
                 await asyncio.sleep(self.timeout)
+
+    def cancel_named(self, data: bytes) -> None:
+        """Cancel the producer that a cancel message names, if it is here. Anyone who can publish to
+        Redis can send anything: what is not `<stream id> <correlation id>` is counted and ignored."""
+        try:
+            stream_id, _, request_id = data.decode().partition(" ")
+        except (AttributeError, UnicodeDecodeError):
+            self.bad_messages += 1
+            if time.monotonic() - self.bad_message_logged >= STORE_BAD_MESSAGE_LOG_S:  # a flood is one line
+                self.bad_message_logged = time.monotonic()
+                size = len(data) if isinstance(data, bytes) else None
+                log.warning("store_bad_message", extra={"bytes": size, "ignored": self.bad_messages})
+                self.bad_messages = 0
+            return
+        stream_log = self.service.streams.get(stream_id)
+        if stream_log is not None and stream_log.producer is not None:
+            correlation_id.set(request_id or None)
+            stream_log.producer.cancel()
 
 
 class RemoteLog:
@@ -2529,6 +2673,8 @@ class RemoteLog:
         self.finished = finished
         self.delivered = facts.get(b"delivered") == b"1"
         self.producer: Producer | None = None  # on its own replica
+        self.replica_key = facts.get(b"replica", b"").decode()  # the producing replica's liveness (note 19)
+        self.prompt_tokens = int(facts.get(b"prompt_tokens", b"0"))
         trace_ids = facts.get(b"trace", b"").decode()
         self.span_context = (
             trace.SpanContext(int(trace_ids[:32], 16), int(trace_ids[32:], 16), is_remote=True)
@@ -2548,13 +2694,20 @@ class RemoteLog:
     async def follow(self, position: int) -> AsyncIterator[bytes]:
         """The events from `position` on: the store's copy so far, then each write as XREAD BLOCK
         returns it, to the terminal event. A gap, an incomplete copy or a lost store ends the
-        response without one: the client's reconnect then gets its answer (404 or 503)."""
+        response without one: the client's reconnect then gets its answer (404 or 503). While it
+        follows, its presence keeps the producer's grace from running out; a producer that is gone
+        ends it with an `error` event `stream_lost` (note 19)."""
         redis_client, events, facts = self.store.redis, *store_keys(self.stream_id)
         last_id: Any = None  # the last entry read
         expected = 0  # the seq that the next event must have
         read: Any  # [(entry id, {seq: event, ..., maybe b"end": b""})], bytes all (no decoding)
+        present_until = 0.0  # when the presence key must be renewed
         try:
             while True:
+                if time.monotonic() >= present_until:  # one round trip every STORE_PRESENCE_S, not per read
+                    present_until = time.monotonic() + STORE_PRESENCE_S
+                    with anyio.fail_after(self.store.timeout):
+                        await redis_client.set(presence_key(self.stream_id), 1, px=self.store.presence_ttl_ms)
                 with anyio.fail_after(self.store.timeout):
                     if last_id is None:
                         read, self.read = self.read, None
@@ -2562,10 +2715,16 @@ class RemoteLog:
                         reply: Any = await redis_client.xread({events: last_id}, block=self.store.block_ms)
                         read = reply[0][1] if reply else []  # RESP2: [[key, entries]]
                 if not read:
+                    pipe = redis_client.pipeline(transaction=False)
+                    pipe.hget(facts, "state")
+                    pipe.exists(self.replica_key or facts)  # facts: a copy by a replica that names none
                     with anyio.fail_after(self.store.timeout):
-                        state = await redis_client.hget(facts, "state")
+                        state, producing = await pipe.execute()
                     if state in (None, b"unresumable"):
                         log.warning("store_follow_ended", extra={"stream_id": self.stream_id, "seq": expected - 1})
+                        return
+                    if state == b"abandoned" or (state == b"live" and not producing):
+                        yield self.lost_event(expected, state.decode())
                         return
                     last_id = last_id or "0-0"
                     continue
@@ -2586,11 +2745,27 @@ class RemoteLog:
                 for piece in pieces(batch, 0, len(batch)):  # note 20
                     yield piece
                 if ended:
+                    pipe = redis_client.pipeline(transaction=False)
+                    self.store.write_expiring(pipe, facts, None, "HSET", "delivered", "1", existing=True)
                     with anyio.fail_after(self.store.timeout):
-                        await redis_client.hset(facts, "delivered", "1")
+                        await pipe.execute()
                     return
         except self.store.errors as exc:
             log.warning("store_read_failed", extra={"stream_id": self.stream_id, "exception": type(exc).__name__})
+
+    def lost_event(self, seq: int, state: str) -> bytes:
+        """The terminal event for a follower whose producer is gone: its replica stopped (or, in a
+        race with the grace, it was abandoned) before the stream's end reached the store."""
+        log.warning("store_stream_lost", extra={"stream_id": self.stream_id, "seq": seq - 1, "state": state})
+        error = ServiceError("stream_lost", "the replica producing this stream stopped before its end")
+        completion = max(0, seq - 1)  # one entry a delta after the meta (an estimate, note 6)
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "source": "estimated",
+        }
+        return self.protocol.event(self.stream_id, seq, "error", {**error.body(), "usage": usage})
 
 
 def stream_not_found() -> ServiceError:
@@ -2679,7 +2854,8 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     stream_id = secrets.token_hex(16)  # note 11
     chat = None if chat_id is None else (owner, chat_id)
     # Note 15: every replica can find the stream before its id is out, at no cost to the live path.
-    announced = service.store.announce(stream_id, owner, protocol, chat, span) if service.store else None
+    prompt_tokens = math.ceil(prompt_chars / 4)  # note 6: the estimate, should the stream be lost (note 19)
+    announced = service.store.announce(stream_id, owner, protocol, chat, span, prompt_tokens) if service.store else None
     try:
         stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
     except BaseException as exc:

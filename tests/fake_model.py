@@ -24,7 +24,7 @@ Directives:
     hang_after_finish=1  send the finish_reason, then neither usage nor [DONE] (until the peer leaves)
     truncate_after=N after N deltas send half a frame, then end the body
     reset_before_headers=1  read the request, then reset the connection
-    huge=N           answer with one delta of N characters
+    huge=N           answer with one delta of N characters (with deltas=M: M such deltas)
     usage=0          send no usage chunk (like llama.cpp and many local servers)
     request_id=0     send no x-request-id header
 """
@@ -284,7 +284,7 @@ def _deltas(d: dict[str, str]) -> list[str]:
     if "text" in d:
         return d["text"].split("|")
     if "huge" in d:
-        return ["x" * int(d["huge"])]
+        return ["x" * int(d["huge"])] * int(d.get("deltas", 1))
     if d.get("utf8") == "1":
         return UTF8_DELTAS
     if "deltas" in d:

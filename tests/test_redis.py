@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -86,9 +87,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 def replica(start_service: Any, store: str, **env: str) -> Service:
-    svc: Service = start_service(
-        RESUME_STORE=store, RESUME_GRACE_S="30", SERVICE_API_KEYS=f"{KEY},{OTHER_KEY}", PING_INTERVAL_S="0.2", **env
-    )
+    settings = {"RESUME_GRACE_S": "30", "SERVICE_API_KEYS": f"{KEY},{OTHER_KEY}", "PING_INTERVAL_S": "0.2", **env}
+    svc: Service = start_service(RESUME_STORE=store, **settings)
     return svc
 
 
@@ -136,7 +136,7 @@ def metrics(svc: Service, *names: str) -> list[float]:
     return [sum(float(m) for m in re.findall(rf"^{re.escape(n)} (\S+)$", text, flags=re.MULTILINE)) for n in names]
 
 
-def wait_for_state(redis_server: RedisServer, stream_id: str, state: bytes) -> None:
+def wait_for_state(redis_server: RedisServer, stream_id: str, state: bytes | None) -> None:
     """The stream's facts in Redis say `state`: the copy is written behind the stream, so it comes a
     write round (STORE_WRITE_INTERVAL_S) after what the client and the log already saw."""
     client = redis_server.client()
@@ -494,3 +494,184 @@ def test_a_resume_on_b_links_to_the_upstream_span_on_a(start_service: Any, redis
         assert follower.trace_id != trace_id  # a trace of its own, linked
     finally:
         receiver.stop()
+
+
+# Lifetimes across replicas: the grace counts remote followers, a lost producer ends its followers,
+# every key expires, and the DELETE listener survives what Redis sends it --------------------------
+
+
+@pytest.fixture(scope="module")
+def short_grace(start_service: Any, redis_server: RedisServer) -> tuple[Service, Service]:
+    """Two replicas whose grace (1 s) is far shorter than the streams that the tests cut, and whose
+    finished streams expire at once (RESUME_TTL_S 0.5 s)."""
+    env = {"RESUME_GRACE_S": "1", "RESUME_TTL_S": "0.5"}
+    return tuple(replica(start_service, redis_server.url, **env) for _ in range(2))  # type: ignore[return-value]
+
+
+def until_terminal(sse: Iterator[Event], bound_s: float = 20) -> list[Event]:
+    """The events (pings left out) of `iter_sse` up to the terminal one or the end of the body; pings
+    alone must not keep a follower waiting: past `bound_s` the follow is a failure."""
+    deadline = time.monotonic() + bound_s
+    events: list[Event] = []
+    for event in sse:
+        assert time.monotonic() < deadline, f"still following after {bound_s} s: {events[-1:]}"
+        if event.comment is None:
+            events.append(event)
+            if event.event in ("done", "error"):
+                break
+    return events
+
+
+def test_a_stream_followed_only_on_b_outlives_the_grace_on_a(
+    short_grace: tuple[Service, Service], fake_model: FakeModel
+) -> None:
+    """Bug: A never learnt that B followed the stream cut on A; its grace ran out, the stream was
+    dropped and B's client got pings, then a close with no terminal event. Fix: remote followers keep
+    a presence key alive and A's grace counts from its lapse."""
+    a, b = short_grace
+    answer = "fake:deltas=40,delay=0.1"  # 4 s: three times the grace past the cut
+    stream_id, got = start_and_leave(a, answer, "r-grace", 3)
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "GET", f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": got[-1].id or ""}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        got += until_terminal(iter_sse(response))
+    assert [e.id for e in got] == [f"{stream_id}:{i}" for i in range(len(got))]
+    assert got[-1].event == "done", got[-1]
+    assert text_of(got) == expected_text(answer)
+    assert a.wait_for_log("request_completed", "r-grace")["stream_id"] == stream_id
+    assert not any(r["event"] == "client_disconnected" for r in a.logs_for("r-grace"))
+
+
+def test_a_follower_on_b_of_a_killed_replica_ends_with_a_retryable_error(
+    start_service: Any, redis_server: RedisServer, short_grace: tuple[Service, Service]
+) -> None:
+    """Bug: when the producing replica died, a follower on another replica got pings for as long as
+    the stream's facts lived, then a silent close. Fix: each replica keeps a liveness key alive; a
+    follower that sees neither new events nor its producer's replica ends with `stream_lost`."""
+    _, b = short_grace
+    a = replica(start_service, redis_server.url, RESUME_GRACE_S="1")
+    stream_id, got = start_and_leave(a, "fake:deltas=200,delay=0.1", "r-killed", 2)
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "GET", f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": got[-1].id or ""}
+        ) as response,
+    ):
+        sse = iter_sse(response)
+        got.append(next(e for e in sse if e.comment is None))
+        a.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        a.proc.wait()  # type: ignore[union-attr]
+        got += until_terminal(sse)
+    terminal = got[-1]
+    assert terminal.event == "error", terminal
+    assert terminal.data["code"] == "stream_lost"
+    assert terminal.data["retryable"] is True
+    assert {"error", "detail", "action", "usage"} <= set(terminal.data)
+    assert [e.event for e in got].count("error") == 1
+    assert terminal.id == f"{stream_id}:{len(got) - 1}"
+
+
+def assert_every_key_expires(redis_server: RedisServer) -> list[str]:
+    client = redis_server.client()
+    keys = [k.decode() for k in client.scan_iter(count=1000)]
+    ttls = {k: client.pttl(k) for k in keys}
+    client.close()
+    assert {k: ttl for k, ttl in ttls.items() if ttl == -1} == {}  # -2: expired between the two calls
+    return keys
+
+
+def test_every_key_in_the_store_expires(
+    start_service: Any, redis_server: RedisServer, short_grace: tuple[Service, Service], fake_model: FakeModel
+) -> None:
+    """Bug: a client that took its answer after RESUME_TTL_S left a facts key holding only
+    `delivered`, with no expiry. Fix: every write that can create a key sets its expiry with it."""
+    a, b = short_grace
+    # Mid-stream: A producing, B following (its presence key), A's replica key.
+    client, stream = post(a, "fake:deltas=20,delay=0.05", "r-ttl-live")
+    with client, stream as response:
+        stream_id = response.headers["x-stream-id"]
+        with (
+            httpx.Client(timeout=30) as other,
+            other.stream("GET", f"{b.url}/chat/streams/{stream_id}", headers=AUTH) as followed,
+        ):
+            live = iter_sse(followed)
+            assert [next(e for e in live if e.comment is None).event for _ in range(3)] == [
+                "meta",
+                "delta",
+                "delta",
+            ]
+            keys = assert_every_key_expires(redis_server)
+            assert f"chatsvc:{{{stream_id}}}:events" in keys
+            assert until_terminal(live)[-1].event == "done"
+        assert until_terminal(iter_sse(response))[-1].event == "done"
+    # Every ending: done, error, cancelled, an AI SDK chat, and an answer taken after RESUME_TTL_S.
+    a.chat({"message": "fake:deltas=3"}, headers=AUTH)
+    _, failed = a.chat({"message": "fake:deltas=3,error_after=2"}, headers=AUTH)
+    assert failed[-1].event == "error"
+    client, stream = post(a, "fake:deltas=200,delay=0.05", "r-ttl-del")
+    with client, stream as response:
+        stream_id = response.headers["x-stream-id"]
+        sse = iter_sse(response)
+        assert next(e for e in sse if e.comment is None).event == "meta"
+        assert httpx.delete(f"{b.url}/chat/streams/{stream_id}", headers=AUTH).status_code == 204
+        assert until_terminal(sse)[-1].data["finish_reason"] == "cancelled"
+    body = {"id": "chat-ttl", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}
+    body["trigger"] = "submit-message"
+    assert httpx.post(f"{a.url}/api/chat", json=body, headers=AUTH, timeout=30).status_code == 200
+    with socket.socket() as sock:  # a client whose small receive window leaves the end unsent
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", a.port))
+        payload = json.dumps({"message": "fake:huge=100000,deltas=60,delay=0.01"}).encode()  # 6 MB: over the buffers
+        head = f"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer {KEY}\r\n"
+        sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        start = sock.recv(4096)
+        stream_id = re.search(rb"x-stream-id: ([0-9a-f]{32})", start, flags=re.IGNORECASE)[1].decode()  # type: ignore[index]
+        wait_for_state(redis_server, stream_id, None)  # expired, the answer's end still unsent
+        writes = metric(a, 'chatsvc_store_writes_total{result="ok"}')
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)  # now read it all, quickly
+        received = start
+        while not received.endswith(b"\r\n0\r\n\r\n"):  # the body's last chunk: after `delivered`
+            chunk = sock.recv(1 << 20)
+            assert chunk, received[-200:]
+            received += chunk
+    deadline = time.monotonic() + 10
+    while metric(a, 'chatsvc_store_writes_total{result="ok"}') == writes:  # `delivered` written
+        assert time.monotonic() < deadline
+        time.sleep(0.02)  # polling the metrics: there is no event to await from here
+    assert_every_key_expires(redis_server)
+
+
+def test_a_malformed_cancel_message_leaves_the_listener_alive(
+    short_grace: tuple[Service, Service], redis_server: RedisServer
+) -> None:
+    """Bug: a message on the cancel channel that is not UTF-8 ended every replica's DELETE listener
+    for good. Fix: it is logged and ignored. The listener also comes back after Redis drops it."""
+    a, b = short_grace
+
+    def deleted_on_b(rid: str, before: bytes | None = None) -> None:
+        client, stream = post(a, "fake:deltas=200,delay=0.05", rid)
+        with client, stream as response:
+            stream_id = response.headers["x-stream-id"]
+            sse = iter_sse(response)
+            assert next(e for e in sse if e.comment is None).event == "meta"
+            if before is not None:
+                with redis_server.client() as client:
+                    assert client.publish("chatsvc:cancel", before) >= 2  # A and B hear it first
+            deleted = httpx.delete(f"{b.url}/chat/streams/{stream_id}", headers=AUTH, timeout=30)
+            assert deleted.status_code == 204, deleted.text
+            assert until_terminal(sse)[-1].data["finish_reason"] == "cancelled"
+
+    deleted_on_b("r-bad-msg", before=b"\xff\xfe")
+    assert a.wait_for_log("store_bad_message")["bytes"] == 2
+    with redis_server.client() as client:  # Redis drops every subscriber: they subscribe again
+        listening = client.pubsub_numsub("chatsvc:cancel")[0][1]
+        assert client.client_kill_filter(_type="pubsub") == listening
+        deadline = time.monotonic() + 10
+        while client.pubsub_numsub("chatsvc:cancel")[0][1] < listening:
+            assert time.monotonic() < deadline, "a replica did not subscribe again"
+            time.sleep(0.02)  # polling Redis: there is no event to await from here
+    deleted_on_b("r-after-kill")
