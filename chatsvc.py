@@ -81,6 +81,13 @@ Deliberate departures from the libraries' defaults (the code points back here as
     - Finished logs are kept RESUME_TTL_S, within RESUME_BUFFER_MB for all logs together (oldest
       dropped first); expired ones are dropped at the next look-up, admission or metrics scrape,
       not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
+    - A client that is here goes before streams whose clients left. With every slot taken
+      (MAX_CONCURRENT_STREAMS), a new chat stops the detached stream (its grace timer running)
+      whose grace began first, and takes its slot at once (`evict_detached`). Its log ends with an
+      `error` event `overloaded`, kept like any finished log, so that its client, back, learns how
+      it ended; its outcome is `request_failed` `overloaded` with `reason` `evicted`. Only when
+      every slot holds a stream with a follower is a new chat refused 503 `overloaded`: else
+      clients that POST and hang up would hold every slot for RESUME_GRACE_S, at will.
     - With SERVICE_API_KEYS, a stream is bound to an HMAC-SHA-256 digest of the key that started it
       (keyed by all of SERVICE_API_KEYS, so the same on every replica, note 15);
       another key gets 404, as for a stream that does not exist. Without keys a /chat stream is
@@ -1505,13 +1512,22 @@ class Service:
     def take_slot(self) -> None:
         # No await between the checks and the increment: concurrent requests cannot overshoot.
         limit = self.settings.MAX_CONCURRENT_STREAMS
-        if self.slots_in_use >= limit:
+        if self.slots_in_use >= limit and not self.evict_detached():
             raise ServiceError("overloaded", f"{limit} streams are in progress", retry_after=1)
         self.trim()
         if self.log_bytes > self.buffer_bytes:  # only live streams are left in the logs (note 11)
             raise ServiceError("overloaded", "the running streams fill RESUME_BUFFER_MB", retry_after=1)
         self.slots_in_use += 1
         self.metrics.active.inc()
+
+    def evict_detached(self) -> bool:
+        """Make room for a client that is here: stop the stream whose client left first (note 11).
+        False when every slot holds a stream with a follower (or a request still opening one)."""
+        detached = [(p.grace_timer.when(), p) for p in self.producers if p.grace_timer is not None]
+        if not detached:
+            return False
+        min(detached, key=lambda pair: pair[0])[1].evict()
+        return True
 
     def release_slot(self) -> None:
         self.slots_in_use -= 1
@@ -2019,6 +2035,8 @@ class Producer:
         self.cancelled = False
         self.abandoned = False
         self.too_slow = False  # the last follower was cut off for not reading (note 8)
+        self.evicted = False  # stopped while detached, to make room for a client that is here
+        self.holds_slot = True  # until release_slot(): at the end, or at once when evicted
         self.grace_timer: asyncio.TimerHandle | None = None
         # Note 18: the end of last resort, encoded now so that writing it cannot fail.
         self.last_words = {
@@ -2040,6 +2058,8 @@ class Producer:
                 await self.read()
             if self.abandoned:
                 self.abandon()
+            elif self.evicted:
+                stream_log.append([self.error_event(EVICTED, None, reason="evicted")], terminal=True)
             elif self.cancelled:
                 stream_log.append([self.cancelled_event()], terminal=True)
             else:
@@ -2167,6 +2187,20 @@ class Producer:
             self.service.drop(self.log)  # from now on a resume finds nothing: no follower can attach
             self.stop_scope.cancel()
 
+    def evict(self) -> None:
+        """A new chat needs the slot of this detached stream: stop it and give the slot up now (the
+        read ends at its next await). Its log ends with an `overloaded` error, kept for RESUME_TTL_S,
+        so that a client that comes back learns how it ended (note 11)."""
+        self.keep()
+        self.evicted = True
+        self.release_slot()
+        self.stop_scope.cancel()
+
+    def release_slot(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            self.service.release_slot()
+
     def cancel(self) -> None:
         """DELETE: stop the generation; followers get `done` with finish_reason "cancelled"."""
         if not (self.cancelled or self.abandoned):
@@ -2207,7 +2241,7 @@ class Producer:
         data = {"finish_reason": finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()}
         return self.event("done", data)
 
-    def error_event(self, error: ServiceError, exc: BaseException | None) -> bytes:
+    def error_event(self, error: ServiceError, exc: BaseException | None, **fields: Any) -> bytes:
         exception = type(exc).__name__ if exc else None
         mark_failed(self.span, error.code, exc)
         level = logging.ERROR if error.code == "internal_error" else logging.WARNING
@@ -2219,6 +2253,7 @@ class Producer:
             status=200,
             exception=exception,
             path=self.log.protocol.path,
+            **fields,
         )
         return self.event("error", {**error.body(), "usage": usage})
 
@@ -2314,8 +2349,12 @@ class Producer:
             metrics.requests.labels(self.outcome or "internal_error").inc()
             metrics.duration.observe(time.monotonic() - self.started)
             self.log.producer = None
-            self.service.release_slot()
+            self.release_slot()
 
+
+EVICTED = ServiceError(
+    "overloaded", "the stream was stopped while its client had left, to make room for a client that is connected"
+)
 
 #: The last resort's codes and details (note 18).
 LAST_WORDS = {
