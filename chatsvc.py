@@ -81,6 +81,13 @@ Deliberate departures from the libraries' defaults (the code points back here as
     - Finished logs are kept RESUME_TTL_S, within RESUME_BUFFER_MB for all logs together (oldest
       dropped first); expired ones are dropped at the next look-up, admission or metrics scrape,
       not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
+    - A client that is here goes before streams whose clients left. With every slot taken
+      (MAX_CONCURRENT_STREAMS), a new chat stops the detached stream (its grace timer running)
+      whose grace began first, and takes its slot at once (`evict_detached`). Its log ends with an
+      `error` event `overloaded`, kept like any finished log, so that its client, back, learns how
+      it ended; its outcome is `request_failed` `overloaded` with `reason` `evicted`. Only when
+      every slot holds a stream with a follower is a new chat refused 503 `overloaded`: else
+      clients that POST and hang up would hold every slot for RESUME_GRACE_S, at will.
     - With SERVICE_API_KEYS, a stream is bound to an HMAC-SHA-256 digest of the key that started it
       (keyed by all of SERVICE_API_KEYS, so the same on every replica, note 15);
       another key gets 404, as for a stream that does not exist. Without keys a /chat stream is
@@ -160,6 +167,18 @@ Deliberate departures from the libraries' defaults (the code points back here as
       elsewhere and /readyz answer 503 `resume_unavailable`; redis-py reconnects for the next write.
     - redis is imported only with a Redis store: redis-py imports OpenTelemetry's metrics SDK when it
       is installed, which took 60 ms and would load the SDK that note 14 keeps out.
+18. One terminal event, whatever the model server sends, and whatever fails in us. Each chunk is
+    decoded and checked in one place (`parse_chunk`): a field the relay uses with the wrong type
+    (`choices`, a choice, `delta`, `content`, a `finish_reason` that is not a short name) or a frame
+    that is not a JSON object (or holds an integer past 64 bits, which orjson refuses) is the model
+    server's malformed stream, `upstream_error`; a malformed `usage` is left out and estimated
+    (note 6); fields the relay does not use (`id`, `model`, `role`) are not looked at. Anything
+    else that raises is a bug of ours: `internal_error`, never mapped to a model-server fault, and
+    logged at ERROR with its traceback (`producer_failed`). The producer's last resort
+    (`last_resort`) then ends the stream with an error event encoded when the stream began and
+    filled with `%` and ints alone, so that it cannot fail; it logs the outcome line only if none
+    was logged, and the slot, the connection and the log are released as after any end. A
+    producer cancelled at shutdown (past the grace, note 4) ends the same way, `shutting_down`.
 19. A stream lives in the store as long as someone follows it, anywhere, and no longer.
     - A follower on a replica other than the producer's renews the stream's presence key
       (`chatsvc:{id}:followed`, SET PX) every STORE_PRESENCE_S (1 s), living STORE_PRESENCE_TTL_S
@@ -259,7 +278,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
+from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
 
 import aiohttp
 import anyio
@@ -602,9 +621,12 @@ def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> Servic
             "upstream_error",
             "the model server sent an error in the stream" + (f" ({upstream_code})" if upstream_code else ""),
         )
-    if isinstance(exc, ValueError | AttributeError | TypeError | KeyError | IndexError):
-        return ServiceError("upstream_error", f"the model server sent a malformed stream ({type(exc).__name__})")
-    return ServiceError("internal_error", f"unexpected {type(exc).__name__}")
+    return ServiceError("internal_error", f"unexpected {type(exc).__name__}")  # a bug of ours, not theirs
+
+
+def malformed(what: str) -> ServiceError:
+    """The model server's body cannot be read: its fault (note 18)."""
+    return ServiceError("upstream_error", f"the model server sent a malformed stream ({what})")
 
 
 def _transport_failure(exc: openai.APIConnectionError) -> BaseException:
@@ -1522,13 +1544,22 @@ class Service:
     def take_slot(self) -> None:
         # No await between the checks and the increment: concurrent requests cannot overshoot.
         limit = self.settings.MAX_CONCURRENT_STREAMS
-        if self.slots_in_use >= limit:
+        if self.slots_in_use >= limit and not self.evict_detached():
             raise ServiceError("overloaded", f"{limit} streams are in progress", retry_after=1)
         self.trim()
         if self.log_bytes > self.buffer_bytes:  # only live streams are left in the logs (note 11)
             raise ServiceError("overloaded", "the running streams fill RESUME_BUFFER_MB", retry_after=1)
         self.slots_in_use += 1
         self.metrics.active.inc()
+
+    def evict_detached(self) -> bool:
+        """Make room for a client that is here: stop the stream whose client left first (note 11).
+        False when every slot holds a stream with a follower (or a request still opening one)."""
+        detached = [(p.grace_timer.when(), p) for p in self.producers if p.grace_timer is not None]
+        if not detached:
+            return False
+        min(detached, key=lambda pair: pair[0])[1].evict()
+        return True
 
     def release_slot(self) -> None:
         self.slots_in_use -= 1
@@ -1655,7 +1686,7 @@ class UpstreamFrames:
         *blocks, rest = buffer.split(b"\n\n")
         self.buffer = rest + tail
         if len(self.buffer) > self.MAX_EVENT_BYTES:
-            raise ValueError("an upstream event exceeds MAX_EVENT_BYTES")
+            raise malformed("an event over MAX_EVENT_BYTES")
         out: list[bytes] = []
         for block in blocks:
             if block.startswith(b"data:") and b"\n" not in block:  # what every server sends
@@ -1673,6 +1704,75 @@ class UpstreamFrames:
     def end(self) -> list[bytes]:
         """At the end of the body: a \r held back was a line end of its own."""
         return self.feed(b"\n") if self.buffer.endswith(b"\r") else []
+
+
+class UpstreamChunk(NamedTuple):
+    """What the relay takes from one chunk of the model server, checked (note 18)."""
+
+    content: str | None
+    finish_reason: str | None
+    usage: tuple[int, int, int] | None  # prompt, completion, total
+
+
+FINISH_REASON_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # a name: it is logged and sent on
+
+
+def parse_chunk(data: bytes, request: httpx2.Request) -> UpstreamChunk:
+    """One chunk's JSON, decoded (note 9) and checked here alone (note 18): a field the relay uses
+    that has the wrong type is the model server's malformed stream (`upstream_error`); a malformed
+    usage is left out (then estimated, note 6); fields the relay does not use are not looked at.
+    An in-band error is raised as openai would (note 9)."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise malformed("an event that is not JSON") from None
+    if not isinstance(chunk, dict):
+        raise malformed("an event that is not a JSON object")
+    if error := chunk.get("error"):
+        message = error.get("message") if isinstance(error, dict) else None
+        raise openai.APIError(
+            message if isinstance(message, str) else "An error occurred during streaming", request, body=error
+        )
+    usage = _upstream_usage(chunk.get("usage"))
+    choices = chunk.get("choices")
+    if choices is None or choices == []:  # the usage chunk has no choice
+        return UpstreamChunk(None, None, usage)
+    if not isinstance(choices, list):
+        raise malformed("choices is not a list")
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise malformed("a choice is not an object")
+    finish_reason = choice.get("finish_reason") or None
+    if finish_reason is not None and not (
+        isinstance(finish_reason, str) and FINISH_REASON_PATTERN.fullmatch(finish_reason)
+    ):
+        raise malformed("finish_reason is not a name")
+    delta = choice.get("delta")
+    if delta is None:
+        return UpstreamChunk(None, finish_reason, usage)
+    if not isinstance(delta, dict):
+        raise malformed("delta is not an object")
+    content = delta.get("content")
+    if content is not None and not isinstance(content, str):
+        raise malformed("content is not a string")
+    return UpstreamChunk(content or None, finish_reason, usage)
+
+
+def _upstream_usage(usage: object) -> tuple[int, int, int] | None:
+    if usage is None:
+        return None
+    if isinstance(usage, dict):
+        prompt, completion, total = (usage.get(key) for key in ("prompt_tokens", "completion_tokens", "total_tokens"))
+        # bool is an int to Python, not a count
+        if (
+            type(prompt) is int
+            and type(completion) is int
+            and type(total) is int
+            and min(prompt, completion, total) >= 0
+        ):
+            return prompt, completion, total
+    log.warning("upstream_usage_ignored", extra={"type": type(usage).__name__})  # note 6: estimated instead
+    return None
 
 
 _json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode  # as sse-starlette's
@@ -1732,6 +1832,28 @@ def encode_ui_deltas(stream_id: str, first: int, contents: list[str]) -> list[by
     ]
 
 
+#: An estimated usage (note 6) to fill with `%`: the last resort's (note 18).
+USAGE_TEMPLATE = (
+    b'{"prompt_tokens":%(prompt)d,"completion_tokens":%(completion)d,"total_tokens":%(total)d,"source":"estimated"}'
+)
+
+
+def last_words_event(stream_id: str, body: dict[str, Any]) -> bytes:
+    """encode_event's error event, with the estimated usage, as a template that `%` fills with the
+    seq and the counts (note 18): encoded when the stream starts, so that its end cannot fail."""
+    data = _json(body)[:-1].encode().replace(b"%", b"%%") + b',"usage":' + USAGE_TEMPLATE + b"}"
+    return b"event: error\r\ndata: %b\r\nid: %b:%%(seq)d\r\n\r\n" % (data, stream_id.encode())
+
+
+def last_words_ui(stream_id: str, body: dict[str, Any]) -> bytes:
+    """encode_ui_chunks's error, as last_words_event's template (note 18)."""
+    error = orjson.dumps({"type": "error", "errorText": _json(body)}).replace(b"%", b"%%")
+    return (
+        b'data: {"type":"text-end","id":"%b"}\n\ndata: {"type":"message-metadata","messageMetadata":{"usage":%b}}\n\n'
+        b"data: %b\n\ndata: [DONE]\n\n" % (UI_TEXT_ID_BYTES, USAGE_TEMPLATE, error)
+    )
+
+
 UI_TEXT_ID = "text"  # the message's one text part
 UI_TEXT_ID_BYTES = UI_TEXT_ID.encode()
 #: OpenAI's finish reasons as the AI SDK names them (its `finish` chunk's enum).
@@ -1754,10 +1876,16 @@ class ChatProtocol:
     headers: dict[str, str]
     event: Callable[[str, int, str, dict[str, Any]], bytes]  # meta, done, error
     deltas: Callable[[str, int, list[str]], list[bytes]]
+    last_words: Callable[[str, dict[str, Any]], bytes]  # an error event's template (note 18)
 
 
 CHATSVC = ChatProtocol(
-    "/chat", parse_chat, {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}, encode_event, encode_deltas
+    "/chat",
+    parse_chat,
+    {"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    encode_event,
+    encode_deltas,
+    last_words_event,
 )
 #: The AI SDK's UI message stream, with the headers of its UI_MESSAGE_STREAM_HEADERS.
 AI_SDK = ChatProtocol(
@@ -1771,6 +1899,7 @@ AI_SDK = ChatProtocol(
     },
     encode_ui_chunks,
     encode_ui_deltas,
+    last_words_ui,
 )
 
 
@@ -1926,8 +2055,8 @@ class Producer:
         self.deltas = 0
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
-        self.upstream_usage: Mapping[str, Any] | None = None
-        self.outcome = "shutting_down"  # until conclude() records the real one: only shutdown cancels us
+        self.upstream_usage: tuple[int, int, int] | None = None  # prompt, completion, total
+        self.outcome: str | None = None  # once its line is logged (conclude or last_resort)
         self.upstream_ended = False
         self.failure: ServiceError | None = None  # how the upstream body ended, if not well
         self.failure_exc: BaseException | None = None
@@ -1938,8 +2067,15 @@ class Producer:
         self.cancelled = False
         self.abandoned = False
         self.too_slow = False  # the last follower was cut off for not reading (note 8)
+        self.evicted = False  # stopped while detached, to make room for a client that is here
+        self.holds_slot = True  # until release_slot(): at the end, or at once when evicted
         self.grace_timer: asyncio.TimerHandle | None = None
         self.grace_check: asyncio.Task[None] | None = None  # asks the store whether others follow (note 19)
+        # Note 18: the end of last resort, encoded now so that writing it cannot fail.
+        self.last_words = {
+            code: stream_log.protocol.last_words(stream_log.stream_id, ServiceError(code, detail).body())
+            for code, detail in LAST_WORDS.items()
+        }
 
     # The stream's life
 
@@ -1955,16 +2091,18 @@ class Producer:
                 await self.read()
             if self.abandoned:
                 self.abandon()
+            elif self.evicted:
+                stream_log.append([self.error_event(EVICTED, None, reason="evicted")], terminal=True)
             elif self.cancelled:
                 stream_log.append([self.cancelled_event()], terminal=True)
             else:
                 stream_log.append([self.terminal_event()], terminal=True)
-        except Exception as exc:  # a bug of ours: the stream still ends with one terminal event
+        except asyncio.CancelledError:  # shutdown, past its grace (note 4)
+            self.last_resort("shutting_down")
+            raise
+        except Exception:  # a bug of ours, wherever it is: the stream still ends (note 18)
             log.exception("producer_failed")
-            if not stream_log.finished:
-                stream_log.append(
-                    [self.error_event(ServiceError("internal_error", "unexpected failure"), exc)], terminal=True
-                )
+            self.last_resort("internal_error")
         finally:
             await self.close()
 
@@ -1995,7 +2133,7 @@ class Producer:
             error.__cause__ = exc
             mapped = map_upstream_error(error, streaming=True)
             self.fail(mapped, error, timed_out=mapped.code == "upstream_timeout")  # the idle limit
-        except Exception as exc:  # malformed frames and in-band errors; CancelledError passes
+        except (ServiceError, openai.APIError) as exc:  # malformed frames and in-band errors (note 18)
             self.fail(map_upstream_error(exc, streaming=True), exc, timed_out=False)
         finally:
             self.read_scope = None
@@ -2009,24 +2147,13 @@ class Producer:
                 if data.startswith(b"[DONE]"):
                     self.upstream_ended = True
                     break
-                chunk = orjson.loads(data)  # note 9
-                if chunk.get("error"):  # an in-band error, raised as openai would (note 9)
-                    error = chunk["error"]
-                    message = error.get("message") if isinstance(error, Mapping) else None
-                    if not isinstance(message, str):
-                        message = "An error occurred during streaming"
-                    raise openai.APIError(message, request, body=error)
-                if chunk.get("usage") is not None:
-                    self.upstream_usage = chunk["usage"]
-                if not chunk.get("choices"):
-                    continue
-                choice = chunk["choices"][0]
-                if choice.get("finish_reason") is not None and self.finish_reason is None:
-                    self.finish_reason = choice["finish_reason"]
+                content, finish_reason, usage = parse_chunk(data, request)
+                if usage is not None:
+                    self.upstream_usage = usage
+                if finish_reason is not None and self.finish_reason is None:
+                    self.finish_reason = finish_reason
                     self.expect_end()
-                if content := (choice.get("delta") or {}).get("content"):
-                    if not isinstance(content, str):
-                        raise TypeError("delta content is not a string")
+                if content:
                     contents.append(content)
         finally:
             if contents:
@@ -2128,6 +2255,20 @@ class Producer:
                 self.service.store.mark(self.log.stream_id, "abandoned")
             self.stop_scope.cancel()
 
+    def evict(self) -> None:
+        """A new chat needs the slot of this detached stream: stop it and give the slot up now (the
+        read ends at its next await). Its log ends with an `overloaded` error, kept for RESUME_TTL_S,
+        so that a client that comes back learns how it ended (note 11)."""
+        self.keep()
+        self.evicted = True
+        self.release_slot()
+        self.stop_scope.cancel()
+
+    def release_slot(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            self.service.release_slot()
+
     def cancel(self) -> None:
         """DELETE: stop the generation; followers get `done` with finish_reason "cancelled"."""
         if not (self.cancelled or self.abandoned):
@@ -2168,7 +2309,7 @@ class Producer:
         data = {"finish_reason": finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()}
         return self.event("done", data)
 
-    def error_event(self, error: ServiceError, exc: BaseException | None) -> bytes:
+    def error_event(self, error: ServiceError, exc: BaseException | None, **fields: Any) -> bytes:
         exception = type(exc).__name__ if exc else None
         mark_failed(self.span, error.code, exc)
         level = logging.ERROR if error.code == "internal_error" else logging.WARNING
@@ -2180,6 +2321,7 @@ class Producer:
             status=200,
             exception=exception,
             path=self.log.protocol.path,
+            **fields,
         )
         return self.event("error", {**error.body(), "usage": usage})
 
@@ -2203,9 +2345,7 @@ class Producer:
         log.info("first_token", extra={"ttft_ms": round(ttft * 1000, 1)})
 
     def usage(self) -> dict[str, Any]:
-        u = self.upstream_usage
-        counts = [u.get(key) for key in ("prompt_tokens", "completion_tokens", "total_tokens")] if u else []
-        if counts and all(type(n) is int and n >= 0 for n in counts):
+        if (counts := self.upstream_usage) is not None:  # checked where it was read (note 18)
             return {
                 "prompt_tokens": counts[0],
                 "completion_tokens": counts[1],
@@ -2228,7 +2368,6 @@ class Producer:
     def conclude(self, outcome: str, level: int, event: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Record the one outcome of this stream: its tokens in the metrics and its log line, with the
         timings and usage. Returns the usage and timings, for the terminal event to carry."""
-        self.outcome = outcome
         usage, timings = self.usage(), self.timings()
         if self.span.is_recording():
             self.span.set_attributes(
@@ -2245,20 +2384,51 @@ class Producer:
         metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
         metrics.tokens.labels("completion").inc(usage["completion_tokens"])
         log.log(level, event, extra={**fields, **timings, **_flat_usage(usage), "stream_id": self.log.stream_id})
+        self.outcome = outcome
         return usage, timings
+
+    def last_resort(self, code: str) -> None:
+        """End the stream when its ordinary end failed (a bug of ours) or was cut (shutdown): the
+        outcome line, unless one was logged, and the error event encoded at the start, filled with
+        ints alone, unless the log has its terminal event. Nothing here can raise (note 18)."""
+        prompt = math.ceil(self.prompt_chars / 4)  # note 6
+        if self.outcome is None:
+            self.outcome = code
+            level = logging.ERROR if code == "internal_error" else logging.WARNING
+            log.log(
+                level, "request_failed",
+                extra={"code": code, "status": 200, "path": self.log.protocol.path, "stream_id": self.log.stream_id,
+                       "prompt_tokens": prompt, "completion_tokens": self.deltas,
+                       "total_tokens": prompt + self.deltas, "usage_source": "estimated"},
+            )  # fmt: skip
+        if not (self.log.finished or self.abandoned):
+            fill = {b"seq": len(self.log.entries), b"prompt": prompt, b"completion": self.deltas}
+            self.log.append([self.last_words[code] % {**fill, b"total": prompt + self.deltas}], terminal=True)
 
     async def close(self) -> None:
         """Release the upstream connection and the slot, whatever happened."""
         self.keep()  # a grace still running ends with the stream
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await self.stream.close()
-        self.span.end()
-        metrics = self.service.metrics
-        metrics.requests.labels(self.outcome).inc()
-        metrics.duration.observe(time.monotonic() - self.started)
-        self.log.producer = None
-        self.service.release_slot()
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.stream.close()
+        finally:
+            self.span.end()
+            metrics = self.service.metrics
+            metrics.requests.labels(self.outcome or "internal_error").inc()
+            metrics.duration.observe(time.monotonic() - self.started)
+            self.log.producer = None
+            self.release_slot()
 
+
+EVICTED = ServiceError(
+    "overloaded", "the stream was stopped while its client had left, to make room for a client that is connected"
+)
+
+#: The last resort's codes and details (note 18).
+LAST_WORDS = {
+    "internal_error": "the stream failed unexpectedly",
+    "shutting_down": "the service stopped before the stream ended",
+}
 
 _TIMEOUT_DETAILS: dict[str, Callable[[Settings], str]] = {
     "upstream_timeout": lambda s: f"no data from the model server for {s.IDLE_TIMEOUT_S} s",

@@ -27,6 +27,8 @@ Directives:
     huge=N           answer with one delta of N characters (with deltas=M: M such deltas)
     usage=0          send no usage chunk (like llama.cpp and many local servers)
     request_id=0     send no x-request-id header
+    script=K         send exactly the frames of `FakeModel.scripts[K]` (each a `data:` payload, sent
+                     as one event in an HTTP chunk of its own), then end the body
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class FakeModel:
     def __init__(self) -> None:
         self.requests: list[Seen] = []
         self.fail_counts: dict[str, int] = {}
+        self.scripts: dict[str, list[bytes]] = {}  # script=K: the exact frames a test wants sent
         self.open_connections = 0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
@@ -196,6 +199,12 @@ class FakeModel:
                 "usage": usage,
             }
             return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+        if "script" in d:
+            for payload in self.scripts[d["script"]]:
+                await chunk(b"data: " + payload + b"\n\n")
+            await chunk(b"")
+            return True
 
         await chunk(frame({"role": "assistant", "content": ""}))
         await asyncio.sleep(float(d.get("first_delay", 0)))

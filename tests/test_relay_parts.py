@@ -8,7 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sse_starlette import JSONServerSentEvent
 
-from chatsvc import WRITE_BYTES, UpstreamFrames, encode_deltas, encode_event, pieces
+from chatsvc import (
+    WRITE_BYTES,
+    ServiceError,
+    UpstreamFrames,
+    encode_deltas,
+    encode_event,
+    encode_ui_chunks,
+    last_words_event,
+    last_words_ui,
+    pieces,
+)
 
 texts = st.text(st.characters(codec="utf-8"), max_size=20)
 STREAM_ID = "0123456789abcdef0123456789abcdef"
@@ -77,8 +87,24 @@ def test_only_data_lines_count_and_several_make_one_frame() -> None:
 def test_an_event_without_end_beyond_the_limit_is_refused() -> None:
     parser = UpstreamFrames()
     parser.feed(b"data: " + b"x" * (UpstreamFrames.MAX_EVENT_BYTES - 6))
-    with pytest.raises(ValueError, match="MAX_EVENT_BYTES"):
+    with pytest.raises(ServiceError, match="MAX_EVENT_BYTES") as refused:
         parser.feed(b"x")
+    assert refused.value.code == "upstream_error"  # the model server's malformed stream (note 18)
+
+
+@settings(max_examples=100, deadline=None)
+@given(texts, st.integers(0, 10**9), st.integers(0, 10**6), st.integers(0, 10**6))
+def test_the_last_resort_is_the_error_event_the_encoders_write(
+    detail: str, seq: int, prompt: int, completion: int
+) -> None:
+    """Note 18: the template encoded at a stream's start, filled with ints alone, is exactly the
+    error event (and the AI SDK's error chunks) that the ordinary encoders write."""
+    body = ServiceError("internal_error", detail).body()
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    data = {**body, "usage": {**usage, "source": "estimated"}}
+    fill = {b"seq": seq, b"prompt": prompt, b"completion": completion, b"total": prompt + completion}
+    assert last_words_event(STREAM_ID, body) % fill == encode_event(STREAM_ID, seq, "error", data)
+    assert last_words_ui(STREAM_ID, body) % fill == encode_ui_chunks(STREAM_ID, seq, "error", data)
 
 
 @settings(max_examples=200, deadline=None)

@@ -18,6 +18,7 @@ from tests.conftest import Event, Service, iter_sse
 from tests.fake_model import FakeModel, expected_text
 from tests.spec import assert_error_response, validate
 
+OUTCOMES = ("request_completed", "request_failed", "client_disconnected")
 SLOW = "fake:deltas=30,delay=0.05"  # 1.5 s of answer: long enough to leave and come back
 
 
@@ -243,16 +244,43 @@ def test_live_streams_alone_over_the_buffer_make_new_chats_503(start_service: An
         assert int(refused.headers["retry-after"]) >= 1
 
 
-def test_detached_streams_hold_their_slot(start_service: Any) -> None:
-    svc: Service = start_service(MAX_CONCURRENT_STREAMS="1", RESUME_GRACE_S="30")
-    stream_id, _ = leave_after(svc, "fake:deltas=3,stall_after=1", "slot-d", 2)
-    assert_error_response(httpx.post(f"{svc.url}/chat", json={"message": "hi"}), 503, "overloaded")
-    assert "chatsvc_detached_streams 1.0" in httpx.get(f"{svc.url}/metrics").text
-    assert httpx.delete(f"{svc.url}/chat/streams/{stream_id}").status_code == 204
-    svc.wait_for_log("request_completed", "slot-d")
-    response, events = svc.chat({"message": "hi"})
-    assert response.status_code == 200
+def test_a_live_client_is_never_refused_for_streams_whose_clients_left(start_service: Any) -> None:
+    """Bug: MAX_CONCURRENT_STREAMS clients that POST and hang up at once held every slot for
+    RESUME_GRACE_S: every other caller got 503 overloaded, and anyone could do it again at will.
+    Fix: with every slot taken, a new chat stops the stream whose client left first (its log ends
+    with an `overloaded` error, kept for a resume to find) and takes its slot (note 11)."""
+    svc: Service = start_service(MAX_CONCURRENT_STREAMS="3", RESUME_GRACE_S="300")
+    left = [leave_after(svc, "fake:deltas=3,stall_after=1", f"evict-{i}", 2)[0] for i in range(3)]
+    assert "chatsvc_detached_streams 3.0" in httpx.get(f"{svc.url}/metrics").text
+
+    response, events = svc.chat({"message": "hi"}, {"X-Request-ID": "evict-new"})
+
+    assert response.status_code == 200, response.text
+    assert text_of(events) == expected_text("hi")
     assert events[-1].event == "done"
+    evicted = svc.wait_for_log("request_failed", "evict-0")
+    assert (evicted["code"], evicted["reason"], evicted["stream_id"]) == ("overloaded", "evicted", left[0])
+    replay = follow(svc, left[0])  # the evicted stream's client comes back: it learns how it ended
+    assert [e.event for e in replay] == ["meta", "delta", "error"]
+    validate("ErrorEvent", replay[-1].data)
+    assert (replay[-1].data["code"], replay[-1].data["correlation_id"]) == ("overloaded", "evict-0")
+    assert "left" in replay[-1].data["detail"]
+    for stream_id in left[1:]:  # the later ones still wait for their clients
+        assert httpx.delete(f"{svc.url}/chat/streams/{stream_id}").status_code == 204
+    for i in range(3):
+        svc.wait_for_log("request_completed" if i else "request_failed", f"evict-{i}")
+        assert len([r for r in svc.logs_for(f"evict-{i}") if r["event"] in OUTCOMES]) == 1
+
+
+def test_with_every_slot_attached_a_new_chat_is_refused(start_service: Any) -> None:
+    """Only streams whose clients left make room: an attached one is never stopped for a newcomer."""
+    svc: Service = start_service(MAX_CONCURRENT_STREAMS="1", RESUME_GRACE_S="300")
+    with opened(svc, "fake:deltas=3,stall_after=1", "full-here") as (response, events):
+        assert [next(events).event for _ in range(2)] == ["meta", "delta"]
+        assert_error_response(httpx.post(f"{svc.url}/chat", json={"message": "hi"}), 503, "overloaded")
+        stream_id = response.headers["x-stream-id"]
+    assert httpx.delete(f"{svc.url}/chat/streams/{stream_id}").status_code == 204
+    svc.wait_for_log("request_completed", "full-here")
 
 
 # The key binding ---------------------------------------------------------------------------------
