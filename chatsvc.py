@@ -1541,10 +1541,12 @@ class Service:
             return False
         return response.is_success
 
-    def take_slot(self) -> None:
-        # No await between the checks and the increment: concurrent requests cannot overshoot.
+    async def take_slot(self) -> None:
         limit = self.settings.MAX_CONCURRENT_STREAMS
-        if self.slots_in_use >= limit and not self.evict_detached():
+        if self.slots_in_use >= limit:
+            await self.evict_detached()
+        # No await between the checks and the increment: concurrent requests cannot overshoot.
+        if self.slots_in_use >= limit:
             raise ServiceError("overloaded", f"{limit} streams are in progress", retry_after=1)
         self.trim()
         if self.log_bytes > self.buffer_bytes:  # only live streams are left in the logs (note 11)
@@ -1552,14 +1554,23 @@ class Service:
         self.slots_in_use += 1
         self.metrics.active.inc()
 
-    def evict_detached(self) -> bool:
+    async def evict_detached(self) -> None:
         """Make room for a client that is here: stop the stream whose client left first (note 11).
-        False when every slot holds a stream with a follower (or a request still opening one)."""
-        detached = [(p.grace_timer.when(), p) for p in self.producers if p.grace_timer is not None]
-        if not detached:
-            return False
-        min(detached, key=lambda pair: pair[0])[1].evict()
-        return True
+        None goes when every slot holds a stream with a follower, here or, with a store, on another
+        replica (note 19: its grace runs here all the same), or a request still opening one."""
+        detached = sorted((p for p in self.producers if p.grace_timer is not None), key=lambda p: p.detached_at)
+        for producer in detached:
+            if self.store is not None:
+                try:
+                    if await producer.followed_anywhere():
+                        continue
+                except ServiceError:  # Redis does not answer: no other replica can follow it either
+                    pass
+            if self.slots_in_use < self.settings.MAX_CONCURRENT_STREAMS:
+                return  # a slot came free meanwhile
+            if producer.grace_timer is not None:  # still detached after the await
+                producer.evict()
+                return
 
     def release_slot(self) -> None:
         self.slots_in_use -= 1
@@ -2070,6 +2081,7 @@ class Producer:
         self.evicted = False  # stopped while detached, to make room for a client that is here
         self.holds_slot = True  # until release_slot(): at the end, or at once when evicted
         self.grace_timer: asyncio.TimerHandle | None = None
+        self.detached_at = 0.0  # when the last follower left: the first to leave is evicted first
         self.grace_check: asyncio.Task[None] | None = None  # asks the store whether others follow (note 19)
         # Note 18: the end of last resort, encoded now so that writing it cannot fail.
         self.last_words = {
@@ -2206,6 +2218,7 @@ class Producer:
         if self.log.finished:
             return
         self.too_slow = too_slow
+        self.detached_at = time.monotonic()
         grace = self.settings.RESUME_GRACE_S
         log.info(
             "stream_detached",
@@ -3017,7 +3030,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     log.info("chat_request", extra=extra)
 
     service.followers.check(None)  # its client is a follower: refused before the model is asked (note 20)
-    service.take_slot()
+    await service.take_slot()
     model = chat_request.model or settings.OPENAI_MODEL
     span = service.tracing.upstream_span(settings, chat_request, model)
     token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None

@@ -675,3 +675,36 @@ def test_a_malformed_cancel_message_leaves_the_listener_alive(
             assert time.monotonic() < deadline, "a replica did not subscribe again"
             time.sleep(0.02)  # polling Redis: there is no event to await from here
     deleted_on_b("r-after-kill")
+
+
+def test_a_full_replica_never_evicts_a_stream_followed_on_another(
+    start_service: Any, redis_server: RedisServer, pair: tuple[Service, Service]
+) -> None:
+    """Bug: with every slot full, a new chat stopped the oldest stream detached on this replica, even
+    one that a client followed on another replica (its grace runs here all the same, note 19). Fix:
+    eviction asks the store first; a stream followed anywhere is never evicted."""
+    a = replica(start_service, redis_server.url, MAX_CONCURRENT_STREAMS="1")
+    _, b = pair
+    answer = "fake:deltas=40,delay=0.1"
+    stream_id, got = start_and_leave(a, answer, "r-evict-followed", 2)
+    client = redis_server.client()
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream(
+            "GET", f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": got[-1].id or ""}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        sse = iter_sse(response)
+        got.append(next(e for e in sse if e.comment is None))
+        deadline = time.monotonic() + 10
+        while not client.exists(f"chatsvc:{{{stream_id}}}:followed"):  # B's presence is in the store
+            assert time.monotonic() < deadline, "no presence key for B's follower"
+            time.sleep(0.01)  # polling Redis: there is no event to await from here
+        refused = httpx.post(f"{a.url}/chat", json={"message": "hi"}, headers=AUTH, timeout=30)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["code"] == "overloaded"
+        got += until_terminal(sse)
+    client.close()
+    assert got[-1].event == "done", got[-1]
+    assert text_of(got) == expected_text(answer)

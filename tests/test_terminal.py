@@ -245,7 +245,7 @@ async def run_broken(fake_model: FakeModel, failing: str) -> tuple[ChatService, 
         messages = chat.messages(None)
         started = time.monotonic()
         deadline = started + settings.REQUEST_TIMEOUT_S
-        service.take_slot()
+        await service.take_slot()
         stream, _ = await open_upstream(service.client, settings, chat, messages, deadline)
 
         def producer(stream_log: StreamLog) -> Producer:
