@@ -263,6 +263,9 @@ Deliberate departures from the libraries' defaults (the code points back here as
       calls when the send times out: the connection is aborted with SO_LINGER 0, so that asyncio's
       buffer and the kernel's go at once (a reset to the client), not when a client that never
       reads drains them. Elsewhere the server closes the connection as before.
+    - sse-starlette's send timeout bounds every send but the last (the empty one that ends the
+      body), so a follower whose whole answer fit in the buffers waited on that one for ever; the
+      follower bounds it with the same SEND_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -2522,12 +2525,23 @@ class FollowerResponse(EventSourceResponse):
         self.send_timeout_s = settings.SEND_TIMEOUT_S
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_end_in_time(message: Message) -> None:
+            # sse-starlette bounds every send but the one that ends the body: after a whole answer
+            # a client that reads nothing would hold it forever (note 17).
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                await send(message)
+                return
+            with anyio.move_on_after(self.send_timeout) as bounded:
+                await send(message)
+            if bounded.cancelled_caught:
+                raise SendTimeoutError()
+
         # Counted from here to the end of the response; refused before the first byte (note 20).
         with self.stream_log.service.followers.admit(self.stream_log.stream_id, first=self.first):
             self.stream_log.attach()
             too_slow = False
             try:
-                await super().__call__(scope, receive, send)
+                await super().__call__(scope, receive, send_end_in_time)
             except SendTimeoutError:
                 too_slow = True  # note 8
                 if abort := (scope.get("extensions") or {}).get(ABORT_EXTENSION):
