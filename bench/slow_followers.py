@@ -1,9 +1,12 @@
 """What N followers that never read leave behind once SEND_TIMEOUT_S has cut them off (note 17):
 the service's sockets to them and the bytes the kernel still holds to send, from /proc/net/tcp, and
-the kernel's TCP memory (/proc/net/sockstat, in pages). Each asks for a ~1.3 MB answer with a 4 KiB
-receive buffer and reads nothing.
+the kernel's TCP memory (/proc/net/sockstat, in pages: the whole machine's, so other work moves
+it). Each asks for an answer of --chars characters in one delta, with a 4 KiB receive buffer, and
+reads nothing. 3 MB is over what the kernel takes for one socket here (some 2.8 MB), so the send
+blocks and SEND_TIMEOUT_S cuts the follower off; a smaller answer fits in the kernel whole and is
+left to it (the keep-alive timeout closes the connection; the kernel's orphan limits bound the rest).
 
-    .venv/bin/python bench/slow_followers.py [-n 50] [--chatsvc DIR]
+    .venv/bin/python bench/slow_followers.py [-n 50] [--chars 3000000] [--chatsvc DIR]
 
 DIR holds the chatsvc.py to run (default: this checkout), so that another version can be compared.
 """
@@ -21,8 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.conftest import ROOT, Service
 from tests.fake_model import FakeModel
-
-BODY = json.dumps({"message": "fake:deltas=16000"}).encode()
 
 
 def server_sockets(port: int) -> tuple[int, int]:
@@ -47,15 +48,18 @@ def tcp_memory_pages() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=50)
+    parser.add_argument("--chars", type=int, default=3_000_000)
     parser.add_argument("--chatsvc", type=Path, default=ROOT)
     args = parser.parse_args()
+    body = json.dumps({"message": f"fake:huge={args.chars}"}).encode()
 
     fake = FakeModel().start()
     env = {
         "OPENAI_BASE_URL": fake.base_url,
         "SEND_TIMEOUT_S": "1",
         "RESUME_GRACE_S": "0",
-        "RESUME_BUFFER_MB": "512",
+        "RESUME_BUFFER_MB": "1024",
+        "RESUME_TTL_S": "0",
         "REQUEST_TIMEOUT_S": "120",
     }
     command = [sys.executable, str(args.chatsvc.resolve() / "chatsvc.py")]
@@ -69,8 +73,8 @@ def main() -> None:
             sock.connect(("127.0.0.1", service.port))
             sock.sendall(
                 b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"X-Request-ID: slow-{i}\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
-                + BODY
+                + f"X-Request-ID: slow-{i}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
             )
             followers.append(sock)
         for i in range(args.n):  # the answer read whole from the model, or the stream cut off
