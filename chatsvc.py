@@ -244,6 +244,28 @@ Deliberate departures from the libraries' defaults (the code points back here as
     never for `*`, which would let any site read a visitor's chats). With SERVICE_API_KEYS the key
     is the owner (note 11) and no cookie is set: it would bind nothing. /chat is left as it is: its
     stream id is minted here and unguessable, so binding it would add nothing but a cookie to carry.
+17. Slow clients are bounded at the connection. uvicorn has no deadline for a request's arrival
+    (its keep-alive timer stops at the first byte, and every byte resets nothing), and it closes a
+    connection gracefully, which waits for the send buffers to drain: 50 sockets sending a header
+    byte every 10 s, or all but the last bytes of a body, or nothing, were all open a minute later,
+    and a follower cut off for not reading (note 8) kept its socket and what was queued for it.
+    - The body must arrive within BODY_TIMEOUT_S of the headers: `RequestContextMiddleware` reads
+      it under that deadline (408 `request_timeout`, with `Connection: close`), so this holds under
+      any server. An answer that starts before the body has all come carries `Connection: close`:
+      a body nobody reads must not keep the connection, however slowly it trickles in after.
+    - Under `python chatsvc.py` (`ServerConfig`, WORKERS > 1 included), `HttpProtocol`, a subclass
+      of uvicorn's httptools protocol (`uvicorn.Config(http=...)`), gives each request's headers
+      HEADERS_TIMEOUT_S from the connection's start (a kept-alive connection's: from the next
+      request's first byte): one loop timer, cancelled when the headers are complete. Then a
+      request begun gets a 408 with our error body and `Connection: close`; a connection that sent
+      nothing is closed. Under another launcher a proxy in front must bound this (README).
+    - It also offers the app an ASGI scope extension, `chatsvc.abort`, which `FollowerResponse`
+      calls when the send times out: the connection is aborted with SO_LINGER 0, so that asyncio's
+      buffer and the kernel's go at once (a reset to the client), not when a client that never
+      reads drains them. Elsewhere the server closes the connection as before.
+    - sse-starlette's send timeout bounds every send but the last (the empty one that ends the
+      body), so a follower whose whole answer fit in the buffers waited on that one for ever; the
+      follower bounds it with the same SEND_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -266,6 +288,8 @@ import re
 import secrets
 import shutil
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -316,6 +340,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
@@ -361,6 +387,8 @@ class Settings(BaseSettings):
     MAX_FOLLOWERS_PER_STREAM: int = Field(8, ge=1)
     SHUTDOWN_GRACE_S: float = Field(25.0, ge=0)
     SEND_TIMEOUT_S: float = Field(30.0, gt=0)
+    HEADERS_TIMEOUT_S: float = Field(10.0, gt=0)
+    BODY_TIMEOUT_S: float = Field(30.0, gt=0)
     RESUME_GRACE_S: float = Field(20.0, ge=0)
     RESUME_TTL_S: float = Field(60.0, ge=0)
     RESUME_BUFFER_MB: float = Field(64.0, gt=0)
@@ -496,6 +524,12 @@ ERRORS: dict[str, ErrorKind] = {
     ),
     "method_not_allowed": ErrorKind(
         405, "method not allowed on this endpoint", "see /openapi.json for the methods", False
+    ),
+    "request_timeout": ErrorKind(
+        408,
+        "the request did not arrive in time",
+        "send the headers within HEADERS_TIMEOUT_S of connecting and the body within BODY_TIMEOUT_S after them",
+        True,
     ),
     "payload_too_large": ErrorKind(
         413, "request body too large", "shorten the message or the history (limit: MAX_BODY_BYTES)", False
@@ -822,14 +856,15 @@ def route_template(scope: Scope) -> str | None:
 
 class RequestContextMiddleware:
     """Gives every request a correlation id (validated incoming X-Request-ID, else a new UUID4), echoes
-    it on the response, refuses over-long declared bodies (note 2) and logs the request's arrival and
-    the completion of a plain response. The others have their outcome logged where it is decided:
-    an error where it is rendered, a stream by its producer. With tracing on, each request is a
-    server span, continuing the caller's trace (note 14)."""
+    it on the response, refuses over-long declared bodies (note 2), bounds the body's arrival (note
+    17) and logs the request's arrival and the completion of a plain response. The others have
+    their outcome logged where it is decided: an error where it is rendered, a stream by its
+    producer. With tracing on, each request is a server span, continuing the caller's trace (note 14)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, tracing: Tracing) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, tracing: Tracing) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -874,9 +909,26 @@ class RequestContextMiddleware:
         started = time.monotonic()
         status = 0
         plain = False  # a response whose outcome nobody else logs
+        declared = _declared_length(headers)
+        # Note 17: while a body is still to come (RFC 9112 6.3: a Transfer-Encoding, or a length over
+        # 0), when it must have come; None once it has, or once the answer has started without it.
+        body_due = started + self.body_timeout_s if declared > 0 or "transfer-encoding" in headers else None
+
+        async def receive_in_time() -> Message:
+            nonlocal body_due
+            if body_due is None:
+                return await receive()
+            with anyio.move_on_after(body_due - time.monotonic()):
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    body_due = None
+                return message
+            raise ServiceError(
+                "request_timeout", f"the request body did not arrive within BODY_TIMEOUT_S ({self.body_timeout_s:g} s)"
+            )
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, plain
+            nonlocal status, plain, body_due
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if span.is_recording():
@@ -885,13 +937,17 @@ class RequestContextMiddleware:
                         span.set_status(trace.StatusCode.ERROR)
                 response_headers = MutableHeaders(scope=message)
                 response_headers[REQUEST_ID_HEADER] = request_id
+                if body_due is not None:
+                    # The rest of the body, however slowly it comes, must not keep the connection.
+                    response_headers["Connection"] = "close"
+                    body_due = None
                 plain = status < 400 and not response_headers.get("content-type", "").startswith("text/event-stream")
             await send(message)
 
-        if _declared_length(headers) > self.max_body_bytes:
+        if declared > self.max_body_bytes:
             await self._refuse_too_large(scope, receive, send_with_id)
             return
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, receive_in_time, send_with_id)
         if plain:
             duration_ms = round((time.monotonic() - started) * 1000, 1)
             log.log(level, "request_completed", extra={"status": status, "path": path, "duration_ms": duration_ms})
@@ -2482,14 +2538,27 @@ class FollowerResponse(EventSourceResponse):
         self.send_timeout_s = settings.SEND_TIMEOUT_S
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_end_in_time(message: Message) -> None:
+            # sse-starlette bounds every send but the one that ends the body: after a whole answer
+            # a client that reads nothing would hold it forever (note 17).
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                await send(message)
+                return
+            with anyio.move_on_after(self.send_timeout) as bounded:
+                await send(message)
+            if bounded.cancelled_caught:
+                raise SendTimeoutError()
+
         # Counted from here to the end of the response; refused before the first byte (note 20).
         with self.stream_log.service.followers.admit(self.stream_log.stream_id, first=self.first):
             self.stream_log.attach()
             too_slow = False
             try:
-                await super().__call__(scope, receive, send)
+                await super().__call__(scope, receive, send_end_in_time)
             except SendTimeoutError:
-                too_slow = True  # note 8; uvicorn closes the connection
+                too_slow = True  # note 8
+                if abort := (scope.get("extensions") or {}).get(ABORT_EXTENSION):
+                    abort["abort"]()  # note 17; without it, the server closes the connection
                 log.warning(
                     "follower_cut_off",
                     extra={
@@ -3372,7 +3441,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     if settings.SERVE_PAGE:
         routes.append(Route("/", page))
-    middleware = [Middleware(RequestContextMiddleware, max_body_bytes=settings.MAX_BODY_BYTES, tracing=service.tracing)]
+    middleware = [
+        Middleware(
+            RequestContextMiddleware,
+            max_body_bytes=settings.MAX_BODY_BYTES,
+            body_timeout_s=settings.BODY_TIMEOUT_S,
+            tracing=service.tracing,
+        )
+    ]
     if settings.CORS_ALLOW_ORIGINS:
         middleware.append(
             Middleware(
@@ -3463,6 +3539,110 @@ def drain_on_signals(service: Service) -> Callable[[], None]:
     return restore
 
 
+# --- Connections (note 17) -------------------------------------------------------------------------
+
+#: The ASGI scope extension that `HttpProtocol` offers: `scope["extensions"][ABORT_EXTENSION]["abort"]()`.
+ABORT_EXTENSION = "chatsvc.abort"
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, for 0 s: close() resets, dropping what is queued
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's configuration, with our HTTP protocol and the settings it reads. With WORKERS > 1,
+    uvicorn pickles it to each worker, settings included."""
+
+    def __init__(self, app: Any, settings: Settings, **options: Any) -> None:
+        super().__init__(app, http=HttpProtocol, **options)
+        self.settings = settings
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools, which uvicorn picks by itself), with what uvicorn
+    leaves out (note 17): a deadline for each request's headers, and a way for the app to abort the
+    connection. One timer per request, from the connection's start (or a kept-alive connection's
+    next first byte) to the end of the headers."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        assert isinstance(config, ServerConfig), "HttpProtocol reads its settings from a ServerConfig"
+        self.headers_timeout_s = config.settings.HEADERS_TIMEOUT_S
+        self.headers_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.headers_timer = self.loop.call_later(self.headers_timeout_s, self.headers_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_headers_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {ABORT_EXTENSION: {"abort": self.abort}}
+        if self.headers_timer is None:  # a later request on a kept-alive connection: from its first byte
+            self.headers_timer = self.loop.call_later(self.headers_timeout_s, self.headers_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self.stop_headers_timer()
+        super().on_headers_complete()
+
+    def stop_headers_timer(self) -> None:
+        if self.headers_timer is not None:
+            self.headers_timer.cancel()
+            self.headers_timer = None
+
+    def headers_timed_out(self) -> None:
+        self.headers_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request behind an answer still going: no 408 in the middle of that answer;
+            # the connection closes after it, as at uvicorn's shutdown.
+            self.cycle.keep_alive = False
+            return
+        # The timer runs only while headers are awaited, and uvicorn makes a request's scope at its
+        # first byte: with a scope, some of the request came, and can be answered.
+        if self.scope is not None:
+            token = correlation_id.set(str(uuid.uuid4()))
+            try:
+                self.transport.write(self.request_timeout())
+            finally:
+                correlation_id.reset(token)
+        self.transport.close()
+
+    def request_timeout(self) -> bytes:
+        """The 408, logged and rendered as render_error does, as bytes to write."""
+        error = ServiceError(
+            "request_timeout",
+            f"the request headers did not arrive within HEADERS_TIMEOUT_S ({self.headers_timeout_s:g} s)",
+        )
+        log_request_failed({}, error, error.status, None)  # no path yet: uvicorn sets it with the headers
+        response = JSONResponse(
+            error.body(),
+            status_code=error.status,
+            headers={REQUEST_ID_HEADER: correlation_id.get() or "", "Connection": "close"},
+        )
+        headers = [*self.server_state.default_headers, *response.raw_headers]
+        return b"".join(
+            [STATUS_LINE[error.status], *(b"%s: %s\r\n" % header for header in headers), b"\r\n", response.body]
+        )
+
+    def abort(self) -> None:
+        """Drop the connection now, with what is queued for it: asyncio's buffer (transport.abort)
+        and the kernel's (SO_LINGER 0: the peer gets a reset)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        self.transport.abort()
+        if self.cycle is not None and not self.cycle.response_complete:
+            # As connection_lost will, soon: the answer ends here, which uvicorn need not report
+            # as an app that "returned without completing response".
+            self.cycle.disconnected = True
+
+
 # --- Launcher ---------------------------------------------------------------------------------------
 
 
@@ -3487,10 +3667,10 @@ def main() -> None:
         signal.signal(sig, lambda *_: None)
     if settings.WORKERS > 1:
         # Each worker imports `chatsvc:app` and configures itself from the same environment.
-        config = uvicorn.Config("chatsvc:app", workers=settings.WORKERS, **options)
+        config = ServerConfig("chatsvc:app", settings, workers=settings.WORKERS, **options)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
+    server = uvicorn.Server(ServerConfig(create_app(settings), settings, **options))
     server.run()
     if not server.started:
         raise SystemExit(1)

@@ -207,12 +207,15 @@ def test_followers_that_do_not_read_a_long_answer_are_cut_off_in_bounded_memory(
         peak = max(peak, rss_kib(impatient.proc.pid))
         assert peak - baseline < 2 * ANSWER_CHARS // 1024, f"RSS {baseline} KiB, then {peak} KiB"
 
-        for sock in sockets:  # what was buffered, then the end of the connection
-            received = b""
-            while chunk := sock.recv(65536):
-                received += chunk
-                assert len(received) < KERNEL_SEND_BUFFER + 2**20
-            assert received.startswith(b"HTTP/1.1 200")
+        for sock in sockets:  # what was buffered, then the end of the connection: a reset (note 17)
+            received, reset = b"", False
+            try:
+                while chunk := sock.recv(65536):
+                    received += chunk
+                    assert len(received) < KERNEL_SEND_BUFFER + 2**20
+            except ConnectionResetError:
+                reset = True
+            assert reset, "the connection was closed gracefully, not aborted"
             assert b"event: done" not in received
     finally:
         for sock in sockets:

@@ -41,6 +41,8 @@ def start_with(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[st
         ("MAX_BODY_BYTES", "10"),
         ("MAX_FOLLOWERS", "255"),  # fewer than MAX_CONCURRENT_STREAMS (256): a stream's own client is one
         ("MAX_FOLLOWERS_PER_STREAM", "0"),
+        ("HEADERS_TIMEOUT_S", "0"),
+        ("BODY_TIMEOUT_S", "-5"),
     ],
 )
 def test_bad_value_exits_2_with_a_three_part_message(tmp_path: Path, name: str, value: str) -> None:
