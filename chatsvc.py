@@ -167,6 +167,47 @@ Deliberate departures from the libraries' defaults (the code points back here as
       elsewhere and /readyz answer 503 `resume_unavailable`; redis-py reconnects for the next write.
     - redis is imported only with a Redis store: redis-py imports OpenTelemetry's metrics SDK when it
       is installed, which took 60 ms and would load the SDK that note 14 keeps out.
+16. What a client sends costs the event loop time linear in its size, and a route answers only
+    the methods openapi.yaml documents.
+    - A request target (path and query string) over MAX_TARGET_BYTES (8 KiB, what many proxies
+      allow) is refused 414 `uri_too_long` by the middleware, before any endpoint runs. uvicorn
+      with httptools passes longer targets to the app up to 64 KiB; from there on httptools
+      cannot parse the URL and uvicorn answers a plain-text 400 itself.
+    - A log line names a request's path by its route's template (`scope["route"]`, as the router
+      set it: `/chat/streams/{stream_id}`), and a path that matched no route, or the arrival line
+      logged before routing, by at most LOGGED_PATH_CHARS (64) characters of it: the redaction
+      then reads a short line whatever the client sent (logging_conf note 4).
+    - `UpstreamFrames` keeps the pieces of an unfinished event and searches only each new read
+      (and the byte before it) for the blank line that ends it: a 16 MB event in small reads is
+      joined once, not copied once a read.
+    - Starlette adds HEAD to every GET route; here a route answers exactly its documented methods
+      (`MethodRoute`, one endpoint per method), and any other, HEAD included, is 405 with Allow and
+      the error body. HEAD is refused rather than served: on a stream route it would have to run
+      the resume look-up and attach a follower, which restarts the stream's RESUME_GRACE_S, and
+      the probes and /metrics are documented and used with GET. A CORS preflight (OPTIONS with
+      Origin and Access-Control-Request-Method) is answered by the CORS middleware first.
+17. Slow clients are bounded at the connection. uvicorn has no deadline for a request's arrival
+    (its keep-alive timer stops at the first byte, and every byte resets nothing), and it closes a
+    connection gracefully, which waits for the send buffers to drain: 50 sockets sending a header
+    byte every 10 s, or all but the last bytes of a body, or nothing, were all open a minute later,
+    and a follower cut off for not reading (note 8) kept its socket and what was queued for it.
+    - The body must arrive within BODY_TIMEOUT_S of the headers: `RequestContextMiddleware` reads
+      it under that deadline (408 `request_timeout`, with `Connection: close`), so this holds under
+      any server. An answer that starts before the body has all come carries `Connection: close`:
+      a body nobody reads must not keep the connection, however slowly it trickles in after.
+    - Under `python chatsvc.py` (`ServerConfig`, WORKERS > 1 included), `HttpProtocol`, a subclass
+      of uvicorn's httptools protocol (`uvicorn.Config(http=...)`), gives each request's headers
+      HEADERS_TIMEOUT_S from the connection's start (a kept-alive connection's: from the next
+      request's first byte): one loop timer, cancelled when the headers are complete. Then a
+      request begun gets a 408 with our error body and `Connection: close`; a connection that sent
+      nothing is closed. Under another launcher a proxy in front must bound this (README).
+    - It also offers the app an ASGI scope extension, `chatsvc.abort`, which `FollowerResponse`
+      calls when the send times out: the connection is aborted with SO_LINGER 0, so that asyncio's
+      buffer and the kernel's go at once (a reset to the client), not when a client that never
+      reads drains them. Elsewhere the server closes the connection as before.
+    - sse-starlette's send timeout bounds every send but the last (the empty one that ends the
+      body), so a follower whose whole answer fit in the buffers waited on that one for ever; the
+      follower bounds it with the same SEND_TIMEOUT_S.
 18. One terminal event, whatever the model server sends, and whatever fails in us. Each chunk is
     decoded and checked in one place (`parse_chunk`): a field the relay uses with the wrong type
     (`choices`, a choice, `delta`, `content`, a `finish_reason` that is not a short name) or a frame
@@ -244,28 +285,6 @@ Deliberate departures from the libraries' defaults (the code points back here as
     never for `*`, which would let any site read a visitor's chats). With SERVICE_API_KEYS the key
     is the owner (note 11) and no cookie is set: it would bind nothing. /chat is left as it is: its
     stream id is minted here and unguessable, so binding it would add nothing but a cookie to carry.
-17. Slow clients are bounded at the connection. uvicorn has no deadline for a request's arrival
-    (its keep-alive timer stops at the first byte, and every byte resets nothing), and it closes a
-    connection gracefully, which waits for the send buffers to drain: 50 sockets sending a header
-    byte every 10 s, or all but the last bytes of a body, or nothing, were all open a minute later,
-    and a follower cut off for not reading (note 8) kept its socket and what was queued for it.
-    - The body must arrive within BODY_TIMEOUT_S of the headers: `RequestContextMiddleware` reads
-      it under that deadline (408 `request_timeout`, with `Connection: close`), so this holds under
-      any server. An answer that starts before the body has all come carries `Connection: close`:
-      a body nobody reads must not keep the connection, however slowly it trickles in after.
-    - Under `python chatsvc.py` (`ServerConfig`, WORKERS > 1 included), `HttpProtocol`, a subclass
-      of uvicorn's httptools protocol (`uvicorn.Config(http=...)`), gives each request's headers
-      HEADERS_TIMEOUT_S from the connection's start (a kept-alive connection's: from the next
-      request's first byte): one loop timer, cancelled when the headers are complete. Then a
-      request begun gets a 408 with our error body and `Connection: close`; a connection that sent
-      nothing is closed. Under another launcher a proxy in front must bound this (README).
-    - It also offers the app an ASGI scope extension, `chatsvc.abort`, which `FollowerResponse`
-      calls when the send times out: the connection is aborted with SO_LINGER 0, so that asyncio's
-      buffer and the kernel's go at once (a reset to the client), not when a client that never
-      reads drains them. Elsewhere the server closes the connection as before.
-    - sse-starlette's send timeout bounds every send but the last (the empty one that ends the
-      body), so a follower whose whole answer fit in the buffers waited on that one for ever; the
-      follower bounds it with the same SEND_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -338,7 +357,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -356,6 +375,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 STREAM_ID_HEADER = "X-Stream-ID"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MAX_TARGET_BYTES = 8 * 1024  # the path and query string of a request (note 16)
+LOGGED_PATH_CHARS = 64  # of a path that matched no route (note 16)
 FINISH_WAIT_S = 2.0  # note 7
 
 
@@ -533,6 +554,9 @@ ERRORS: dict[str, ErrorKind] = {
     ),
     "payload_too_large": ErrorKind(
         413, "request body too large", "shorten the message or the history (limit: MAX_BODY_BYTES)", False
+    ),
+    "uri_too_long": ErrorKind(
+        414, "request target too long", "shorten the path and query string (limit: 8 KiB)", False
     ),
     "unsupported_media_type": ErrorKind(
         415, "unsupported content type", "send 'Content-Type: application/json'", False
@@ -730,8 +754,8 @@ async def render_error(request: Request, exc: Exception) -> Response:
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 _HTTP_DETAILS: dict[int, Callable[[Request], str]] = {
-    404: lambda r: f"there is no endpoint at {r.url.path}",
-    405: lambda r: f"{r.method} is not allowed on {r.url.path}",
+    404: lambda r: f"there is no endpoint at {logged_path(r.scope)}",
+    405: lambda r: f"{r.method} is not allowed on {logged_path(r.scope)}",
     413: lambda r: "the request body exceeds MAX_BODY_BYTES",
 }
 
@@ -750,7 +774,7 @@ def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: Base
             "code": error.code,
             "status": status,
             "exception": type(exc).__name__ if exc is not None else None,
-            "path": scope.get("path"),
+            "path": logged_path(scope),
         },
     )
 
@@ -842,13 +866,14 @@ def mark_failed(span: trace.Span, code: str, exc: BaseException | None, *, error
             span.set_status(trace.StatusCode.ERROR)
 
 
-def route_template(scope: Scope) -> str | None:
-    """The matched route's path template (http.route): the path with each parameter's value put back
-    as its name. Starlette keeps the endpoint and parameters in the scope, not the template."""
-    if "endpoint" not in scope:
-        return None
-    names = {str(value): name for name, value in scope.get("path_params", {}).items()}
-    return "/".join(f"{{{names[part]}}}" if part in names else part for part in scope["path"].split("/"))
+def logged_path(scope: Scope) -> str:
+    """A request's path as a log line or an error detail names it (note 16): the template of the
+    route it matched (also the span's http.route), else a bounded prefix."""
+    route = scope.get("route")
+    if isinstance(route, Route):
+        return route.path
+    path: str = scope["path"]
+    return path if len(path) <= LOGGED_PATH_CHARS else path[:LOGGED_PATH_CHARS] + "\u2026"
 
 
 # --- Request middleware -----------------------------------------------------------------------------
@@ -888,9 +913,9 @@ class RequestContextMiddleware:
         finally:
             otel_context.detach(token)
             if span.is_recording():
-                if (route := route_template(scope)) is not None:
-                    span.update_name(f"{scope['method']} {route}")
-                    span.set_attribute("http.route", route)
+                if isinstance(route := scope.get("route"), Route):
+                    span.update_name(f"{scope['method']} {route.path}")
+                    span.set_attribute("http.route", route.path)
                 span.end()
 
     async def serve(
@@ -903,9 +928,8 @@ class RequestContextMiddleware:
         if incoming is not None and request_id != incoming:
             log.warning("invalid_request_id", extra={"length": len(incoming), "replaced_by": request_id})
 
-        path = scope["path"]
-        level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
-        log.log(level, "request_received", extra={"method": scope["method"], "path": path})
+        level = logging.DEBUG if scope["path"] in PROBE_PATHS else logging.INFO
+        log.log(level, "request_received", extra={"method": scope["method"], "path": logged_path(scope)})
         started = time.monotonic()
         status = 0
         plain = False  # a response whose outcome nobody else logs
@@ -944,20 +968,31 @@ class RequestContextMiddleware:
                 plain = status < 400 and not response_headers.get("content-type", "").startswith("text/event-stream")
             await send(message)
 
+        if (
+            len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b""))
+            > MAX_TARGET_BYTES
+        ):
+            await self._refuse(
+                scope, receive, send_with_id, ServiceError("uri_too_long", "the path and query exceed 8 KiB")
+            )
+            return
         if declared > self.max_body_bytes:
-            await self._refuse_too_large(scope, receive, send_with_id)
+            detail = f"the declared body exceeds MAX_BODY_BYTES ({self.max_body_bytes})"
+            # Close the connection: we will not read the body the client is about to send.
+            await self._refuse(scope, receive, send_with_id, ServiceError("payload_too_large", detail), close=True)
             return
         await self.app(scope, receive_in_time, send_with_id)
         if plain:
             duration_ms = round((time.monotonic() - started) * 1000, 1)
-            log.log(level, "request_completed", extra={"status": status, "path": path, "duration_ms": duration_ms})
+            extra = {"status": status, "path": logged_path(scope), "duration_ms": duration_ms}
+            log.log(level, "request_completed", extra=extra)
 
-    async def _refuse_too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = ServiceError("payload_too_large", f"the declared body exceeds MAX_BODY_BYTES ({self.max_body_bytes})")
-        log_request_failed(scope, error, 413, None)
-        # Close the connection: we will not read the body the client is about to send.
-        response = JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})
-        await response(scope, receive, send)
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, error: ServiceError, *, close: bool = False
+    ) -> None:
+        log_request_failed(scope, error, error.status, None)
+        headers = {"Connection": "close"} if close else None
+        await JSONResponse(error.body(), status_code=error.status, headers=headers)(scope, receive, send)
 
 
 def _declared_length(headers: Headers) -> int:
@@ -1741,18 +1776,31 @@ class UpstreamFrames:
     MAX_EVENT_BYTES = 16 * 1024 * 1024  # one event this long without an end is not a model talking
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self.pieces: list[bytes] = []  # the unfinished event, its line ends made \n, as it came
+        self.size = 0
+        self.cr = False  # the last read ended with \r, held back: perhaps half of a \r\n
 
     def feed(self, data: bytes) -> list[bytes]:
-        buffer = self.buffer + data if self.buffer else data
-        tail = b""
-        if b"\r" in buffer:
-            if buffer.endswith(b"\r"):  # perhaps half of a \r\n: decide when the next byte comes
-                buffer, tail = buffer[:-1], b"\r"
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *blocks, rest = buffer.split(b"\n\n")
-        self.buffer = rest + tail
-        if len(self.buffer) > self.MAX_EVENT_BYTES:
+        # Each read is searched once, and the bytes of an event joined once, when its end comes
+        # (note 16): joining the whole buffer to every read was quadratic in an event's length.
+        if self.cr:
+            data = b"\r" + data
+        self.cr = data.endswith(b"\r")
+        if self.cr:
+            data = data[:-1]
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        blank_line_across = data[:1] == b"\n" and bool(self.pieces) and self.pieces[-1].endswith(b"\n")
+        if b"\n\n" not in data and not blank_line_across:
+            if data:
+                self.pieces.append(data)
+                self.size += len(data)
+            if self.size > self.MAX_EVENT_BYTES:
+                raise malformed("an event over MAX_EVENT_BYTES")
+            return []
+        *blocks, rest = b"".join([*self.pieces, data]).split(b"\n\n")
+        self.pieces, self.size = ([rest] if rest else []), len(rest)
+        if self.size > self.MAX_EVENT_BYTES:
             raise malformed("an event over MAX_EVENT_BYTES")
         out: list[bytes] = []
         for block in blocks:
@@ -1770,7 +1818,7 @@ class UpstreamFrames:
 
     def end(self) -> list[bytes]:
         """At the end of the body: a \r held back was a line end of its own."""
-        return self.feed(b"\n") if self.buffer.endswith(b"\r") else []
+        return self.feed(b"\n") if self.cr else []
 
 
 class UpstreamChunk(NamedTuple):
@@ -3077,7 +3125,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
         raise ServiceError("not_configured", "neither OPENAI_API_KEY nor OPENAI_BASE_URL is set")
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
-        raise ServiceError("unsupported_media_type", f"got {media_type or 'no content type'!r}")
+        raise ServiceError("unsupported_media_type", f"got {media_type[:64] or 'no content type'!r}")
     try:
         body = await request.body()
     except ClientDisconnect:
@@ -3125,7 +3173,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
         "upstream_opened",
         extra={
             "retries": retries,
-            "upstream_request_id": stream.response.headers.get("x-request-id"),
+            "upstream_request_id": (stream.response.headers.get("x-request-id") or "")[:128] or None,
             "upstream_status": stream.response.status_code,
             "model": model,
             "open_ms": round((time.monotonic() - started) * 1000, 1),
@@ -3148,11 +3196,13 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     return response
 
 
-async def stream(request: Request) -> Response:
-    """GET /chat/streams/{stream_id}: replay after Last-Event-ID (or ?after=), then follow live.
-    DELETE: stop the generation; idempotent. (One route: two would answer 405 with half the Allow.)"""
-    if request.method == "GET":
-        return await resume(request, request.path_params["stream_id"], "get")
+async def follow_stream(request: Request) -> Response:
+    """GET /chat/streams/{stream_id}: replay after Last-Event-ID (or ?after=), then follow live."""
+    return await resume(request, request.path_params["stream_id"], "get")
+
+
+async def delete_stream(request: Request) -> Response:
+    """DELETE /chat/streams/{stream_id}: stop the generation; idempotent."""
     service = service_of(request)
     owner = authorize(request, service.settings)
     await stop_stream(service, await service.find_stream(request.path_params["stream_id"], owner))
@@ -3167,10 +3217,10 @@ async def stop_stream(service: Service, stream_log: StreamLog | RemoteLog) -> No
         await service.store.cancel(stream_log.stream_id)
 
 
-async def ai_sdk_stream(request: Request) -> Response:
+async def ai_sdk_follow(request: Request) -> Response:
     """GET /api/chat/{chat_id}/stream: the AI SDK's reconnectToStream. The chat's stream replayed
     from its start (the SDK's default, resumeStreamIsReplay), then live; 204 when the chat has no
-    stream that a client has not received whole (note 12). DELETE: stop that stream; idempotent."""
+    stream that a client has not received whole (note 12)."""
     service = service_of(request)
     owner = authorize(request, service.settings)
     if owner is None:  # without its cookie, a new owner: it has started no chat (note 21)
@@ -3178,13 +3228,9 @@ async def ai_sdk_stream(request: Request) -> Response:
     try:
         stream_log = await service.find_chat_stream(request.path_params["chat_id"], owner)
     except ServiceError as exc:
-        if exc.code == "resume_unavailable" and request.method == "GET":
+        if exc.code == "resume_unavailable":
             service.metrics.resumes.labels("unavailable").inc()
         raise
-    if request.method == "DELETE":
-        if stream_log is not None:
-            await stop_stream(service, stream_log)
-        return Response(status_code=204)
     if stream_log is None or stream_log.delivered:
         service.metrics.resumes.labels("not_found" if stream_log is None else "finished").inc()
         return Response(status_code=204)
@@ -3193,6 +3239,17 @@ async def ai_sdk_stream(request: Request) -> Response:
     trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_log.stream_id, "from_seq": 0, "via": "ai-sdk"})
     return FollowerResponse(stream_log, 0, service.settings)
+
+
+async def ai_sdk_delete(request: Request) -> Response:
+    """DELETE /api/chat/{chat_id}/stream: stop the chat's stream; idempotent."""
+    service = service_of(request)
+    owner = authorize(request, service.settings)
+    if owner is None:  # without its cookie, a new owner: it has started no chat (note 21)
+        owner, _ = browser_owner(request)
+    if (stream_log := await service.find_chat_stream(request.path_params["chat_id"], owner)) is not None:
+        await stop_stream(service, stream_log)
+    return Response(status_code=204)
 
 
 async def resume(request: Request, stream_id: str, via: str) -> Response:
@@ -3380,6 +3437,28 @@ def load_openapi(settings: Settings) -> dict[str, Any]:
 
 # --- The app ----------------------------------------------------------------------------------------
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class MethodRoute(Route):
+    """A path with one endpoint for each method it documents; any other method, HEAD included, is
+    405 with all of them in Allow (note 16). Starlette's Route adds HEAD wherever GET is."""
+
+    def __init__(self, path: str, endpoints: Mapping[str, Endpoint], *, max_body_size: int | None = None) -> None:
+        super().__init__(path, MethodDispatch(endpoints), methods=list(endpoints), max_body_size=max_body_size)
+        self.methods = set(endpoints)
+
+
+class MethodDispatch:
+    """The ASGI app of a `MethodRoute`: the request goes to its method's endpoint (the route has
+    answered 405 for any other)."""
+
+    def __init__(self, endpoints: Mapping[str, Endpoint]) -> None:
+        self.apps = {method: request_response(endpoint) for method, endpoint in endpoints.items()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.apps[scope["method"]](scope, receive, send)
+
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
@@ -3430,17 +3509,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.info("service_stopped")
 
     routes = [
-        Route("/chat", chat, methods=["POST"], max_body_size=settings.MAX_BODY_BYTES),  # note 2
-        Route("/chat/streams/{stream_id}", stream, methods=["GET", "DELETE"]),
-        Route("/api/chat", ai_sdk_chat, methods=["POST"], max_body_size=settings.MAX_BODY_BYTES),  # note 2
-        Route("/api/chat/{chat_id}/stream", ai_sdk_stream, methods=["GET", "DELETE"]),
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics),
-        Route("/openapi.json", openapi),
+        MethodRoute("/chat", {"POST": chat}, max_body_size=settings.MAX_BODY_BYTES),  # note 2
+        MethodRoute("/chat/streams/{stream_id}", {"GET": follow_stream, "DELETE": delete_stream}),
+        MethodRoute("/api/chat", {"POST": ai_sdk_chat}, max_body_size=settings.MAX_BODY_BYTES),  # note 2
+        MethodRoute("/api/chat/{chat_id}/stream", {"GET": ai_sdk_follow, "DELETE": ai_sdk_delete}),
+        MethodRoute("/healthz", {"GET": healthz}),
+        MethodRoute("/readyz", {"GET": readyz}),
+        MethodRoute("/metrics", {"GET": metrics}),
+        MethodRoute("/openapi.json", {"GET": openapi}),
     ]
     if settings.SERVE_PAGE:
-        routes.append(Route("/", page))
+        routes.append(MethodRoute("/", {"GET": page}))
     middleware = [
         Middleware(
             RequestContextMiddleware,

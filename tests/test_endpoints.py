@@ -10,7 +10,7 @@ import pytest
 from starlette.routing import Route
 
 import chatsvc
-from tests.conftest import Service, free_port
+from tests.conftest import Service, free_port, iter_sse
 from tests.fake_model import FakeModel
 from tests.spec import assert_error_response, spec, validate
 
@@ -189,3 +189,59 @@ def test_spec_documents_every_event(service: Service) -> None:
 def test_every_error_code_renders_a_valid_body(code: str) -> None:
     error = chatsvc.ServiceError(code, "detail")
     validate("ErrorBody", {**error.body(), "correlation_id": "x"})
+
+
+# Methods: each route answers exactly what the spec documents ------------------------------------
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+PATH_VALUES = {"{stream_id}": "0123456789abcdef0123456789abcdef", "{chat_id}": "no-such-chat"}
+
+
+def concrete(path: str) -> str:
+    for name, value in PATH_VALUES.items():
+        path = path.replace(name, value)
+    return path
+
+
+def test_every_route_answers_exactly_its_documented_methods(service: Service) -> None:
+    """Bug: Starlette adds HEAD to every GET route, and the stream routes took any method but GET
+    for DELETE, so HEAD /chat/streams/{id} stopped the stream. Fix: each route answers the methods
+    openapi.yaml documents, every other one (HEAD included) 405 with Allow and the error body."""
+    for path, operations in spec()["paths"].items():
+        documented = {method.upper() for method in operations}
+        for method in METHODS:
+            response = httpx.request(method, f"{service.url}{concrete(path)}")
+            if method in documented:
+                assert response.status_code != 405, (method, path)
+                continue
+            assert response.status_code == 405, (method, path, response.status_code)
+            assert {m.strip() for m in response.headers["allow"].split(",")} == documented, (method, path)
+            if method != "HEAD":  # a HEAD answer has no body
+                assert_error_response(response, 405, "method_not_allowed")
+
+
+def test_head_leaves_a_live_stream_running(service: Service) -> None:
+    """Bug: HEAD /chat/streams/{id} stopped the generation (handled as DELETE). Fix: 405."""
+    body = {"message": "fake:deltas=6,delay=0.05"}
+    with httpx.stream("POST", f"{service.url}/chat", json=body, timeout=10) as response:
+        events = iter_sse(response)
+        meta = next(events)
+        assert meta.event == "meta"
+        stream_id = response.headers["x-stream-id"]
+        for path in (f"/chat/streams/{stream_id}", f"/chat/streams/{stream_id}?after=0"):
+            assert httpx.head(f"{service.url}{path}").status_code == 405
+        rest = list(events)
+    assert rest[-1].event == "done"
+    assert rest[-1].data["finish_reason"] == "stop"
+    assert "".join(e.data["content"] for e in rest if e.event == "delta") == "".join(f"w{i} " for i in range(6))
+
+
+def test_cors_preflight_still_answers_for_every_documented_method(start_service: Any) -> None:
+    svc: Service = start_service(CORS_ALLOW_ORIGINS="https://app.example")
+    for method, path in (("POST", "/chat"), ("DELETE", "/chat/streams/x"), ("GET", "/chat/streams/x")):
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": method}
+        response = httpx.options(f"{svc.url}{path}", headers=preflight)
+        assert response.status_code == 200, (method, path)
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+    plain = httpx.options(f"{svc.url}/chat")  # no preflight: a method like any other
+    assert_error_response(plain, 405, "method_not_allowed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import uuid
 from typing import Any
@@ -12,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Service
+from tests.conftest import Service, iter_sse
 from tests.fake_model import FakeModel
+from tests.spec import assert_error_response
 from tests.test_faults import resources, settle
 
 
@@ -156,3 +158,62 @@ def test_chunked_body_over_the_limit_is_413(start_service: Any) -> None:
     assert response.status_code == 413
     assert response.json()["code"] == "payload_too_large"
     assert_well(svc)
+
+
+def test_long_path_holding_an_at_sign_is_414_and_blocks_nothing(guarded: Service) -> None:
+    """Bug: a long path holding `@` was logged whole (before auth, and again on the 404), and the
+    e-mail redaction is quadratic in it: a 60 KB path held the event loop for 7-9 s. Fix: a
+    request target over MAX_TARGET_BYTES is 414, a path is logged as its route template or a
+    bounded prefix, and the redaction is linear."""
+    # 60 KiB: httptools cannot parse a URL of 64 KiB or more, and uvicorn answers 400 itself.
+    hostile = "/" + "a" * 60 * 1024 + "@"
+    head = f"GET {hostile} HTTP/1.1\r\nHost: x\r\nX-Request-ID: long-path-1\r\n\r\n".encode()
+    answers: list[bytes] = []
+    with httpx.stream("POST", f"{guarded.url}/chat", json={"message": "fake:deltas=8,delay=0.05"}) as live:
+        events = iter_sse(live)
+        assert next(events).event == "meta"
+        # A raw request (httpx refuses to send such a URL), from another thread: the probe goes out
+        # while the service is handling it.
+        sender = threading.Thread(target=lambda: answers.append(raw_request(guarded.port, head)))
+        sender.start()
+        guarded.wait_for_log("request_received", "long-path-1")
+        assert httpx.get(f"{guarded.url}/healthz", timeout=2).status_code == 200
+        sender.join(timeout=10)
+        rest = [e for e in events if e.event]
+    (refused,) = answers
+    assert refused.startswith(b"HTTP/1.1 414 "), refused[:200]
+    assert json.loads(refused.partition(b"\r\n\r\n")[2])["code"] == "uri_too_long"
+    assert rest[-1].event == "done"
+    assert "".join(e.data["content"] for e in rest if e.event == "delta") == "".join(f"w{i} " for i in range(8))
+    for record in guarded.logs_for("long-path-1"):
+        assert len(json.dumps(record)) < 1024, record["event"]
+
+
+@pytest.mark.parametrize("path", ["/" + "a@" * 2000, "/chat/streams/x/" + "b@" * 2000, "/x" + "%40a" * 1000])
+def test_unmatched_path_is_logged_as_a_bounded_prefix(guarded: Service, path: str) -> None:
+    rid = f"prefix-{uuid.uuid4().hex[:8]}"
+    response = httpx.get(f"{guarded.url}{path}", headers={"X-Request-ID": rid})
+    assert_error_response(response, 404, "not_found")
+    record = guarded.wait_for_log("request_failed", rid)
+    assert len(record["path"]) <= 64 + 1  # the prefix and an ellipsis
+    assert all(len(json.dumps(r)) < 1024 for r in guarded.logs_for(rid))
+
+
+def test_matched_path_is_logged_as_its_route_template(guarded: Service) -> None:
+    """Bug: the template was rebuilt from the path by putting each parameter's name back where its
+    value stood, so /api/chat/chat/stream was logged as /api/{chat_id}/{chat_id}/stream."""
+    assert httpx.get(f"{guarded.url}/api/chat/chat/stream", headers={"X-Request-ID": "tpl-1"}).status_code == 204
+    assert guarded.wait_for_log("request_completed", "tpl-1")["path"] == "/api/chat/{chat_id}/stream"
+    stream = "/chat/streams/" + "c" * 32
+    assert httpx.get(f"{guarded.url}{stream}", headers={"X-Request-ID": "tpl-2"}).status_code == 404
+    assert guarded.wait_for_log("request_failed", "tpl-2")["path"] == "/chat/streams/{stream_id}"
+
+
+def test_request_target_over_8_kib_is_414_and_at_8_kib_is_served(guarded: Service) -> None:
+    at_limit = "/healthz?" + "q" * (8 * 1024 - len("/healthz"))  # the path and the query, without the ?
+    assert httpx.get(f"{guarded.url}{at_limit}").status_code == 200
+    over = httpx.get(f"{guarded.url}{at_limit}q", headers={"X-Request-ID": "over-1"})
+    assert_error_response(over, 414, "uri_too_long")
+    assert guarded.wait_for_log("request_failed", "over-1")["path"] == "/healthz"
+    long_path = httpx.get(f"{guarded.url}/" + "p" * 8 * 1024)
+    assert_error_response(long_path, 414, "uri_too_long")

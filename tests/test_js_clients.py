@@ -108,7 +108,9 @@ def test_eventsource_resumes_a_cut_follow_and_stops_after_the_terminal_event(
         if r.get("path") == path or r.get("stream_id") == stream_id
     ]
     assert result["opens"] == 2, "\n".join(map(str, seen_here))  # the first connection, and the resume after the cut
-    answered = [r["status"] for r in chatsvc.logs() if r["event"] == "request_completed" and r.get("path") == path]
+    # A completion names the route's template; the arrival, the path it came with.
+    ids = {r["correlation_id"] for r in chatsvc.logs() if r["event"] == "request_received" and r.get("path") == path}
+    answered = [r["status"] for r in chatsvc.logs() if r["event"] == "request_completed" and r["correlation_id"] in ids]
     assert answered == [204]  # and a last request, after the terminal event: then it stopped
     assert len(fake_model.requests) == seen + 1
     records = [r for r in chatsvc.logs() if r.get("stream_id") == stream_id and r["event"] == "stream_resumed"]

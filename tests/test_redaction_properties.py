@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pythonjsonlogger.json import JsonFormatter
 
-from logging_conf import configure_logging
+from logging_conf import MASK, Redactor, _mask_emails, configure_logging
 
 CONFIGURED = "cfg-secret-Zq81xWm4Lp"
 
@@ -83,3 +84,37 @@ def test_no_secret_reaches_the_output(output: io.StringIO, secret: str, before: 
     assert written  # the record was written
     for part in secret_parts(secret):
         assert part not in written, (where, written)
+
+
+# Linear time: the e-mail search, and adversarial texts of 64 KiB (logging_conf note 4) -----------
+
+EMAIL_AS_ONE_PATTERN = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab1._-+@ :/x", max_size=40))
+def test_emails_are_masked_exactly_where_the_one_pattern_matches(text: str) -> None:
+    """The linear search finds what the single (quadratic) pattern finds, no more, no less."""
+    assert _mask_emails(text) == EMAIL_AS_ONE_PATTERN.sub(MASK, text)
+
+
+ADVERSARIAL = [
+    "a@" * 32 * 1024,
+    "a" * 64 * 1024 + "@",
+    "@" + "a." * 32 * 1024,
+    "a@" + "a." * 32 * 1024 + "1",
+    "sk-" * 21 * 1024,
+    "bearer " * 9 * 1024 + " " * 1024,
+    "Authorization: " + "a" * 64 * 1024 + ",",
+    "api_key=" * 8 * 1024,
+    "a_" * 32 * 1024 + "@x.io",
+]
+
+
+@pytest.mark.parametrize("hostile", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+def test_a_secret_after_64_kib_of_near_misses_is_still_masked(hostile: str) -> None:
+    redactor = Redactor()
+    for secret in ("jane.doe@example.com", "sk-" + "k" * 24, "Bearer tok3n-tok3n"):
+        masked = redactor.text(f"{hostile} {secret} tail")
+        assert secret.removeprefix("Bearer ") not in masked
+        assert masked.endswith(" tail")

@@ -125,3 +125,28 @@ def test_a_replay_leaves_in_bounded_pieces_that_keep_each_id_line_whole(sizes: l
         assert tail == -1 or piece.endswith(b"\r\n\r\n"), "a cut inside an id line"
     small = [entry for entry in entries[start:end] if len(entry) <= WRITE_BYTES]
     assert all(any(entry in piece for piece in written) for entry in small), "a small event was cut"
+
+
+def test_a_large_event_in_small_reads_is_split_once_and_whole() -> None:
+    """Bug: feed() joined its whole buffer to each read and searched all of it again: quadratic, an
+    8 MB event in 4 KB reads took 34 s. Fix: the pieces are kept, only the new bytes (and the one
+    before them) are searched for the end of an event, and the event is joined once."""
+    payload = b'{"x":"' + b"y" * (15 * 1024 * 1024) + b'"}'  # under MAX_EVENT_BYTES
+    body = b"data: " + payload + b"\r\n\r\ndata: [DONE]\r\n\r\n"
+    frames = UpstreamFrames()
+    out: list[bytes] = []
+    for start in range(0, len(body), 4096):
+        out += frames.feed(body[start : start + 4096])
+    out += frames.end()
+    assert out == [payload, b"[DONE]"]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_separators_split_across_reads_of_any_size(size: int) -> None:
+    body = b"data: a\r\n\r\ndata: b\n\ndata: c\r\rdata: d\r\n\r\n: comment\n\ndata: e\ndata: f\r\n\r\n"
+    frames = UpstreamFrames()
+    out: list[bytes] = []
+    for start in range(0, len(body), size):
+        out += frames.feed(body[start : start + size])
+    out += frames.end()
+    assert out == [b"a", b"b", b"c", b"d", b"e\nf"]
