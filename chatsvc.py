@@ -866,13 +866,16 @@ def mark_failed(span: trace.Span, code: str, exc: BaseException | None, *, error
             span.set_status(trace.StatusCode.ERROR)
 
 
-def logged_path(scope: Scope) -> str:
+def logged_path(scope: Scope) -> str | None:
     """A request's path as a log line or an error detail names it (note 16): the template of the
-    route it matched (also the span's http.route), else a bounded prefix."""
+    route it matched (also the span's http.route), else a bounded prefix; None before uvicorn has
+    read the request line's path (a request whose headers timed out, note 17)."""
     route = scope.get("route")
     if isinstance(route, Route):
         return route.path
-    path: str = scope["path"]
+    path: str | None = scope.get("path")
+    if path is None:
+        return None
     return path if len(path) <= LOGGED_PATH_CHARS else path[:LOGGED_PATH_CHARS] + "\u2026"
 
 
