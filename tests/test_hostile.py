@@ -61,9 +61,9 @@ def assert_well(service: Service) -> None:
 
 
 def test_client_that_stops_reading_is_cut_and_logged(guarded: Service, fake_model: FakeModel) -> None:
-    """A client that reads nothing after the headers, while the model streams megabytes. (uvicorn adds
-    its own ERROR line, 'ASGI callable returned without completing response.': it cannot finish a
-    response to a client that does not read.)"""
+    """A client that reads nothing after the headers, while the model streams megabytes. Its
+    connection is aborted (note 17), so uvicorn does not add its own ERROR line for an app that
+    "returned without completing response", which it did when it could not end such a response."""
     guarded.chat({"message": "warm-up"})  # once-per-process tasks (sse-starlette's watcher) first
     baseline = settle(guarded, resources(guarded), limit=2)
     body = json.dumps({"message": "fake:deltas=200000"}).encode()
@@ -82,6 +82,7 @@ def test_client_that_stops_reading_is_cut_and_logged(guarded: Service, fake_mode
     assert upstream.closed.wait(5), "the model server's connection stayed open"
     assert settle(guarded, baseline) == baseline
     assert "chatsvc_active_streams 0.0" in httpx.get(f"{guarded.url}/metrics").text
+    assert not [r for r in guarded.logs() if "without completing response" in r["event"]]
     assert_well(guarded)
 
 
