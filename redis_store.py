@@ -10,7 +10,8 @@ and 19.
 This module never imports chatsvc: what it needs from the core (settings, metrics, the protocols'
 encoding, the error a follower gets, how to stop a local stream) is passed in, and described by the
 Protocols below. chatsvc imports it only with a Redis store: redis-py imports OpenTelemetry's
-metrics SDK when that is installed, which note 14 keeps out otherwise.
+metrics SDK when that is installed, which note 14 keeps out otherwise. "Note N" in this module is
+chatsvc's note N.
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ class StoreUnavailable(Exception):
 
 
 class StoreSettings(Protocol):
+    """The settings the store reads, by chatsvc's names."""
+
     @property
-    def RESUME_STORE_TIMEOUT_S(self) -> float: ...  # the settings' own names
+    def RESUME_STORE_TIMEOUT_S(self) -> float: ...
     @property
     def RESUME_STORE_QUEUE_MB(self) -> float: ...
     @property
@@ -84,6 +87,8 @@ class StoreSettings(Protocol):
 
 
 class StoreMetrics(Protocol):
+    """The store's metrics, which chatsvc's registry holds (and reports without a store too)."""
+
     @property
     def store_writes(self) -> Counter: ...  # round trips of the writer, by result
     @property
@@ -142,7 +147,7 @@ def _same_owner(a: bytes | None, b: bytes | None) -> bool:
     return secrets.compare_digest(a, b)
 
 
-class Copy:
+class StreamCopy:
     """What the writer knows of one stream's copy: the events it has yet to write, and how far."""
 
     __slots__ = ("note", "stored", "unstored")
@@ -184,9 +189,13 @@ class RedisStore(Generic[P]):
             socket_timeout=self.timeout,
             retry=Retry(NoBackoff(), 1),  # once, on a fresh connection (Redis restarted); no waits
         )
-        # The writer's state of each log, for as long as the log lives.
-        self.copies: weakref.WeakKeyDictionary[Mirrored, Copy] = weakref.WeakKeyDictionary()
-        self.dirty: dict[Mirrored, None] = {}  # logs with something to write, in order
+        # The writer's state of each log, kept as long as the log lives: the log is the core's.
+        self.copies: weakref.WeakKeyDictionary[Mirrored, StreamCopy] = weakref.WeakKeyDictionary()
+        # The writer's queue: the logs with something to write, in order, each once, so that a round
+        # trip carries one XADD a stream. Not an asyncio.Queue: that bounds items, and full, makes the
+        # producer wait or refuses the newest; here the bound is bytes, and the stream with the
+        # longest backlog is given up on (note 15).
+        self.dirty: dict[Mirrored, None] = {}
         self.queued = 0  # bytes in their `unstored` lists
         self.queue_limit = int(settings.RESUME_STORE_QUEUE_MB * 1024 * 1024)
         self.wake = asyncio.Event()
@@ -286,9 +295,9 @@ class RedisStore(Generic[P]):
         self.metrics.store_latency.observe(time.monotonic() - started)
         return None
 
-    def copy_of(self, stream_log: Mirrored) -> Copy:
+    def copy_of(self, stream_log: Mirrored) -> StreamCopy:
         if (copy := self.copies.get(stream_log)) is None:
-            copy = self.copies[stream_log] = Copy()
+            copy = self.copies[stream_log] = StreamCopy()
         return copy
 
     def mirror(self, stream_log: Mirrored, entries: list[bytes], size: int) -> None:
