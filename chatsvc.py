@@ -2656,7 +2656,7 @@ class Store(Protocol):
     RESUME_STORE=redis:// makes it a `redis_store.RedisStore`. Writes are queued, never awaited by
     the live path; a call that needs an answer raises `unavailable` when none comes in time."""
 
-    unavailable: ClassVar[type[Exception]]
+    unavailable: ClassVar[type[Exception]]  # its own: it cannot import ours; ask_store maps it
 
     async def start(self) -> None: ...  # the lifespan's start: its writer and listener begin
     async def stop(self) -> None: ...  # after the producers: what is queued is written, then it closes
