@@ -316,12 +316,12 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
+from typing import IO, Annotated, Any, ClassVar, Literal, NamedTuple, NoReturn, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -364,9 +364,6 @@ from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
-
-if TYPE_CHECKING:  # imported where RESUME_STORE is Redis: redis-py loads OpenTelemetry's metrics SDK (60 ms)
-    import redis.asyncio
 
 log = logging.getLogger("chatsvc")
 
@@ -1571,9 +1568,9 @@ class Service:
         self.client = create_upstream_client(settings)
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.tracing = Tracing()  # started by the lifespan (note 14)
-        self.store = RedisStore(self, settings.redis_url) if settings.redis_url else None  # note 15
         self.worker_metrics = WorkerMetrics.join()  # note 13
         self.metrics = Metrics(multiprocess=self.worker_metrics is not None)
+        self.store = open_store(self)  # note 15
         self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
         self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
         self.metrics.max_streams.set(settings.MAX_CONCURRENT_STREAMS)
@@ -1654,12 +1651,8 @@ class Service:
         replica (note 19: its grace runs here all the same), or a request still opening one."""
         detached = sorted((p for p in self.producers if p.grace_timer is not None), key=lambda p: p.detached_at)
         for producer in detached:
-            if self.store is not None:
-                try:
-                    if await producer.followed_anywhere():
-                        continue
-                except ServiceError:  # Redis does not answer: no other replica can follow it either
-                    pass
+            if self.store is not None and await producer.followed_anywhere():
+                continue
             if self.slots_in_use < self.settings.MAX_CONCURRENT_STREAMS:
                 return  # a slot came free meanwhile
             if producer.grace_timer is not None:  # still detached after the await
@@ -1698,7 +1691,7 @@ class Service:
         task.add_done_callback(lambda _: self.producers.pop(producer, None))
         return stream_log
 
-    async def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteLog:
+    async def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteStream:
         """The stream with this id, started with this key (another key's stream is not revealed):
         this replica's own if it holds it, else the store's copy (note 15)."""
         self.trim()
@@ -1709,16 +1702,19 @@ class Service:
             return stream_log
         if self.store is None:
             raise stream_not_found()
-        return await self.store.find(stream_id, owner)
+        remote = await ask_store(self.store, self.store.find(stream_id, owner))
+        if remote is None:  # none, another key's, or abandoned (note 19)
+            raise stream_not_found()
+        return remote
 
-    async def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | RemoteLog | None:
+    async def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | RemoteStream | None:
         """The chat's latest stream, if it is kept (note 12). The key that started the chat is part
         of its name, so another key's chat is not even looked at. With a store, the store says which
         stream is the latest: it may have started on another replica."""
         self.trim()
         if self.store is None:
             return self.chats.get((owner, chat_id))
-        stream_id = await self.store.find_chat((owner, chat_id))
+        stream_id = await ask_store(self.store, self.store.find_chat((owner, chat_id)))
         if stream_id is None:
             return None
         try:
@@ -1728,8 +1724,20 @@ class Service:
                 return None
             raise
         if isinstance(stream_log, StreamLog) and stream_log.finished and not stream_log.delivered:
-            stream_log.delivered = await self.store.delivered(stream_id)  # to a follower on another replica?
+            # To a follower on another replica?
+            stream_log.delivered = await ask_store(self.store, self.store.delivered(stream_id))
         return stream_log
+
+    def cancel_here(self, stream_id: str, request_id: str | None) -> None:
+        """A DELETE on another replica named this stream (note 15): stop it if it runs here, logged
+        with that request's correlation id."""
+        stream_log = self.streams.get(stream_id)
+        if stream_log is not None and stream_log.producer is not None:
+            token = correlation_id.set(request_id)
+            try:
+                stream_log.producer.cancel()
+            finally:
+                correlation_id.reset(token)
 
     def on_finished(self, stream_log: StreamLog) -> None:
         if stream_log.stream_id in self.streams:
@@ -2078,10 +2086,6 @@ class StreamLog:
         self.followers = 0
         self.producer: Producer | None = None  # while the stream runs
         self.span_context = trace.INVALID_SPAN_CONTEXT  # its upstream span's, for resumes to link to
-        # With RESUME_STORE=redis:// (note 15): what the store writer has yet to write, and how far.
-        self.unstored: list[bytes] = []
-        self.stored = 0  # events written (or handed to a write in flight)
-        self.store_note: str | None = None  # why it is resumable on this replica only, if it is
         # A broadcast: set() wakes every follower waiting now, clear() at once readies the next wait.
         # A follower checks `entries` and waits with no await in between, so no append is missed.
         self._appended = asyncio.Event()
@@ -2347,10 +2351,7 @@ class Producer:
         """Followers on other replicas keep the stream's presence key alive in the store: while it
         lives, the grace starts again from its lapse (note 19)."""
         assert self.service.store is not None
-        try:
-            remaining_ms = await self.service.store.followed_elsewhere_ms(self.log.stream_id)
-        except ServiceError:
-            remaining_ms = 0  # Redis does not answer: no other replica can follow the stream either
+        remaining_ms = await self.service.store.followed_elsewhere_ms(self.log.stream_id)
         if self.log.followers or self.grace_timer or self.log.finished or self.cancelled:
             return  # resumed here meanwhile (perhaps left again: a new grace runs), or ended
         if remaining_ms:
@@ -2573,17 +2574,19 @@ class FollowerResponse(EventSourceResponse):
     original POST is the first follower; a resume is another (note 11)."""
 
     def __init__(
-        self, stream_log: StreamLog | RemoteLog, position: int, settings: Settings, *, first: bool = False
+        self, service: Service, stream_log: StreamLog | RemoteStream, position: int, *, first: bool = False
     ) -> None:
+        settings = service.settings
         super().__init__(
             stream_log.follow(position),
             headers={**stream_log.protocol.headers, STREAM_ID_HEADER: stream_log.stream_id},
             ping=settings.PING_INTERVAL_S,
             ping_message_factory=lambda: ServerSentEvent(comment="ping"),
             send_timeout=settings.SEND_TIMEOUT_S,
-            shutdown_event=stream_log.service.drain_event,
+            shutdown_event=service.drain_event,
             shutdown_grace_period=settings.SHUTDOWN_GRACE_S + 2,  # note 5
         )
+        self.service = service
         self.stream_log = stream_log
         self.first = first  # a new stream's own client (note 20)
         self.send_timeout_s = settings.SEND_TIMEOUT_S
@@ -2601,7 +2604,7 @@ class FollowerResponse(EventSourceResponse):
                 raise SendTimeoutError()
 
         # Counted from here to the end of the response; refused before the first byte (note 20).
-        with self.stream_log.service.followers.admit(self.stream_log.stream_id, first=self.first):
+        with self.service.followers.admit(self.stream_log.stream_id, first=self.first):
             self.stream_log.attach()
             too_slow = False
             try:
@@ -2622,453 +2625,86 @@ class FollowerResponse(EventSourceResponse):
                 self.stream_log.detach(too_slow=too_slow)
 
 
-# --- The shared stream log (note 15) ----------------------------------------------------------------
+# --- The shared store (note 15) ---------------------------------------------------------------------
 
 PROTOCOLS = {protocol.path: protocol for protocol in (CHATSVC, AI_SDK)}  # as a stream's facts name it
-#: The writer gathers this long after the first event to write (note 15): a round trip costs some
-#: 190 µs of CPU, and each XADD in it 25 to 55 µs more, so a stream's deltas should share one.
-STORE_WRITE_INTERVAL_S = 0.05
-CANCEL_CHANNEL = "chatsvc:cancel"  # DELETE on one replica, for the replica producing the stream
-#: Liveness in the store (note 19): each replica renews a key naming it, and each follower on a
-#: replica other than the producer's the stream's presence key, this often; each key lives
-#: STORE_PRESENCE_TTL_S, so a replica or a follower that stopped renewing is gone within that.
-STORE_PRESENCE_S = 1.0
-STORE_PRESENCE_TTL_S = 3.0
-STORE_BAD_MESSAGE_LOG_S = 10.0  # at most one log line this often for malformed cancel messages
-#: A write that can create a key sets its expiry in the same step (note 19), so that no key ever
-#: lives without one: KEYS[1] the key; ARGV[1] its expiry in ms, or "" to leave the key's own;
-#: ARGV[2] "XX" to write only a key that exists; ARGV[3] the command; ARGV[4...] its arguments.
-WRITE_EXPIRING = """
-if ARGV[2] == 'XX' and redis.call('exists', KEYS[1]) == 0 then return false end
-local reply = redis.call(ARGV[3], KEYS[1], unpack(ARGV, 4))
-if ARGV[1] ~= '' then redis.call('pexpire', KEYS[1], ARGV[1]) end
-return reply
-"""
 T = TypeVar("T")
 
 
-def store_keys(stream_id: str) -> tuple[str, str]:
-    """A stream's events (a Redis Stream) and its facts (a hash); one hash tag, so one cluster slot."""
-    return f"chatsvc:{{{stream_id}}}:events", f"chatsvc:{{{stream_id}}}:facts"
+class RemoteStream(Protocol):
+    """A stream produced on another replica, as the store gives it: the face of a StreamLog that a
+    FollowerResponse and resume() read (note 15)."""
+
+    @property
+    def stream_id(self) -> str: ...
+    @property
+    def protocol(self) -> ChatProtocol: ...
+    @property
+    def finished(self) -> bool: ...  # the store's copy holds the terminal event
+    @property
+    def delivered(self) -> bool: ...
+    @property
+    def span_context(self) -> trace.SpanContext: ...
+    def __len__(self) -> int: ...  # events in the store's copy so far
+    def follow(self, position: int) -> AsyncIterator[bytes]: ...
+    def attach(self) -> None: ...
+    def detach(self, *, too_slow: bool) -> None: ...
 
 
-def presence_key(stream_id: str) -> str:
-    """Alive while a follower on a replica other than the producer's follows the stream (note 19)."""
-    return f"chatsvc:{{{stream_id}}}:followed"
+class Store(Protocol):
+    """What the core asks of the store that lets any replica resume any stream (note 15):
+    RESUME_STORE=redis:// makes it a `redis_store.RedisStore`. Writes are queued, never awaited by
+    the live path; a call that needs an answer raises `unavailable` when none comes in time."""
 
+    unavailable: ClassVar[type[Exception]]  # its own: it cannot import ours; ask_store maps it
 
-def chat_store_key(chat: ChatKey) -> str:
-    owner, chat_id = chat
-    return f"chatsvc:chat:{owner.hex() if owner else '-'}:{chat_id}"
-
-
-def store_unavailable(detail: str) -> ServiceError:
-    return ServiceError("resume_unavailable", detail, retry_after=2)
-
-
-class RedisStore:
-    """Every replica's stream logs, in Redis (note 15). The producing replica's StreamLog stays the
-    live path; this writer copies each log into a Redis Stream behind it, everything appended since
-    its last round trip in one pipeline, and other replicas follow that copy with XREAD BLOCK. A
-    DELETE reaches the producing replica by pub/sub."""
-
-    def __init__(self, service: Service, url: str) -> None:
-        import redis.asyncio  # here, not at the top: see there
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        settings = service.settings
-        self.service = service
-        self.errors = (redis.RedisError, OSError, TimeoutError)  # what an unreachable or slow Redis raises
-        self.timeout = settings.RESUME_STORE_TIMEOUT_S  # every round trip's bound
-        self.redis = redis.asyncio.Redis.from_url(
-            url,
-            socket_connect_timeout=min(settings.CONNECT_TIMEOUT_S, self.timeout),
-            socket_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 1),  # once, on a fresh connection (Redis restarted); no waits
-        )
-        self.dirty: dict[StreamLog, None] = {}  # logs with something to write, in order
-        self.queued = 0  # bytes in their `unstored` lists
-        self.queue_limit = int(settings.RESUME_STORE_QUEUE_MB * 1024 * 1024)
-        self.wake = asyncio.Event()
-        # Streams whose facts must say a new state once Redis answers: unresumable (given up on), or
-        # abandoned (nobody followed within the grace, note 19).
-        self.marks: dict[str, str] = {}
-        self.live_ttl = math.ceil(settings.REQUEST_TIMEOUT_S + settings.RESUME_TTL_S + 10)  # outlives any run
-        self.live_ttl_ms = self.live_ttl * 1000
-        self.finished_ttl_ms = max(1, int(settings.RESUME_TTL_S * 1000))
-        self.presence_ttl_ms = int(STORE_PRESENCE_TTL_S * 1000)
-        self.replica_key = f"chatsvc:replica:{secrets.token_hex(8)}"  # alive while this replica is (note 19)
-        self.bad_messages = 0  # malformed cancel messages since the last line about them
-        self.bad_message_logged = -math.inf
-        self.max_entries = settings.MAX_TOKENS + 16  # write batches: at most one per delta, meta, end
-        self.block_ms = max(1, int(self.timeout * 500))  # an XREAD BLOCK returns well within the timeout
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        self.tasks = [asyncio.create_task(task) for task in (self.write(), self.listen(), self.stay_alive())]
-
-    async def stop(self) -> None:
-        """After the producers: one last write of what is queued (bounded), then close."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.dirty:
-            await self.write_once()
-        await self.redis.aclose()
-
-    async def answers(self) -> bool:
-        try:
-            return bool(await self.ask(self.redis.ping()))
-        except ServiceError:
-            return False
-
-    async def ask(self, command: Awaitable[T]) -> T:
-        """One round trip outside the writer, bounded by RESUME_STORE_TIMEOUT_S; a store that does
-        not answer in time is 503 resume_unavailable."""
-        try:
-            with anyio.fail_after(self.timeout):
-                return await command
-        except self.errors:
-            raise store_unavailable("RESUME_STORE does not answer") from None
-
-    def write_expiring(
-        self, pipe: redis.asyncio.client.Pipeline, key: str, ttl_ms: int | None, *command: Any, existing: bool = False
-    ) -> None:
-        """Queue a write that sets the key's expiry in the same step (`ttl_ms`; None: the key's own),
-        or (`existing`) that creates no key: no key lives without an expiry (note 19)."""
-        pipe.eval(WRITE_EXPIRING, 1, key, "" if ttl_ms is None else ttl_ms, "XX" if existing else "", *command)
-
-    # Writing: the producing replica
-
-    async def stay_alive(self) -> None:
-        """Renew this replica's liveness key: followers elsewhere end when it lapses (note 19)."""
-        while True:
-            with suppress(ServiceError):  # `write` and `listen` log a lost Redis; a lapse means it
-                await self.ask(self.redis.set(self.replica_key, 1, px=self.presence_ttl_ms))
-            await asyncio.sleep(STORE_PRESENCE_S)
-
-    def announce(
+    async def start(self) -> None: ...  # the lifespan's start: its writer and listener begin
+    async def stop(self) -> None: ...  # after the producers: what is queued is written, then it closes
+    async def answers(self) -> bool: ...  # for /readyz
+    def announce(  # a new stream's facts, while its upstream opens; the task's result: the failure
         self,
         stream_id: str,
         owner: bytes | None,
         protocol: ChatProtocol,
         chat: ChatKey | None,
-        span: trace.Span,
+        span_context: trace.SpanContext,
         prompt_tokens: int,
-    ) -> asyncio.Task[BaseException | None]:
-        """Write a new stream's facts while its upstream opens: no client learns the stream's id
-        (from the response) before every replica can find it. The task's result is the failure, if any."""
-        pipe = self.redis.pipeline(transaction=False)
-        _, facts = store_keys(stream_id)
-        ids = span.get_span_context()
-        fields = {
-            "protocol": protocol.path,
-            "owner": owner.hex() if owner else "",  # a keyed digest, never a key
-            "trace": f"{ids.trace_id:032x}{ids.span_id:016x}" if ids.is_valid else "",
-            "state": "live",
-            "replica": self.replica_key,  # followers elsewhere end when it lapses (note 19)
-            "prompt_tokens": prompt_tokens,  # for the usage of a `stream_lost` event
-        }
-        self.write_expiring(pipe, facts, self.live_ttl_ms, "HSET", *(x for item in fields.items() for x in item))
-        if chat is not None:
-            pipe.set(chat_store_key(chat), stream_id, ex=self.live_ttl)
-        return asyncio.create_task(self.execute(pipe))
+    ) -> asyncio.Task[BaseException | None]: ...
+    def mirror(self, stream_log: StreamLog, entries: list[bytes], size: int) -> None: ...  # appended, or delivered
+    def give_up(self, stream_log: StreamLog, reason: str, exc: BaseException | None) -> None: ...  # unresumable
+    def mark(self, stream_id: str, state: str) -> None: ...  # a new state for its facts: "abandoned"
+    async def followed_elsewhere_ms(self, stream_id: str) -> int: ...  # presence elsewhere lasts (note 19)
+    async def find(self, stream_id: str, owner: bytes | None) -> RemoteStream | None: ...  # checked as ours
+    async def find_chat(self, chat: ChatKey) -> str | None: ...  # the chat's latest stream, on any replica
+    async def delivered(self, stream_id: str) -> bool: ...  # its terminal event sent, on any replica
+    async def cancel(self, stream_id: str) -> None: ...  # DELETE: the producing replica stops it
 
-    async def execute(self, pipe: redis.asyncio.client.Pipeline) -> BaseException | None:
-        """One round trip, bounded and counted; the failure, if any."""
-        metrics = self.service.metrics
-        started = time.monotonic()
-        try:
-            with anyio.fail_after(self.timeout):
-                await pipe.execute()
-        except self.errors as exc:
-            metrics.store_writes.labels("failed").inc()
-            return exc
-        metrics.store_writes.labels("ok").inc()
-        metrics.store_latency.observe(time.monotonic() - started)
+
+def open_store(service: Service) -> Store | None:
+    """The store that RESUME_STORE names, with what it needs from the core; redis-py is imported
+    only for a Redis store (note 15)."""
+    settings = service.settings
+    if settings.redis_url is None:
         return None
+    from redis_store import RedisStore
 
-    def mirror(self, stream_log: StreamLog, entries: list[bytes], size: int) -> None:
-        """Queue what was appended (or, with no entries, that the terminal event was delivered)."""
-        if stream_log.store_note is not None:
-            return
-        stream_log.unstored += entries
-        self.queued += size
-        self.dirty[stream_log] = None
-        self.wake.set()
-        while self.queued > self.queue_limit and self.dirty:  # the largest backlog goes first
-            self.give_up(max(self.dirty, key=lambda d: sum(map(len, d.unstored))), "behind", None)
-
-    def give_up(self, stream_log: StreamLog, reason: str, exc: BaseException | None) -> None:
-        """This stream's copy stays incomplete: resumable on this replica only, with a log line and a metric."""
-        if stream_log.store_note is not None:
-            return
-        stream_log.store_note = reason
-        self.queued -= sum(map(len, stream_log.unstored))
-        stream_log.unstored = []
-        self.dirty.pop(stream_log, None)
-        self.mark(stream_log.stream_id, "unresumable")
-        self.service.metrics.store_unresumable.labels(reason).inc()
-        token = correlation_id.set(stream_log.correlation_id)  # the writer's task serves every stream
-        try:
-            log.warning(
-                "store_behind" if reason == "behind" else "store_write_failed",
-                extra={"stream_id": stream_log.stream_id, "stored_seq": stream_log.stored - 1,
-                       "exception": type(exc).__name__ if exc else None},
-            )  # fmt: skip
-        finally:
-            correlation_id.reset(token)
-
-    def mark(self, stream_id: str, state: str) -> None:
-        """Write this state into the stream's facts with the next round trip."""
-        self.marks[stream_id] = state
-        self.wake.set()
-
-    async def write(self) -> None:
-        while True:
-            await self.wake.wait()
-            await asyncio.sleep(STORE_WRITE_INTERVAL_S)  # what comes meanwhile shares the round trip
-            self.wake.clear()
-            await self.write_once()
-
-    async def write_once(self) -> None:
-        """One pipelined round trip for everything queued; a failure gives up on the streams in it."""
-        batch, self.dirty = list(self.dirty), {}
-        marking, self.marks = self.marks, {}
-        pipe = self.redis.pipeline(transaction=False)
-        for stream_log in batch:
-            self.queue_writes(pipe, stream_log)
-        for stream_id, state in marking.items():
-            events, facts = store_keys(stream_id)
-            if state == "unresumable":  # given up on, perhaps before its facts went out: they may be new
-                self.write_expiring(pipe, facts, self.live_ttl_ms, "HSET", "state", state)
-            else:  # abandoned: gone everywhere once RESUME_TTL_S has passed, as a finished one
-                self.write_expiring(pipe, facts, self.finished_ttl_ms, "HSET", "state", state, existing=True)
-                pipe.pexpire(events, self.finished_ttl_ms)
-        if (failure := await self.execute(pipe)) is not None:
-            self.marks = {**marking, **self.marks}
-            for stream_log in batch:
-                self.give_up(stream_log, "failed", failure)
-
-    def queue_writes(self, pipe: redis.asyncio.client.Pipeline, stream_log: StreamLog) -> None:
-        """One XADD of the events not yet written, under the id of the first one's seq; the expiry
-        moved to RESUME_TTL_S with the terminal one (the facts went out with `announce`). Only the
-        first XADD creates the Redis Stream, with its expiry in the same step (note 19)."""
-        entries, first = stream_log.unstored, stream_log.stored
-        self.queued -= sum(map(len, entries))
-        stream_log.unstored = []
-        stream_log.stored += len(entries)
-        events, facts = store_keys(stream_log.stream_id)
-        if entries:
-            fields: dict[Any, Any] = {str(first + i): entry for i, entry in enumerate(entries)}
-            ended = stream_log.finished and stream_log.stored == len(stream_log)
-            if ended:
-                fields["end"] = b""
-            if first == 0:
-                flat = (x for item in fields.items() for x in item)
-                self.write_expiring(pipe, events, self.live_ttl_ms, "XADD", "MAXLEN", self.max_entries, "0-1", *flat)
-            else:
-                pipe.xadd(events, fields, id=f"{first}-1", maxlen=self.max_entries, approximate=False, nomkstream=True)
-            if ended:
-                self.write_expiring(pipe, facts, self.finished_ttl_ms, "HSET", "state", "finished", existing=True)
-                for key in (events, *([chat_store_key(stream_log.chat)] if stream_log.chat else [])):
-                    pipe.pexpire(key, self.finished_ttl_ms)
-        if stream_log.delivered:  # perhaps after the facts expired: then nothing is written
-            self.write_expiring(pipe, facts, None, "HSET", "delivered", "1", existing=True)
-
-    # Reading: any replica
-
-    async def find(self, stream_id: str, owner: bytes | None) -> RemoteLog:
-        """A stream from the store, its facts checked as find_stream checks a local one."""
-        events, facts_key = store_keys(stream_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(facts_key)
-        pipe.xrange(events)  # all so far, for the follower's replay: one round trip in all
-        facts, read = await self.ask(pipe.execute())
-        if not facts:
-            raise stream_not_found()
-        if b"owner" in facts and not _same_owner(bytes.fromhex(facts[b"owner"].decode()) or None, owner):
-            raise stream_not_found()
-        if facts.get(b"state") == b"abandoned":  # as its own replica answers (note 19)
-            raise stream_not_found()
-        if facts.get(b"state") == b"unresumable" or b"protocol" not in facts:  # given up on before its facts
-            raise store_unavailable("this stream's copy in RESUME_STORE is incomplete")
-        length, finished = 0, False
-        if read:
-            fields = read[-1][1]
-            length = max(int(key) for key in fields if key != b"end") + 1
-            finished = b"end" in fields
-        return RemoteLog(self, stream_id, facts, read, length, finished)
-
-    async def followed_elsewhere_ms(self, stream_id: str) -> int:
-        """How long the presence of followers on other replicas lasts yet (note 19), in ms; 0 for none."""
-        return max(0, await self.ask(self.redis.pttl(presence_key(stream_id))))
-
-    async def delivered(self, stream_id: str) -> bool:
-        return bool(await self.ask(self.redis.hget(store_keys(stream_id)[1], "delivered")))
-
-    async def find_chat(self, chat: ChatKey) -> str | None:
-        stream_id: bytes | None = await self.ask(self.redis.get(chat_store_key(chat)))  # type: ignore[arg-type]
-        return stream_id.decode() if stream_id else None
-
-    # Stopping: DELETE on any replica
-
-    async def cancel(self, stream_id: str) -> None:
-        """Tell every replica; the one producing the stream stops it (`listen`)."""
-        # With the DELETE's correlation id: the producing replica logs stream_cancelled with it.
-        listeners = await self.ask(self.redis.publish(CANCEL_CHANNEL, f"{stream_id} {correlation_id.get() or ''}"))
-        if not listeners:  # no replica hears: not even the one producing it
-            raise store_unavailable("no replica is listening on RESUME_STORE")
-
-    async def listen(self) -> None:
-        """Cancel the local producers that a DELETE on another replica names; resubscribe after a loss."""
-        lost = False
-        while True:
-            try:
-                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(CANCEL_CHANNEL)
-                    if lost:
-                        log.info("store_reconnected")
-                        lost = False
-                    while True:
-                        message = await pubsub.get_message(timeout=self.timeout / 2)
-                        if message is not None:
-                            self.cancel_named(message["data"])
-            except self.errors as exc:
-                if not lost:
-                    log.warning("store_unreachable", extra={"exception": type(exc).__name__})
-                    lost = True
-                await asyncio.sleep(self.timeout)
-
-    def cancel_named(self, data: bytes) -> None:
-        """Cancel the producer that a cancel message names, if it is here. Anyone who can publish to
-        Redis can send anything: what is not `<stream id> <correlation id>` is counted and ignored."""
-        try:
-            stream_id, _, request_id = data.decode().partition(" ")
-        except (AttributeError, UnicodeDecodeError):
-            self.bad_messages += 1
-            if time.monotonic() - self.bad_message_logged >= STORE_BAD_MESSAGE_LOG_S:  # a flood is one line
-                self.bad_message_logged = time.monotonic()
-                size = len(data) if isinstance(data, bytes) else None
-                log.warning("store_bad_message", extra={"bytes": size, "ignored": self.bad_messages})
-                self.bad_messages = 0
-            return
-        stream_log = self.service.streams.get(stream_id)
-        if stream_log is not None and stream_log.producer is not None:
-            correlation_id.set(request_id or None)
-            stream_log.producer.cancel()
+    return RedisStore(
+        settings.redis_url,
+        settings,
+        service.metrics,
+        PROTOCOLS,
+        error_body=lambda code, detail: ServiceError(code, detail).body(),
+        pieces=pieces,
+        on_cancel=service.cancel_here,
+    )
 
 
-class RemoteLog:
-    """A stream produced on another replica, read from the store (note 15), with the face that a
-    FollowerResponse and resume() know from a StreamLog."""
-
-    def __init__(
-        self, store: RedisStore, stream_id: str, facts: dict[bytes, bytes], read: Any, length: int, finished: bool
-    ) -> None:
-        self.store = store
-        self.read: Any = read  # the entries that `find` read: the replay's first batch
-        self.service = store.service
-        self.stream_id = stream_id
-        self.protocol = PROTOCOLS[facts[b"protocol"].decode()]
-        self.length = length
-        self.finished = finished
-        self.delivered = facts.get(b"delivered") == b"1"
-        self.producer: Producer | None = None  # on its own replica
-        self.replica_key = facts.get(b"replica", b"").decode()  # the producing replica's liveness (note 19)
-        self.prompt_tokens = int(facts.get(b"prompt_tokens", b"0"))
-        trace_ids = facts.get(b"trace", b"").decode()
-        self.span_context = (
-            trace.SpanContext(int(trace_ids[:32], 16), int(trace_ids[32:], 16), is_remote=True)
-            if trace_ids
-            else trace.INVALID_SPAN_CONTEXT
-        )
-
-    def __len__(self) -> int:
-        return self.length
-
-    def attach(self) -> None:
-        pass  # the grace is the producing replica's affair
-
-    def detach(self, *, too_slow: bool) -> None:
-        pass
-
-    async def follow(self, position: int) -> AsyncIterator[bytes]:
-        """The events from `position` on: the store's copy so far, then each write as XREAD BLOCK
-        returns it, to the terminal event. A gap, an incomplete copy or a lost store ends the
-        response without one: the client's reconnect then gets its answer (404 or 503). While it
-        follows, its presence keeps the producer's grace from running out; a producer that is gone
-        ends it with an `error` event `stream_lost` (note 19)."""
-        redis_client, events, facts = self.store.redis, *store_keys(self.stream_id)
-        last_id: Any = None  # the last entry read
-        expected = 0  # the seq that the next event must have
-        read: Any  # [(entry id, {seq: event, ..., maybe b"end": b""})], bytes all (no decoding)
-        present_until = 0.0  # when the presence key must be renewed
-        try:
-            while True:
-                if time.monotonic() >= present_until:  # one round trip every STORE_PRESENCE_S, not per read
-                    present_until = time.monotonic() + STORE_PRESENCE_S
-                    with anyio.fail_after(self.store.timeout):
-                        await redis_client.set(presence_key(self.stream_id), 1, px=self.store.presence_ttl_ms)
-                with anyio.fail_after(self.store.timeout):
-                    if last_id is None:
-                        read, self.read = self.read, None
-                    else:
-                        reply: Any = await redis_client.xread({events: last_id}, block=self.store.block_ms)
-                        read = reply[0][1] if reply else []  # RESP2: [[key, entries]]
-                if not read:
-                    pipe = redis_client.pipeline(transaction=False)
-                    pipe.hget(facts, "state")
-                    pipe.exists(self.replica_key or facts)  # facts: a copy by a replica that names none
-                    with anyio.fail_after(self.store.timeout):
-                        state, producing = await pipe.execute()
-                    if state in (None, b"unresumable"):
-                        log.warning("store_follow_ended", extra={"stream_id": self.stream_id, "seq": expected - 1})
-                        return
-                    if state == b"abandoned" or (state == b"live" and not producing):
-                        yield self.lost_event(expected, state.decode())
-                        return
-                    last_id = last_id or "0-0"
-                    continue
-                batch: list[bytes] = []
-                ended = False
-                for entry_id, fields in read:
-                    last_id = entry_id
-                    for key, value in fields.items():
-                        if key == b"end":
-                            ended = True
-                        elif int(key) != expected:  # trimmed or lost: never a stream with a hole
-                            log.warning("store_gap", extra={"stream_id": self.stream_id, "seq": expected})
-                            return
-                        else:
-                            expected += 1
-                            if expected > position:
-                                batch.append(value)
-                for piece in pieces(batch, 0, len(batch)):  # note 20
-                    yield piece
-                if ended:
-                    pipe = redis_client.pipeline(transaction=False)
-                    self.store.write_expiring(pipe, facts, None, "HSET", "delivered", "1", existing=True)
-                    with anyio.fail_after(self.store.timeout):
-                        await pipe.execute()
-                    return
-        except self.store.errors as exc:
-            log.warning("store_read_failed", extra={"stream_id": self.stream_id, "exception": type(exc).__name__})
-
-    def lost_event(self, seq: int, state: str) -> bytes:
-        """The terminal event for a follower whose producer is gone: its replica stopped (or, in a
-        race with the grace, it was abandoned) before the stream's end reached the store."""
-        log.warning("store_stream_lost", extra={"stream_id": self.stream_id, "seq": seq - 1, "state": state})
-        error = ServiceError("stream_lost", "the replica producing this stream stopped before its end")
-        completion = max(0, seq - 1)  # one entry a delta after the meta (an estimate, note 6)
-        usage = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-            "source": "estimated",
-        }
-        return self.protocol.event(self.stream_id, seq, "error", {**error.body(), "usage": usage})
+async def ask_store(store: Store, answer: Awaitable[T]) -> T:
+    """The store's answer; none in time is 503 `resume_unavailable` (note 15), here and nowhere else."""
+    try:
+        return await answer
+    except store.unavailable as exc:
+        raise ServiceError("resume_unavailable", str(exc), retry_after=2) from None
 
 
 def stream_not_found() -> ServiceError:
@@ -3079,17 +2715,12 @@ def check_store(settings: Settings) -> None:
     """RESUME_STORE=redis://...: that Redis answers before the service starts; exit 2 if not."""
     if settings.redis_url is None:
         return
-    import redis
+    from redis_store import StoreUnavailable, check_redis
 
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=settings.CONNECT_TIMEOUT_S, socket_timeout=settings.CONNECT_TIMEOUT_S
-    )
     try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        exit_misconfigured(f"RESUME_STORE: Redis does not answer ({type(exc).__name__})", "RESUME_STORE")
-    finally:
-        client.close()
+        check_redis(settings.redis_url, settings.CONNECT_TIMEOUT_S)
+    except StoreUnavailable as exc:
+        exit_misconfigured(f"RESUME_STORE: Redis does not answer ({exc})", "RESUME_STORE")
 
 
 # --- Endpoints --------------------------------------------------------------------------------------
@@ -3158,7 +2789,11 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     chat = None if chat_id is None else (owner, chat_id)
     # Note 15: every replica can find the stream before its id is out, at no cost to the live path.
     prompt_tokens = math.ceil(prompt_chars / 4)  # note 6: the estimate, should the stream be lost (note 19)
-    announced = service.store.announce(stream_id, owner, protocol, chat, span, prompt_tokens) if service.store else None
+    announced = (
+        service.store.announce(stream_id, owner, protocol, chat, span.get_span_context(), prompt_tokens)
+        if service.store
+        else None
+    )
     try:
         stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
     except BaseException as exc:
@@ -3193,7 +2828,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     )
     if store_failure is not None and service.store is not None:
         service.store.give_up(stream_log, "failed", store_failure)
-    response = FollowerResponse(stream_log, 0, settings, first=True)
+    response = FollowerResponse(service, stream_log, 0, first=True)
     if minted is not None:
         set_owner_cookie(response, request, minted)
     return response
@@ -3212,12 +2847,13 @@ async def delete_stream(request: Request) -> Response:
     return Response(status_code=204)
 
 
-async def stop_stream(service: Service, stream_log: StreamLog | RemoteLog) -> None:
+async def stop_stream(service: Service, stream_log: StreamLog | RemoteStream) -> None:
     """DELETE: the producer stops, here or (through the store) on the replica running it."""
-    if stream_log.producer is not None:
-        stream_log.producer.cancel()
-    elif isinstance(stream_log, RemoteLog) and not stream_log.finished and service.store is not None:
-        await service.store.cancel(stream_log.stream_id)
+    if isinstance(stream_log, StreamLog):
+        if stream_log.producer is not None:
+            stream_log.producer.cancel()
+    elif not stream_log.finished and service.store is not None:
+        await ask_store(service.store, service.store.cancel(stream_log.stream_id))
 
 
 async def ai_sdk_follow(request: Request) -> Response:
@@ -3241,7 +2877,7 @@ async def ai_sdk_follow(request: Request) -> Response:
     service.metrics.resumes.labels("resumed").inc()
     trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_log.stream_id, "from_seq": 0, "via": "ai-sdk"})
-    return FollowerResponse(stream_log, 0, service.settings)
+    return FollowerResponse(service, stream_log, 0)
 
 
 async def ai_sdk_delete(request: Request) -> Response:
@@ -3276,10 +2912,10 @@ async def resume(request: Request, stream_id: str, via: str) -> Response:
     metrics.resumes.labels("resumed").inc()
     trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_id, "from_seq": position, "via": via})
-    return FollowerResponse(stream_log, position, service.settings)
+    return FollowerResponse(service, stream_log, position)
 
 
-def _resume_after(request: Request, stream_log: StreamLog | RemoteLog) -> int:
+def _resume_after(request: Request, stream_log: StreamLog | RemoteStream) -> int:
     """The last seq the client has: from Last-Event-ID, else ?after=, else -1 (replay from the start).
     An id of another stream or a seq not yet sent is malformed: 404, never a guess."""
     last_event_id = request.headers.get("last-event-id")
@@ -3296,7 +2932,7 @@ def _resume_after(request: Request, stream_log: StreamLog | RemoteLog) -> int:
     else:
         return -1
     # A live stream's copy in the store may be behind what its client has: the follower waits for it.
-    behind_is_possible = isinstance(stream_log, RemoteLog) and not stream_log.finished
+    behind_is_possible = not isinstance(stream_log, StreamLog) and not stream_log.finished
     if seq >= len(stream_log) and not behind_is_possible:
         raise ServiceError("stream_not_found", f"this stream has sent no event {seq} yet")
     return seq
