@@ -364,6 +364,7 @@ from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
+from tracing import Tracing
 
 if TYPE_CHECKING:  # imported where RESUME_STORE is Redis: redis-py loads OpenTelemetry's metrics SDK (60 ms)
     import redis.asyncio
@@ -783,70 +784,6 @@ def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: Base
 
 TRACE_CONTEXT = TraceContextTextMapPropagator()  # W3C traceparent and tracestate, nothing else
 NO_SPAN = trace.INVALID_SPAN  # tracing off: a span whose every method does nothing
-
-
-class Tracing:
-    """The app's tracer: None until `start` finds OpenTelemetry's variables set, and then the SDK's."""
-
-    def __init__(self) -> None:
-        self.tracer: trace.Tracer | None = None
-        self._provider: Any = None  # the SDK's TracerProvider, whose shutdown flushes the spans
-
-    def start(self, environ: Mapping[str, str]) -> None:
-        if not tracing_configured(environ):
-            return
-        # Imported here: with tracing off the SDK is never loaded, so it costs nothing.
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
-        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-            resource = resource.merge(Resource({SERVICE_NAME: "chatsvc"}))
-        provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        self._provider = provider
-        self.tracer = provider.get_tracer("chatsvc")
-        log.info("tracing_started", extra={"exporter": "otlp/http"})
-
-    async def stop(self) -> None:
-        """Export what is queued (the exporter's own timeouts bound it), off the event loop."""
-        if self._provider is not None:
-            await anyio.to_thread.run_sync(self._provider.shutdown)
-            self._provider, self.tracer = None, None
-
-    def server_span(self, scope: Scope, parent: otel_context.Context | None) -> trace.Span:
-        if self.tracer is None:
-            return NO_SPAN
-        method = scope["method"]
-        return self.tracer.start_span(
-            method, context=parent, kind=trace.SpanKind.SERVER, attributes={"http.request.method": method}
-        )
-
-    def upstream_span(self, settings: Settings, chat: ChatRequest, model: str) -> trace.Span:
-        """The upstream call's span, a child of the current (server) span: GenAI conventions."""
-        if self.tracer is None:
-            return NO_SPAN
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": "openai",
-            "gen_ai.request.model": model,
-            "gen_ai.request.max_tokens": int(chat.max_tokens or settings.MAX_TOKENS),
-            "gen_ai.request.stream": True,
-        }
-        if chat.temperature is not None:
-            attributes["gen_ai.request.temperature"] = chat.temperature
-        if settings.upstream_host:
-            attributes["server.address"] = settings.upstream_host
-        return self.tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT, attributes=attributes)
-
-
-def tracing_configured(environ: Mapping[str, str]) -> bool:
-    """OpenTelemetry's own switches (note 14)."""
-    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-    return bool(endpoint) and not disabled and environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
 
 
 def incoming_trace(headers: Headers) -> otel_context.Context | None:
@@ -3152,7 +3089,12 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     service.followers.check(None)  # its client is a follower: refused before the model is asked (note 20)
     await service.take_slot()
     model = chat_request.model or settings.OPENAI_MODEL
-    span = service.tracing.upstream_span(settings, chat_request, model)
+    span = service.tracing.upstream_span(
+        model,
+        max_tokens=int(chat_request.max_tokens or settings.MAX_TOKENS),
+        temperature=chat_request.temperature,
+        server_address=settings.upstream_host,
+    )
     token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
     stream_id = secrets.token_hex(16)  # note 11
     chat = None if chat_id is None else (owner, chat_id)
