@@ -292,7 +292,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import fcntl
 import gc
 import hashlib
 import hmac
@@ -305,12 +304,10 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -321,7 +318,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
 
 import aiohttp
 import anyio
@@ -343,9 +340,6 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client import multiprocess as prometheus_multiprocess
-from prometheus_client import values as prometheus_values
-from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -368,6 +362,8 @@ from tracing import Tracing
 
 if TYPE_CHECKING:  # imported where RESUME_STORE is Redis: redis-py loads OpenTelemetry's metrics SDK (60 ms)
     import redis.asyncio
+
+    from worker_metrics import WorkerMetrics  # imported with several workers only (note 13)
 
 log = logging.getLogger("chatsvc")
 
@@ -1270,78 +1266,25 @@ def _backoff(retries: int, exc: openai.APIError) -> float:
 # --- Service state ----------------------------------------------------------------------------------
 
 
-class WorkerMetrics:
-    """The metrics directory that a supervisor's workers share (note 13): one per supervisor
-    process, named by its pid and start time. The first worker in empties it; the last out
-    removes it. A shared flock on `.lock`, held by every worker while it lives, says who is in."""
+def join_worker_metrics() -> WorkerMetrics | None:
+    """In a worker of a supervisor, or with the operator's PROMETHEUS_MULTIPROC_DIR: the metrics
+    directory that the workers share (note 13). Elsewhere None, and its module is not imported."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") and multiprocessing.parent_process() is None:
+        return None
+    from worker_metrics import WorkerMetrics
 
-    def __init__(self, path: Path, lock: IO[str] | None) -> None:
-        self.path = path
-        self.lock = lock  # None: the operator's directory, which we neither empty nor remove
-
-    @classmethod
-    def join(cls) -> WorkerMetrics | None:
-        """In a worker of a supervisor (uvicorn's, under `--workers` or WORKERS): the directory,
-        with prometheus-client switched to it; elsewhere None. Before any metric is made."""
-        if operators := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            return cls(Path(operators), None)  # set before start: prometheus-client is in that mode
-        parent = multiprocessing.parent_process()
-        if parent is None or parent.pid is None:
-            return None
-        path = Path(tempfile.gettempdir()) / f"chatsvc-metrics-{parent.pid}-{_started_ticks(parent.pid)}"
-        path.mkdir(mode=0o700, exist_ok=True)
-        lock = (path / ".lock").open("a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else in: anything here is stale
-            for stale in path.glob("*.db"):
-                stale.unlink()
-        except BlockingIOError:
-            pass
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-        # prometheus-client chose its value class from this variable when it was imported, before
-        # this worker could know it is one: its own chooser, asked again (note 13).
-        prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
-        return cls(path, lock)
-
-    def registry(self) -> CollectorRegistry:
-        """Every worker's metrics, summed as each metric's multiprocess mode says."""
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.path))  # type: ignore[no-untyped-call]
-        return registry
-
-    def leave(self) -> None:
-        """This worker's live gauges go; the last worker out removes the directory."""
-        prometheus_multiprocess.mark_process_dead(os.getpid(), str(self.path))  # type: ignore[no-untyped-call]
-        if self.lock is None:
-            return
-        fcntl.flock(self.lock, fcntl.LOCK_UN)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(self.path, ignore_errors=True)
-        except BlockingIOError:
-            pass  # another worker is still in
-        self.lock.close()
-
-
-def _started_ticks(pid: int) -> str:
-    """When a process started (clock ticks since boot): with the pid, it names one process's life."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "0"
+    return WorkerMetrics.join()
 
 
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     #: With several workers (note 13), the metrics live in shared files, and gauges whose value is
-    #: read when scraped are written every LIVE_INTERVAL_S instead (`publish_live`).
-    multiprocess: bool = False
+    #: read when scraped are written by `workers` every second instead.
+    workers: WorkerMetrics | None = None
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.live: list[tuple[Gauge, Callable[[], float]]] = []
 
         def gauge(name: str, documentation: str, mode: Literal["livesum", "livemax"] = "livesum") -> Gauge:
             return Gauge(name, documentation, registry=r, multiprocess_mode=mode)  # how workers combine
@@ -1398,7 +1341,7 @@ class Metrics:
         self.drain_seconds = gauge("chatsvc_drain_seconds", "Seconds since the drain began; 0 before", "livemax")
         # What leak checks watch: memory and open descriptors (process_*: per process, so not in
         # the sum of several workers), and tasks on the loop.
-        if not self.multiprocess:
+        if self.workers is None:
             ProcessCollector(registry=r)
         tasks = gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop")
         self.observe(tasks, lambda: len(asyncio.all_tasks()))
@@ -1420,20 +1363,13 @@ class Metrics:
         self.idle_collections = 0  # the lag probe leaves out the samples that span one
 
     LAG_PROBE_S = 0.01
-    LIVE_INTERVAL_S = 1.0
 
     def observe(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """A gauge whose value is `read()`: at each scrape, or with several workers every LIVE_INTERVAL_S."""
-        if self.multiprocess:
-            self.live.append((gauge, read))
+        """A gauge whose value is `read()`: at each scrape, or with several workers every second."""
+        if self.workers is not None:
+            self.workers.observe(gauge, read)
         else:
             gauge.set_function(read)
-
-    async def publish_live(self) -> None:
-        while True:
-            for gauge, read in self.live:
-                gauge.set(read())
-            await asyncio.sleep(self.LIVE_INTERVAL_S)
 
     async def watch_loop_lag(self) -> None:
         while True:
@@ -1509,8 +1445,8 @@ class Service:
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.tracing = Tracing()  # started by the lifespan (note 14)
         self.store = RedisStore(self, settings.redis_url) if settings.redis_url else None  # note 15
-        self.worker_metrics = WorkerMetrics.join()  # note 13
-        self.metrics = Metrics(multiprocess=self.worker_metrics is not None)
+        self.worker_metrics = join_worker_metrics()  # note 13
+        self.metrics = Metrics(workers=self.worker_metrics)
         self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
         self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
         self.metrics.max_streams.set(settings.MAX_CONCURRENT_STREAMS)
@@ -3416,7 +3352,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         watcher = asyncio.create_task(_drain_when_told(service))
         lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
         # With several workers only (note 13): gauges read at a scrape are written every second.
-        live_gauges = asyncio.create_task(service.metrics.publish_live()) if service.metrics.live else None
+        workers = service.worker_metrics
+        live_gauges = asyncio.create_task(workers.publish_live()) if workers is not None else None
         service.tracing.start(os.environ)
         if service.store is not None:
             await service.store.start()

@@ -158,6 +158,7 @@ def test_image_serves_streams_and_probes_as_non_root(engine: Engine, container: 
         "openapi.yaml",
         "requirements.txt",
         "tracing.py",
+        "worker_metrics.py",
     ]
     pid1 = engine("exec", container.name, "cat", "/proc/1/cmdline").stdout.split("\0")
     assert pid1[:2] == ["python", "chatsvc.py"], pid1
