@@ -292,6 +292,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import functools
 import gc
 import hashlib
 import hmac
@@ -357,6 +358,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
+import ai_sdk
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
 from tracing import Tracing
 
@@ -1060,61 +1062,12 @@ def _limits(info: ValidationInfo) -> Settings:
     return settings
 
 
-class UITextPart(BaseModel):
-    """A text part of an AI SDK UI message; its other fields (state, providerMetadata, citations)
-    are the SDK's own and say nothing to the model, so they are ignored."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    type: Literal["text"]
-    text: str
-
-
-class UIMessage(BaseModel):
-    """A message as the AI SDK's DefaultChatTransport sends it (note 12). Only text is taken."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)  # metadata: the page's own
-
-    id: str
-    role: Literal["user", "assistant"]
-    parts: list[UITextPart]
-
-    @field_validator("role", mode="before")
-    @classmethod
-    def _role(cls, value: object) -> object:
-        if value == "system":
-            raise ValueError("system messages are not taken from the client (the operator sets SYSTEM_PROMPT)")
-        return value
-
-    @field_validator("parts", mode="before")
-    @classmethod
-    def _text_parts_only(cls, value: object) -> object:
-        for i, part in enumerate(value if isinstance(value, list) else []):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                named = kind if re.fullmatch(r"[a-z0-9-]{1,40}", kind) else "another type"
-                raise ValueError(f"only text parts are supported; part {i} is {named}")
-        return value
-
-    @field_validator("parts")
-    @classmethod
-    def _length(cls, value: list[UITextPart], info: ValidationInfo) -> list[UITextPart]:
-        limit = _limits(info).MAX_MESSAGE_CHARS
-        if sum(len(part.text) for part in value) > limit:
-            raise ValueError(f"must hold at most {limit} characters of text")
-        return value
-
-    @property
-    def text(self) -> str:
-        return "".join(part.text for part in self.parts)
-
-
 class UIChatRequest(GenerationOptions):
     """The body of POST /api/chat: what the AI SDK's DefaultChatTransport sends (note 12), with
     chatsvc's generation options beside it (the transport's `body` option adds them)."""
 
     id: str  # the chat's, chosen by the page: it names the chat's stream for a resume
-    messages: list[UIMessage]
+    messages: list[ai_sdk.UIMessage]
     trigger: Literal["submit-message", "regenerate-message"]
     messageId: str | None = None
 
@@ -1127,7 +1080,7 @@ class UIChatRequest(GenerationOptions):
 
     @field_validator("messages")
     @classmethod
-    def _messages(cls, value: list[UIMessage], info: ValidationInfo) -> list[UIMessage]:
+    def _messages(cls, value: list[ai_sdk.UIMessage], info: ValidationInfo) -> list[ai_sdk.UIMessage]:
         settings = _limits(info)
         if not value or value[-1].role != "user":
             raise ValueError("must end with the user's message")
@@ -1786,43 +1739,6 @@ def encode_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes
     ]
 
 
-def encode_ui_chunks(stream_id: str, seq: int, name: str, data: dict[str, Any]) -> bytes:
-    """The meta, done or error event as AI SDK UI message chunks (note 12): `data:` lines only, as
-    the SDK's JsonToSseTransformStream writes them. The message's metadata carries the correlation
-    id, the model and the stream id at the start, the usage and timings at the end."""
-    if name == "meta":
-        chunks: list[dict[str, Any]] = [
-            {"type": "start", "messageId": stream_id, "messageMetadata": data},
-            {"type": "text-start", "id": UI_TEXT_ID},
-        ]
-    elif name == "done" and data["finish_reason"] == "cancelled":  # DELETE: as the SDK's own abort
-        chunks = [*_ui_end(data), {"type": "abort", "reason": "cancelled"}]
-    elif name == "done":
-        finish_reason = UI_FINISH_REASONS.get(data["finish_reason"], "other")
-        chunks = [
-            {"type": "text-end", "id": UI_TEXT_ID},
-            {"type": "finish", "finishReason": finish_reason, "messageMetadata": data},
-        ]
-    else:  # error: the text is the JSON body, as a refusal's (an APICallError's message) is
-        error = {key: value for key, value in data.items() if key != "usage"}
-        chunks = [*_ui_end({"usage": data["usage"]}), {"type": "error", "errorText": _json(error)}]
-    return b"".join(b"data: %b\n\n" % orjson.dumps(chunk) for chunk in chunks) + (
-        b"" if name == "meta" else b"data: [DONE]\n\n"
-    )
-
-
-def _ui_end(metadata: dict[str, Any]) -> list[dict[str, Any]]:
-    """The text part's end, and the usage in the metadata, before an abort or an error chunk."""
-    return [{"type": "text-end", "id": UI_TEXT_ID}, {"type": "message-metadata", "messageMetadata": metadata}]
-
-
-def encode_ui_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes]:
-    """Deltas as UI `text-delta` chunks, one log entry each, as encode_deltas."""
-    return [
-        b'data: {"type":"text-delta","id":"%b","delta":%b}\n\n' % (UI_TEXT_ID_BYTES, orjson.dumps(c)) for c in contents
-    ]
-
-
 #: An estimated usage (note 6) to fill with `%`: the last resort's (note 18).
 USAGE_TEMPLATE = (
     b'{"prompt_tokens":%(prompt)d,"completion_tokens":%(completion)d,"total_tokens":%(total)d,"source":"estimated"}'
@@ -1834,27 +1750,6 @@ def last_words_event(stream_id: str, body: dict[str, Any]) -> bytes:
     seq and the counts (note 18): encoded when the stream starts, so that its end cannot fail."""
     data = _json(body)[:-1].encode().replace(b"%", b"%%") + b',"usage":' + USAGE_TEMPLATE + b"}"
     return b"event: error\r\ndata: %b\r\nid: %b:%%(seq)d\r\n\r\n" % (data, stream_id.encode())
-
-
-def last_words_ui(stream_id: str, body: dict[str, Any]) -> bytes:
-    """encode_ui_chunks's error, as last_words_event's template (note 18)."""
-    error = orjson.dumps({"type": "error", "errorText": _json(body)}).replace(b"%", b"%%")
-    return (
-        b'data: {"type":"text-end","id":"%b"}\n\ndata: {"type":"message-metadata","messageMetadata":{"usage":%b}}\n\n'
-        b"data: %b\n\ndata: [DONE]\n\n" % (UI_TEXT_ID_BYTES, USAGE_TEMPLATE, error)
-    )
-
-
-UI_TEXT_ID = "text"  # the message's one text part
-UI_TEXT_ID_BYTES = UI_TEXT_ID.encode()
-#: OpenAI's finish reasons as the AI SDK names them (its `finish` chunk's enum).
-UI_FINISH_REASONS = {
-    "stop": "stop",
-    "length": "length",
-    "content_filter": "content-filter",
-    "tool_calls": "tool-calls",
-    "function_call": "tool-calls",
-}
 
 
 @dataclass(frozen=True)
@@ -1878,19 +1773,14 @@ CHATSVC = ChatProtocol(
     encode_deltas,
     last_words_event,
 )
-#: The AI SDK's UI message stream, with the headers of its UI_MESSAGE_STREAM_HEADERS.
+#: The AI SDK's UI message stream (ai_sdk.py).
 AI_SDK = ChatProtocol(
     "/api/chat",
     parse_ui_chat,
-    {
-        "Cache-Control": "no-cache",
-        "Connection": "keep-alive",
-        "X-Vercel-AI-UI-Message-Stream": "v1",
-        "X-Accel-Buffering": "no",
-    },
-    encode_ui_chunks,
-    encode_ui_deltas,
-    last_words_ui,
+    ai_sdk.HEADERS,
+    ai_sdk.encode_chunks,
+    ai_sdk.encode_deltas,
+    functools.partial(ai_sdk.last_words, usage_template=USAGE_TEMPLATE),
 )
 
 

@@ -152,6 +152,7 @@ def test_image_serves_streams_and_probes_as_non_root(engine: Engine, container: 
     assert engine("exec", container.name, "id", "-g").stdout.strip() == "10001"
     app_files = engine("exec", container.name, "ls", "-A", "/app").stdout.split()
     assert sorted(app_files) == [
+        "ai_sdk.py",
         "chat.html",
         "chatsvc.py",
         "logging_conf.py",
