@@ -292,7 +292,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import fcntl
+import functools
 import gc
 import hashlib
 import hmac
@@ -305,12 +305,10 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -321,7 +319,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import FrameType
-from typing import IO, Annotated, Any, ClassVar, Literal, NamedTuple, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, NoReturn, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -343,9 +341,6 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client import multiprocess as prometheus_multiprocess
-from prometheus_client import values as prometheus_values
-from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -363,7 +358,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
+import ai_sdk
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
+from tracing import Tracing
+
+if TYPE_CHECKING:
+    from worker_metrics import WorkerMetrics  # imported with several workers only (note 13)
 
 log = logging.getLogger("chatsvc")
 
@@ -782,70 +782,6 @@ TRACE_CONTEXT = TraceContextTextMapPropagator()  # W3C traceparent and tracestat
 NO_SPAN = trace.INVALID_SPAN  # tracing off: a span whose every method does nothing
 
 
-class Tracing:
-    """The app's tracer: None until `start` finds OpenTelemetry's variables set, and then the SDK's."""
-
-    def __init__(self) -> None:
-        self.tracer: trace.Tracer | None = None
-        self._provider: Any = None  # the SDK's TracerProvider, whose shutdown flushes the spans
-
-    def start(self, environ: Mapping[str, str]) -> None:
-        if not tracing_configured(environ):
-            return
-        # Imported here: with tracing off the SDK is never loaded, so it costs nothing.
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
-        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-            resource = resource.merge(Resource({SERVICE_NAME: "chatsvc"}))
-        provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        self._provider = provider
-        self.tracer = provider.get_tracer("chatsvc")
-        log.info("tracing_started", extra={"exporter": "otlp/http"})
-
-    async def stop(self) -> None:
-        """Export what is queued (the exporter's own timeouts bound it), off the event loop."""
-        if self._provider is not None:
-            await anyio.to_thread.run_sync(self._provider.shutdown)
-            self._provider, self.tracer = None, None
-
-    def server_span(self, scope: Scope, parent: otel_context.Context | None) -> trace.Span:
-        if self.tracer is None:
-            return NO_SPAN
-        method = scope["method"]
-        return self.tracer.start_span(
-            method, context=parent, kind=trace.SpanKind.SERVER, attributes={"http.request.method": method}
-        )
-
-    def upstream_span(self, settings: Settings, chat: ChatRequest, model: str) -> trace.Span:
-        """The upstream call's span, a child of the current (server) span: GenAI conventions."""
-        if self.tracer is None:
-            return NO_SPAN
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": "openai",
-            "gen_ai.request.model": model,
-            "gen_ai.request.max_tokens": int(chat.max_tokens or settings.MAX_TOKENS),
-            "gen_ai.request.stream": True,
-        }
-        if chat.temperature is not None:
-            attributes["gen_ai.request.temperature"] = chat.temperature
-        if settings.upstream_host:
-            attributes["server.address"] = settings.upstream_host
-        return self.tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT, attributes=attributes)
-
-
-def tracing_configured(environ: Mapping[str, str]) -> bool:
-    """OpenTelemetry's own switches (note 14)."""
-    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-    return bool(endpoint) and not disabled and environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
-
-
 def incoming_trace(headers: Headers) -> otel_context.Context | None:
     """The caller's trace context, if it sent a traceparent (an invalid one yields no span: a new trace)."""
     if "traceparent" not in headers:
@@ -1124,61 +1060,12 @@ def _limits(info: ValidationInfo) -> Settings:
     return settings
 
 
-class UITextPart(BaseModel):
-    """A text part of an AI SDK UI message; its other fields (state, providerMetadata, citations)
-    are the SDK's own and say nothing to the model, so they are ignored."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    type: Literal["text"]
-    text: str
-
-
-class UIMessage(BaseModel):
-    """A message as the AI SDK's DefaultChatTransport sends it (note 12). Only text is taken."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)  # metadata: the page's own
-
-    id: str
-    role: Literal["user", "assistant"]
-    parts: list[UITextPart]
-
-    @field_validator("role", mode="before")
-    @classmethod
-    def _role(cls, value: object) -> object:
-        if value == "system":
-            raise ValueError("system messages are not taken from the client (the operator sets SYSTEM_PROMPT)")
-        return value
-
-    @field_validator("parts", mode="before")
-    @classmethod
-    def _text_parts_only(cls, value: object) -> object:
-        for i, part in enumerate(value if isinstance(value, list) else []):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                named = kind if re.fullmatch(r"[a-z0-9-]{1,40}", kind) else "another type"
-                raise ValueError(f"only text parts are supported; part {i} is {named}")
-        return value
-
-    @field_validator("parts")
-    @classmethod
-    def _length(cls, value: list[UITextPart], info: ValidationInfo) -> list[UITextPart]:
-        limit = _limits(info).MAX_MESSAGE_CHARS
-        if sum(len(part.text) for part in value) > limit:
-            raise ValueError(f"must hold at most {limit} characters of text")
-        return value
-
-    @property
-    def text(self) -> str:
-        return "".join(part.text for part in self.parts)
-
-
 class UIChatRequest(GenerationOptions):
     """The body of POST /api/chat: what the AI SDK's DefaultChatTransport sends (note 12), with
     chatsvc's generation options beside it (the transport's `body` option adds them)."""
 
     id: str  # the chat's, chosen by the page: it names the chat's stream for a resume
-    messages: list[UIMessage]
+    messages: list[ai_sdk.UIMessage]
     trigger: Literal["submit-message", "regenerate-message"]
     messageId: str | None = None
 
@@ -1191,7 +1078,7 @@ class UIChatRequest(GenerationOptions):
 
     @field_validator("messages")
     @classmethod
-    def _messages(cls, value: list[UIMessage], info: ValidationInfo) -> list[UIMessage]:
+    def _messages(cls, value: list[ai_sdk.UIMessage], info: ValidationInfo) -> list[ai_sdk.UIMessage]:
         settings = _limits(info)
         if not value or value[-1].role != "user":
             raise ValueError("must end with the user's message")
@@ -1330,78 +1217,25 @@ def _backoff(retries: int, exc: openai.APIError) -> float:
 # --- Service state ----------------------------------------------------------------------------------
 
 
-class WorkerMetrics:
-    """The metrics directory that a supervisor's workers share (note 13): one per supervisor
-    process, named by its pid and start time. The first worker in empties it; the last out
-    removes it. A shared flock on `.lock`, held by every worker while it lives, says who is in."""
+def join_worker_metrics() -> WorkerMetrics | None:
+    """In a worker of a supervisor, or with the operator's PROMETHEUS_MULTIPROC_DIR: the metrics
+    directory that the workers share (note 13). Elsewhere None, and its module is not imported."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") and multiprocessing.parent_process() is None:
+        return None
+    from worker_metrics import WorkerMetrics
 
-    def __init__(self, path: Path, lock: IO[str] | None) -> None:
-        self.path = path
-        self.lock = lock  # None: the operator's directory, which we neither empty nor remove
-
-    @classmethod
-    def join(cls) -> WorkerMetrics | None:
-        """In a worker of a supervisor (uvicorn's, under `--workers` or WORKERS): the directory,
-        with prometheus-client switched to it; elsewhere None. Before any metric is made."""
-        if operators := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            return cls(Path(operators), None)  # set before start: prometheus-client is in that mode
-        parent = multiprocessing.parent_process()
-        if parent is None or parent.pid is None:
-            return None
-        path = Path(tempfile.gettempdir()) / f"chatsvc-metrics-{parent.pid}-{_started_ticks(parent.pid)}"
-        path.mkdir(mode=0o700, exist_ok=True)
-        lock = (path / ".lock").open("a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else in: anything here is stale
-            for stale in path.glob("*.db"):
-                stale.unlink()
-        except BlockingIOError:
-            pass
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-        # prometheus-client chose its value class from this variable when it was imported, before
-        # this worker could know it is one: its own chooser, asked again (note 13).
-        prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
-        return cls(path, lock)
-
-    def registry(self) -> CollectorRegistry:
-        """Every worker's metrics, summed as each metric's multiprocess mode says."""
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.path))  # type: ignore[no-untyped-call]
-        return registry
-
-    def leave(self) -> None:
-        """This worker's live gauges go; the last worker out removes the directory."""
-        prometheus_multiprocess.mark_process_dead(os.getpid(), str(self.path))  # type: ignore[no-untyped-call]
-        if self.lock is None:
-            return
-        fcntl.flock(self.lock, fcntl.LOCK_UN)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(self.path, ignore_errors=True)
-        except BlockingIOError:
-            pass  # another worker is still in
-        self.lock.close()
-
-
-def _started_ticks(pid: int) -> str:
-    """When a process started (clock ticks since boot): with the pid, it names one process's life."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "0"
+    return WorkerMetrics.join()
 
 
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     #: With several workers (note 13), the metrics live in shared files, and gauges whose value is
-    #: read when scraped are written every LIVE_INTERVAL_S instead (`publish_live`).
-    multiprocess: bool = False
+    #: read when scraped are written by `workers` every second instead.
+    workers: WorkerMetrics | None = None
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.live: list[tuple[Gauge, Callable[[], float]]] = []
 
         def gauge(name: str, documentation: str, mode: Literal["livesum", "livemax"] = "livesum") -> Gauge:
             return Gauge(name, documentation, registry=r, multiprocess_mode=mode)  # how workers combine
@@ -1458,7 +1292,7 @@ class Metrics:
         self.drain_seconds = gauge("chatsvc_drain_seconds", "Seconds since the drain began; 0 before", "livemax")
         # What leak checks watch: memory and open descriptors (process_*: per process, so not in
         # the sum of several workers), and tasks on the loop.
-        if not self.multiprocess:
+        if self.workers is None:
             ProcessCollector(registry=r)
         tasks = gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop")
         self.observe(tasks, lambda: len(asyncio.all_tasks()))
@@ -1480,20 +1314,13 @@ class Metrics:
         self.idle_collections = 0  # the lag probe leaves out the samples that span one
 
     LAG_PROBE_S = 0.01
-    LIVE_INTERVAL_S = 1.0
 
     def observe(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """A gauge whose value is `read()`: at each scrape, or with several workers every LIVE_INTERVAL_S."""
-        if self.multiprocess:
-            self.live.append((gauge, read))
+        """A gauge whose value is `read()`: at each scrape, or with several workers every second."""
+        if self.workers is not None:
+            self.workers.observe(gauge, read)
         else:
             gauge.set_function(read)
-
-    async def publish_live(self) -> None:
-        while True:
-            for gauge, read in self.live:
-                gauge.set(read())
-            await asyncio.sleep(self.LIVE_INTERVAL_S)
 
     async def watch_loop_lag(self) -> None:
         while True:
@@ -1568,8 +1395,8 @@ class Service:
         self.client = create_upstream_client(settings)
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.tracing = Tracing()  # started by the lifespan (note 14)
-        self.worker_metrics = WorkerMetrics.join()  # note 13
-        self.metrics = Metrics(multiprocess=self.worker_metrics is not None)
+        self.worker_metrics = join_worker_metrics()  # note 13
+        self.metrics = Metrics(workers=self.worker_metrics)
         self.store = open_store(self)  # note 15
         self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
         self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
@@ -1921,43 +1748,6 @@ def encode_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes
     ]
 
 
-def encode_ui_chunks(stream_id: str, seq: int, name: str, data: dict[str, Any]) -> bytes:
-    """The meta, done or error event as AI SDK UI message chunks (note 12): `data:` lines only, as
-    the SDK's JsonToSseTransformStream writes them. The message's metadata carries the correlation
-    id, the model and the stream id at the start, the usage and timings at the end."""
-    if name == "meta":
-        chunks: list[dict[str, Any]] = [
-            {"type": "start", "messageId": stream_id, "messageMetadata": data},
-            {"type": "text-start", "id": UI_TEXT_ID},
-        ]
-    elif name == "done" and data["finish_reason"] == "cancelled":  # DELETE: as the SDK's own abort
-        chunks = [*_ui_end(data), {"type": "abort", "reason": "cancelled"}]
-    elif name == "done":
-        finish_reason = UI_FINISH_REASONS.get(data["finish_reason"], "other")
-        chunks = [
-            {"type": "text-end", "id": UI_TEXT_ID},
-            {"type": "finish", "finishReason": finish_reason, "messageMetadata": data},
-        ]
-    else:  # error: the text is the JSON body, as a refusal's (an APICallError's message) is
-        error = {key: value for key, value in data.items() if key != "usage"}
-        chunks = [*_ui_end({"usage": data["usage"]}), {"type": "error", "errorText": _json(error)}]
-    return b"".join(b"data: %b\n\n" % orjson.dumps(chunk) for chunk in chunks) + (
-        b"" if name == "meta" else b"data: [DONE]\n\n"
-    )
-
-
-def _ui_end(metadata: dict[str, Any]) -> list[dict[str, Any]]:
-    """The text part's end, and the usage in the metadata, before an abort or an error chunk."""
-    return [{"type": "text-end", "id": UI_TEXT_ID}, {"type": "message-metadata", "messageMetadata": metadata}]
-
-
-def encode_ui_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes]:
-    """Deltas as UI `text-delta` chunks, one log entry each, as encode_deltas."""
-    return [
-        b'data: {"type":"text-delta","id":"%b","delta":%b}\n\n' % (UI_TEXT_ID_BYTES, orjson.dumps(c)) for c in contents
-    ]
-
-
 #: An estimated usage (note 6) to fill with `%`: the last resort's (note 18).
 USAGE_TEMPLATE = (
     b'{"prompt_tokens":%(prompt)d,"completion_tokens":%(completion)d,"total_tokens":%(total)d,"source":"estimated"}'
@@ -1969,27 +1759,6 @@ def last_words_event(stream_id: str, body: dict[str, Any]) -> bytes:
     seq and the counts (note 18): encoded when the stream starts, so that its end cannot fail."""
     data = _json(body)[:-1].encode().replace(b"%", b"%%") + b',"usage":' + USAGE_TEMPLATE + b"}"
     return b"event: error\r\ndata: %b\r\nid: %b:%%(seq)d\r\n\r\n" % (data, stream_id.encode())
-
-
-def last_words_ui(stream_id: str, body: dict[str, Any]) -> bytes:
-    """encode_ui_chunks's error, as last_words_event's template (note 18)."""
-    error = orjson.dumps({"type": "error", "errorText": _json(body)}).replace(b"%", b"%%")
-    return (
-        b'data: {"type":"text-end","id":"%b"}\n\ndata: {"type":"message-metadata","messageMetadata":{"usage":%b}}\n\n'
-        b"data: %b\n\ndata: [DONE]\n\n" % (UI_TEXT_ID_BYTES, USAGE_TEMPLATE, error)
-    )
-
-
-UI_TEXT_ID = "text"  # the message's one text part
-UI_TEXT_ID_BYTES = UI_TEXT_ID.encode()
-#: OpenAI's finish reasons as the AI SDK names them (its `finish` chunk's enum).
-UI_FINISH_REASONS = {
-    "stop": "stop",
-    "length": "length",
-    "content_filter": "content-filter",
-    "tool_calls": "tool-calls",
-    "function_call": "tool-calls",
-}
 
 
 @dataclass(frozen=True)
@@ -2013,19 +1782,14 @@ CHATSVC = ChatProtocol(
     encode_deltas,
     last_words_event,
 )
-#: The AI SDK's UI message stream, with the headers of its UI_MESSAGE_STREAM_HEADERS.
+#: The AI SDK's UI message stream (ai_sdk.py).
 AI_SDK = ChatProtocol(
     "/api/chat",
     parse_ui_chat,
-    {
-        "Cache-Control": "no-cache",
-        "Connection": "keep-alive",
-        "X-Vercel-AI-UI-Message-Stream": "v1",
-        "X-Accel-Buffering": "no",
-    },
-    encode_ui_chunks,
-    encode_ui_deltas,
-    last_words_ui,
+    ai_sdk.HEADERS,
+    ai_sdk.encode_chunks,
+    ai_sdk.encode_deltas,
+    functools.partial(ai_sdk.last_words, usage_template=USAGE_TEMPLATE),
 )
 
 
@@ -2783,7 +2547,12 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     service.followers.check(None)  # its client is a follower: refused before the model is asked (note 20)
     await service.take_slot()
     model = chat_request.model or settings.OPENAI_MODEL
-    span = service.tracing.upstream_span(settings, chat_request, model)
+    span = service.tracing.upstream_span(
+        model,
+        max_tokens=int(chat_request.max_tokens or settings.MAX_TOKENS),
+        temperature=chat_request.temperature,
+        server_address=settings.upstream_host,
+    )
     token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
     stream_id = secrets.token_hex(16)  # note 11
     chat = None if chat_id is None else (owner, chat_id)
@@ -3110,7 +2879,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         watcher = asyncio.create_task(_drain_when_told(service))
         lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
         # With several workers only (note 13): gauges read at a scrape are written every second.
-        live_gauges = asyncio.create_task(service.metrics.publish_live()) if service.metrics.live else None
+        workers = service.worker_metrics
+        live_gauges = asyncio.create_task(workers.publish_live()) if workers is not None else None
         service.tracing.start(os.environ)
         if service.store is not None:
             await service.store.start()
