@@ -3522,6 +3522,40 @@ class HttpProtocol(HttpToolsProtocol):
 # --- Launcher ---------------------------------------------------------------------------------------
 
 
+def app_from_environment() -> Starlette:
+    """The app from the environment, with logging configured: what each worker of `python chatsvc.py`
+    runs (uvicorn calls it as the app's factory) and what `chatsvc:app` builds on its first call."""
+    settings = load_settings()
+    check_store(settings)
+    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
+    return create_app(settings)
+
+
+class LazyApp:
+    """`chatsvc:app`, for `uvicorn chatsvc:app` and any other ASGI server: the app from the environment,
+    built on the first call (the server's lifespan), so that importing this module reads no settings and
+    builds nothing (note 4 says what plain uvicorn changes for shutdown)."""
+
+    def __init__(self) -> None:
+        self.app: Starlette | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is None:
+            try:
+                self.app = app_from_environment()
+            except SystemExit as exc:  # a bad configuration, said on stderr
+                if scope["type"] != "lifespan":
+                    raise
+                # Raised, it would read to the server as a lifespan it need not run: it would serve on.
+                await receive()  # lifespan.startup
+                await send({"type": "lifespan.startup.failed", "message": f"invalid configuration (exit {exc})"})
+                return
+        await self.app(scope, receive, send)
+
+
+app = LazyApp()
+
+
 def main() -> None:
     """`python chatsvc.py`: one process, or with WORKERS > 1 uvicorn's supervisor and as many
     workers, each draining by itself (note 4). Exits 0 after a drain, 1 if the server did not start."""
@@ -3542,36 +3576,17 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     if settings.WORKERS > 1:
-        # Each worker imports `chatsvc:app` and configures itself from the same environment.
-        config = ServerConfig("chatsvc:app", settings, workers=settings.WORKERS, **options)
+        # Each worker builds the app from the same environment, and configures logging before uvicorn
+        # logs. Named by this module's own name: in a worker, multiprocessing has already loaded this
+        # script as `__main__`, and "chatsvc" would load it a second time.
+        factory = f"{__name__}:{app_from_environment.__name__}"
+        config = ServerConfig(factory, settings, factory=True, workers=settings.WORKERS, **options)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
     server = uvicorn.Server(ServerConfig(create_app(settings), settings, **options))
     server.run()
     if not server.started:
         raise SystemExit(1)
-
-
-def _module_app() -> Starlette:
-    """The app from the environment, with logging configured: for `python chatsvc.py` and `uvicorn`."""
-    settings = load_settings()
-    check_store(settings)
-    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
-    return create_app(settings)
-
-
-_app: Starlette | None = None
-
-
-def __getattr__(name: str) -> Starlette:
-    """`uvicorn chatsvc:app` builds the app on first use, so that importing this module has no side
-    effects (note 4 says what plain uvicorn changes for shutdown)."""
-    global _app
-    if name != "app":
-        raise AttributeError(f"module 'chatsvc' has no attribute {name!r}")
-    if _app is None:
-        _app = _module_app()
-    return _app
 
 
 if __name__ == "__main__":
