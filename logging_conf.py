@@ -70,6 +70,8 @@ _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asc
 
 # Loggers whose DEBUG records carry request or response bodies (note 1).
 CONTENT_BEARING_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "httpcore2", "sse_starlette")
+# Content-bearing too, and quieter still: their INFO line per request shows only at DEBUG (note 3).
+HTTPX_LOGGERS = ("httpx", "httpx2")
 
 
 class Redactor:
@@ -248,8 +250,8 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_form
                 "uvicorn": {"level": level, "handlers": [], "propagate": True},
                 "uvicorn.error": {"level": level, "handlers": [], "propagate": True},
                 "uvicorn.access": {"level": level, "handlers": [], "propagate": True},
-                **{name: {"level": library_level} for name in CONTENT_BEARING_LOGGERS},
-                **{name: {"level": _quiet_httpx(level)} for name in ("httpx", "httpx2")},  # note 3
+                **{name: {"level": library_level} for name in CONTENT_BEARING_LOGGERS if name not in HTTPX_LOGGERS},
+                **{name: {"level": _quiet_httpx(level)} for name in HTTPX_LOGGERS},  # notes 1 and 3
             },
         }
     )
