@@ -3265,10 +3265,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Drain on the first signal (note 4), or when sse-starlette sees the server shutting down.
         restore_signals = drain_on_signals(service)
-        watcher = asyncio.create_task(_drain_when_told(service))
-        lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
-        # With several workers only (note 13): gauges read at a scrape are written every second.
-        live_gauges = asyncio.create_task(service.metrics.publish_live()) if service.metrics.live else None
         service.tracing.start(os.environ)
         if service.store is not None:
             await service.store.start()
@@ -3284,13 +3280,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             },
         )
         try:
-            yield
+            # The lifespan's own tasks, ended when it ends, before anything they use is closed.
+            async with anyio.create_task_group() as background:
+                background.start_soon(_drain_when_told, service)
+                background.start_soon(service.metrics.watch_loop_lag)
+                if service.metrics.live:  # several workers only (note 13): scrape-time gauges, every second
+                    background.start_soon(service.metrics.publish_live)
+                try:
+                    yield
+                finally:
+                    restore_signals()
+                    background.cancel_scope.cancel()
         finally:
-            restore_signals()
-            watcher.cancel()
-            lag_probe.cancel()
-            if live_gauges is not None:
-                live_gauges.cancel()
             tasks = list(service.producers.values())  # only those outliving the drain (note 4)
             for task in tasks:
                 task.cancel()
