@@ -2,289 +2,89 @@
 
 Read top-down: settings, errors, the request middleware, the upstream client, the service state,
 the relay (the stream log, its producer and its followers), the endpoints, `create_app`, and the
-launcher that `python chatsvc.py` runs.
+launcher that `python chatsvc.py` runs. Each integration that brings a library of its own sits
+beside this module, imported only when configured: redis_store.py (redis-py), tracing.py (the
+OpenTelemetry SDK), worker_metrics.py (prometheus-client's multiprocess mode); ai_sdk.py holds the
+AI SDK's protocol, and logging_conf.py the logging.
 
-Deliberate departures from the libraries' defaults (the code points back here as "note N"):
+Deliberate departures from the libraries' defaults. The code points back here as "note N"; each note
+says what departs from which default and why, and docs/design.md explains it at length.
 
-1. Retries are ours, not openai's (`max_retries=0` on the client). openai's retry loop sleeps for
-   Retry-After (up to two minutes) or its backoff without knowing our REQUEST_TIMEOUT_S budget; ours
-   retries the same failures (connection errors, 408, 409, 429, 5xx) with the same backoff, but only
+1. Retries are ours: the openai client has `max_retries=0`, since its loop sleeps for Retry-After
+   (up to two minutes) without knowing our REQUEST_TIMEOUT_S. Ours retries the same failures only
    while the wait fits in the budget, and never once the stream has started.
+   docs/design.md#1-retries-are-ours-not-openais
 2. A declared Content-Length over MAX_BODY_BYTES is refused by our middleware, not by Starlette's
-   `max_body_size`: Starlette replaces *any* response to such a request with a plain-text 413, which
-   would lose our error body. Starlette's limit still guards bodies without a length, or that lie.
-3. One producer, a log, followers. Each stream's upstream body is read by one task of its own
-   (`Producer.run`), which appends every event to the stream's `StreamLog`, decides the one outcome
-   and logs it, and releases the slot and the upstream connection in one `finally`. Each client
-   connection is a follower (`FollowerResponse`): it replays the log from a position, then sends
-   whatever has been appended since its last send, so deltas that arrived together leave in one
-   write (note 20) and none waits for another. The log is the only channel between them. The read is bounded
-   by one cancel scope in the producer (the request budget and, while draining, the shutdown grace;
-   a finish_reason moves it to FINISH_WAIT_S ahead) and by the client's read timeout
-   (IDLE_TIMEOUT_S, between any two reads). The producer reads ahead of a slow client: the answer
-   must be kept for resuming anyway, and all logs together are bounded by RESUME_BUFFER_MB.
-4. Shutdown drains before uvicorn stops listening. uvicorn closes its socket the moment SIGTERM
-   arrives, so a load balancer would see refused connections instead of a 503 `shutting_down`.
-   So the app's lifespan puts its own handler for SIGTERM and SIGINT in front of the server's
-   (`drain_on_signals`): it first flips /readyz to 503, answers new chats 503 with Retry-After,
-   lets streams run up to SHUTDOWN_GRACE_S and ends the rest with an `error` event
-   `shutting_down`; only then does it call the server's handler. This works however uvicorn is
-   launched (`python chatsvc.py`, `uvicorn chatsvc:app`, each of `--workers N`), because uvicorn
-   installs its handlers (with signal.signal, in the main thread) before it runs the lifespan and
-   puts back the ones it found after its shutdown, so ours lives exactly as long as the server.
-   A host that runs the lifespan outside the main thread cannot have it; there sse-starlette's
-   shutdown detection (the `shutdown_event` we pass) still ends streams with `shutting_down`. A
-   second signal stops at once.
-5. sse-starlette's force-cancel grace is set longer than ours, so that our own `shutting_down` event,
+   `max_body_size`, which would replace our JSON error with a plain-text 413. Starlette's limit
+   still guards bodies without a length. docs/design.md#2-declared-body-length-checked-by-our-middleware
+3. One producer, a log, followers: one task per stream reads the upstream body, appends each event to
+   the stream's log and decides the one outcome; each client connection is a follower that replays
+   and tails that log. One cancel scope bounds the read; the producer reads ahead of slow clients,
+   within RESUME_BUFFER_MB. docs/design.md#3-one-producer-a-log-followers
+4. Shutdown drains before uvicorn stops listening: the lifespan puts its own SIGTERM/SIGINT handler
+   in front of uvicorn's (which closes the socket at once), flips /readyz and new chats to 503, lets
+   streams run SHUTDOWN_GRACE_S, ends the rest with `shutting_down`, then hands the signal on.
+   docs/design.md#4-drain-before-the-server-stops-listening
+5. sse-starlette's force-cancel grace is set longer than ours, so that our `shutting_down` event,
    not a silent cancel, ends a stream that outlives SHUTDOWN_GRACE_S.
-6. When the upstream sends no usage (many local servers don't), completion tokens are the number of
-   content deltas (one token each from llama.cpp, vLLM and Ollama) and prompt tokens are estimated at
-   four characters a token; the `done` event says `"source": "estimated"`.
-7. A stream that ends without a finish_reason was cut (openai's parser ends quietly when `[DONE]`
-   never comes), so it gets an `error` event `upstream_error`, never a `done`. Conversely, once a
-   finish_reason has come the answer is whole: we wait at most FINISH_WAIT_S more (for the usage
-   chunk and `[DONE]`), and a server that stays silent then still gets its `done`.
-8. A client that stops reading is cut off after SEND_TIMEOUT_S (sse-starlette's send timeout), so
-   that it cannot hold a connection and a growing send buffer for as long as the model talks. Its
-   stream is then detached like any other (note 11); if nobody resumes it, it is logged as
-   `request_failed` with code `client_too_slow`.
-9. The openai client opens the stream (request building, auth, errors and their status codes), but
-   its body is parsed here, not by openai's `AsyncStream`: profiled under load, its per-chunk
-   model construction was half of the service's CPU (README "Performance"). `UpstreamFrames`
-   splits the SSE body and each event is decoded with `orjson.loads` (a fifth of the relay's CPU
-   in B with the json module; orjson also refuses NaN and lone surrogates); in-band errors, transport
-   errors and timeouts are raised as the same openai exceptions that `AsyncStream` raises, so
-   `map_upstream_error` still maps them in one place.
-10. Garbage collection is tuned for many open streams. With CPython's defaults, a full collection
-    walks every object of every open stream: with 1000 streams it stalled all of them for up to
-    0.5 s, several times a minute. At start-up the heap is frozen (`gc.freeze`), the young
-    thresholds are raised and full collections are left to idle moments: when the last stream
-    ends (at most every IDLE_GC_INTERVAL_S), or after 1000 middle collections. The pauses are
-    in /metrics (`chatsvc_gc_pause_seconds`), beside the event loop's lag.
-11. Streams survive a dropped connection. Each has a `stream_id` (128 random bits, as hex: hex has
-    no `-`, so no id can look like an `sk-` key to the log redaction) and each event's id is
-    `<stream_id>:<seq>`. A follower can start at any seq: GET /chat/streams/{id} (EventSource),
-    or POST /chat with Last-Event-ID (fetch-event-source's retry), which never runs the body.
-    - The `id:` line is the event's last line, not its first as in sse-starlette: the most used
-      fetch-based client, @microsoft/fetch-event-source, takes the id the moment it reads that
-      line, so with the id first a cut inside the event's data would skip the event on resume.
-      Last, a cut anywhere before the id line leaves the previous id. One position is left that no
-      server can cover for such a client: between the id line's line break and the blank line that
-      ends the event (2 bytes); each event leaves in one write (one over 64 KiB in pieces, the last
-      holding the whole id line: note 20), so a network cut falls there only when a TCP segment
-      boundary does. EventSource takes the id only when it dispatches the event.
-    - When the last follower leaves before the end, the producer goes on for RESUME_GRACE_S (a
-      timer, cancelled by a resume; followers on other replicas count too, note 19); nobody back,
-      the stream is forgotten at once (so no follower can attach to it any more), the read is
-      cancelled and `client_disconnected` logged. 0: at once, as before resuming existed. DELETE
-      cancels the read and ends the log with `done` finish_reason "cancelled".
-    - Finished logs are kept RESUME_TTL_S, within RESUME_BUFFER_MB for all logs together (oldest
-      dropped first); expired ones are dropped at the next look-up, admission or metrics scrape,
-      not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
-    - A client that is here goes before streams whose clients left. With every slot taken
-      (MAX_CONCURRENT_STREAMS), a new chat stops the detached stream (its grace timer running)
-      whose grace began first, and takes its slot at once (`evict_detached`). Its log ends with an
-      `error` event `overloaded`, kept like any finished log, so that its client, back, learns how
-      it ended; its outcome is `request_failed` `overloaded` with `reason` `evicted`. Only when
-      every slot holds a stream with a follower is a new chat refused 503 `overloaded`: else
-      clients that POST and hang up would hold every slot for RESUME_GRACE_S, at will.
-    - With SERVICE_API_KEYS, a stream is bound to an HMAC-SHA-256 digest of the key that started it
-      (keyed by all of SERVICE_API_KEYS, so the same on every replica, note 15);
-      another key gets 404, as for a stream that does not exist. Without keys a /chat stream is
-      bound to nothing: its id, minted here, is the capability; an AI SDK chat, whose id the
-      client chose, is bound to its browser (note 21).
-12. Two protocols, one relay. POST /api/chat speaks the AI SDK's UI message stream (the `ai`
-    package's DefaultChatTransport, which useChat uses), next to /chat's own events. A
-    `ChatProtocol` is the only difference: how the request is read (UI messages, text parts only,
-    become /chat's message and history, so every limit and check is the same) and how the meta,
-    delta and terminal events are encoded; the producer, the log and the followers are shared,
-    and each stream's events are encoded once, in its own protocol.
-    - The SDK resumes by chat, not by event id: GET /api/chat/{chat_id}/stream replays the chat's
-      latest stream from its start (the SDK's default, `resumeStreamIsReplay`, rebuilds the
-      message from it) and follows it live. Its answer is 204 once a follower has sent the
-      terminal event, as the SDK expects when nothing is in progress; a stream that ended while
-      its client was away is still replayed, so no end of an answer is lost to a dropped
-      connection. The chat's name is its id with its owner: the key that started it, or without
-      keys the browser (note 21).
-    - A failure after the first byte is the SDK's `error` chunk whose text is the ErrorBody as
-      JSON: the same text as the message of the APICallError that a refused request raises.
-13. Several workers, one /metrics. Under a supervisor (uvicorn's, from `--workers N` or WORKERS),
-    each worker finds itself by having a parent process (`multiprocessing.parent_process()`, as
-    uvicorn spawns its workers) and joins the metrics directory of that supervisor:
-    prometheus-client's multiprocess mode, which the worker switches on for itself because no
-    code of ours runs in uvicorn's supervisor. Counters and histograms add up over every worker,
-    those of workers that have exited included; gauges are summed over the workers alive
-    (`livesum`), or their largest value where a sum means nothing (`livemax`: the grace, the
-    drain's age); a gauge read when scraped (tasks, detached streams, log bytes) is written every
-    second instead; process_* are per process and left out. A shared flock tells the first worker
-    in (it empties the directory) and the last out (it removes it). A PROMETHEUS_MULTIPROC_DIR
-    set by the operator is theirs: used as it is, never emptied.
-14. Traces are OpenTelemetry's, switched on by its own variables: an OTLP endpoint
-    (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), unless OTEL_SDK_DISABLED
-    is true or OTEL_TRACES_EXPORTER is `none`. Then the lifespan builds the SDK's TracerProvider
-    with a BatchSpanProcessor and the OTLP/HTTP exporter, which read every other OTEL_* variable
-    themselves (sampler, headers, timeouts, resource); otherwise the SDK is not even imported.
-    - A request's server span starts in the middleware, from a valid W3C `traceparent` (and
-      `tracestate`) when one came, else a new trace. Only W3C trace context is read and
-      forwarded, never baggage: that is the caller's data, and the model server a third party.
-    - The upstream span (`chat {model}`, kind client, GenAI semantic conventions) is its child
-      and lasts from opening the upstream to the end of its body: it is the producer's, which
-      decides the outcome (note 3), so the outcome, finish reason and tokens are set on it, with
-      a `first_token` event. Its context goes to the model server as `traceparent`.
-    - Tracing off, a caller's `traceparent` is still forwarded as it came, and its ids logged.
-    - Every log line of a request carries `trace_id` and `span_id` (the producer's lines the
-      upstream span's), read from the current context by the log filter.
-    - Spans carry no stream id (it is a stream's capability when SERVICE_API_KEYS is unset; the
-      route is the template, `/chat/streams/{stream_id}`), no message text, no key, and on a
-      failure the exception's type and chatsvc's code but never a message. A resume's server
-      span links to the upstream span of the stream it follows.
-15. Any replica resumes any stream, with RESUME_STORE=redis:// (redis-py's asyncio client). The
-    producing replica's StreamLog stays the live path: its own followers read process memory, and
-    `RedisStore`'s writer task copies the log behind them, everything appended since its last round
-    trip in one pipeline (one XADD per stream, its entry id the seq of the first event in it, the
-    events as fields named by their seq, `end` with the terminal one). The facts of a stream
-    (protocol, owner digest, trace ids, state, delivered) sit in a hash beside it; both keys expire
-    RESUME_TTL_S after the terminal event (before it, after any stream's longest possible life), and
-    the Redis Stream is bounded to MAX_TOKENS + 16 entries; no key is ever without an expiry (note 19).
-    A replica that does not hold a stream reads the store: the entries so far, then XREAD BLOCK to
-    the terminal event (`RemoteLog`).
-    - The writer gathers for STORE_WRITE_INTERVAL_S (50 ms) before each round trip, so that one
-      carries what every stream appended meanwhile, and one XADD a stream's deltas of that time:
-      a round trip cost this process some 190 µs of CPU (most of it the loopback send) and each
-      XADD in it 25 to 55 µs more (redis-py's packing and parsing). At 5 ms, with deltas 20 ms
-      apart, the store cost 1.55x chatsvc's CPU per delta (interleaved rounds); at 50 ms 1.23x.
-      Followers on other replicas get the live events in bursts up to 50 ms late; the producing
-      replica's own followers, and resumes of what was already written, are not affected.
-    - The live path never waits for Redis: a write is queued, never awaited, by the producer. Each
-      round trip is bounded by RESUME_STORE_TIMEOUT_S and the queue by RESUME_STORE_QUEUE_MB (the
-      longest backlog goes first). A stream whose writes failed or fell behind is given up on: its
-      copy is marked `unresumable` (as soon as Redis answers), so other replicas answer 503
-      `resume_unavailable` rather than serve an answer with a hole; its own replica still serves it.
-      A follower on another replica checks that seqs run on without a gap, or ends.
-    - DELETE on any replica publishes the stream id (with its correlation id) on a channel that
-      every replica listens to; the producing one stops it. No replica listening: 503.
-    - Redis unreachable at start: exit 2 (check_store). Lost later: the live streams go on; resumes
-      elsewhere and /readyz answer 503 `resume_unavailable`; redis-py reconnects for the next write.
-    - redis is imported only with a Redis store: redis-py imports OpenTelemetry's metrics SDK when it
-      is installed, which took 60 ms and would load the SDK that note 14 keeps out.
-16. What a client sends costs the event loop time linear in its size, and a route answers only
-    the methods openapi.yaml documents.
-    - A request target (path and query string) over MAX_TARGET_BYTES (8 KiB, what many proxies
-      allow) is refused 414 `uri_too_long` by the middleware, before any endpoint runs. uvicorn
-      with httptools passes longer targets to the app up to 64 KiB; from there on httptools
-      cannot parse the URL and uvicorn answers a plain-text 400 itself.
-    - A log line names a request's path by its route's template (`scope["route"]`, as the router
-      set it: `/chat/streams/{stream_id}`), and a path that matched no route, or the arrival line
-      logged before routing, by at most LOGGED_PATH_CHARS (64) characters of it: the redaction
-      then reads a short line whatever the client sent (logging_conf note 4).
-    - `UpstreamFrames` keeps the pieces of an unfinished event and searches only each new read
-      (and the byte before it) for the blank line that ends it: a 16 MB event in small reads is
-      joined once, not copied once a read.
-    - Starlette adds HEAD to every GET route; here a route answers exactly its documented methods
-      (`MethodRoute`, one endpoint per method), and any other, HEAD included, is 405 with Allow and
-      the error body. HEAD is refused rather than served: on a stream route it would have to run
-      the resume look-up and attach a follower, which restarts the stream's RESUME_GRACE_S, and
-      the probes and /metrics are documented and used with GET. A CORS preflight (OPTIONS with
-      Origin and Access-Control-Request-Method) is answered by the CORS middleware first.
-17. Slow clients are bounded at the connection. uvicorn has no deadline for a request's arrival
-    (its keep-alive timer stops at the first byte, and every byte resets nothing), and it closes a
-    connection gracefully, which waits for the send buffers to drain: 50 sockets sending a header
-    byte every 10 s, or all but the last bytes of a body, or nothing, were all open a minute later,
-    and a follower cut off for not reading (note 8) kept its socket and what was queued for it.
-    - The body must arrive within BODY_TIMEOUT_S of the headers: `RequestContextMiddleware` reads
-      it under that deadline (408 `request_timeout`, with `Connection: close`), so this holds under
-      any server. An answer that starts before the body has all come carries `Connection: close`:
-      a body nobody reads must not keep the connection, however slowly it trickles in after.
-    - Under `python chatsvc.py` (`ServerConfig`, WORKERS > 1 included), `HttpProtocol`, a subclass
-      of uvicorn's httptools protocol (`uvicorn.Config(http=...)`), gives each request's headers
-      HEADERS_TIMEOUT_S from the connection's start (a kept-alive connection's: from the next
-      request's first byte): one loop timer, cancelled when the headers are complete. Then a
-      request begun gets a 408 with our error body and `Connection: close`; a connection that sent
-      nothing is closed. Under another launcher a proxy in front must bound this (README).
-    - It also offers the app an ASGI scope extension, `chatsvc.abort`, which `FollowerResponse`
-      calls when the send times out: the connection is aborted with SO_LINGER 0, so that asyncio's
-      buffer and the kernel's go at once (a reset to the client), not when a client that never
-      reads drains them. Elsewhere the server closes the connection as before.
-    - sse-starlette's send timeout bounds every send but the last (the empty one that ends the
-      body), so a follower whose whole answer fit in the buffers waited on that one for ever; the
-      follower bounds it with the same SEND_TIMEOUT_S.
-18. One terminal event, whatever the model server sends, and whatever fails in us. Each chunk is
-    decoded and checked in one place (`parse_chunk`): a field the relay uses with the wrong type
-    (`choices`, a choice, `delta`, `content`, a `finish_reason` that is not a short name) or a frame
-    that is not a JSON object (or holds an integer past 64 bits, which orjson refuses) is the model
-    server's malformed stream, `upstream_error`; a malformed `usage` is left out and estimated
-    (note 6); fields the relay does not use (`id`, `model`, `role`) are not looked at. Anything
-    else that raises is a bug of ours: `internal_error`, never mapped to a model-server fault, and
-    logged at ERROR with its traceback (`producer_failed`). The producer's last resort
-    (`last_resort`) then ends the stream with an error event encoded when the stream began and
-    filled with `%` and ints alone, so that it cannot fail; it logs the outcome line only if none
-    was logged, and the slot, the connection and the log are released as after any end. A
-    producer cancelled at shutdown (past the grace, note 4) ends the same way, `shutting_down`.
-19. A stream lives in the store as long as someone follows it, anywhere, and no longer.
-    - A follower on a replica other than the producer's renews the stream's presence key
-      (`chatsvc:{id}:followed`, SET PX) every STORE_PRESENCE_S (1 s), living STORE_PRESENCE_TTL_S
-      (3 s): one round trip a second per such follower, none per delta. When the producer's grace
-      (note 11) runs out, it asks for the key's PTTL: while it lives, the grace starts again from its
-      lapse, so a stream followed only elsewhere is stopped RESUME_GRACE_S to RESUME_GRACE_S + 3 s
-      after its last follower left. `Producer.followed_anywhere` answers the same question for
-      anyone else. An abandoned stream's facts say `abandoned`: other replicas answer 404, as its
-      own does, and a follower caught in the race ends with `stream_lost`.
-    - Each replica renews a liveness key of its own (`chatsvc:replica:<random>`) on the same
-      schedule, and names it in the facts of the streams it produces. A follower elsewhere that
-      reads no new event (XREAD BLOCK returns empty) checks the facts' state and that key in one
-      round trip; the key gone while the state is still `live` means the producer died (killed, out
-      of memory, its host lost) or lost Redis: the follower ends with an `error` event
-      `stream_lost` (retryable), never pings for as long as the facts live, then a silent close.
-      Its usage is an estimate (note 6): the announced prompt estimate and one token a delta.
-    - Every key expires at every moment, so none piles up under `noeviction` or `volatile-*`
-      policies: a write that can create a key sets its expiry in the same step. Hashes are written
-      by one Lua script (WRITE_EXPIRING: the command, then PEXPIRE; or, for `delivered` and the
-      end of a stream, only if the key still exists), the Redis Stream is created by its first
-      XADD through the same script and later XADDs carry NOMKSTREAM, and the other keys are SET
-      with PX/EX. A client that takes its answer after RESUME_TTL_S then writes nothing.
-    - A message on the cancel channel that is not `<stream id> <correlation id>` in UTF-8 (anyone
-      who can publish to Redis can send one) is ignored, with a line `store_bad_message` at most
-      every 10 s counting them; the listener goes on, and after Redis drops it, subscribes again.
-20. Followers are bounded, in number and in what each holds. A replay used to leave in one write
-    of the whole log, which uvicorn's transport takes whole whether or not the client reads: ten
-    followers of a 6 MB answer that read nothing added 115 MB to the process and were never cut
-    off (a write that is taken never times out). Now a follower writes at most WRITE_BYTES (64 KiB)
-    at a time, whole events joined while they fit, one longer event in pieces whose last holds its
-    id line (note 11); each write is under SEND_TIMEOUT_S, and uvicorn's send waits while its
-    buffer is over 64 KiB, so a client that does not read is cut off after SEND_TIMEOUT_S holding
-    at most three writes (the same ten: +2 MB; bench/followers_memory.py). The live part is sent
-    the same way.
-    - MAX_FOLLOWERS_PER_STREAM (8) and MAX_FOLLOWERS (4 x MAX_CONCURRENT_STREAMS) bound the
-      followers of this process, of one stream and in all; a stream's own client is one of them.
-      A follower is counted from its admission, at the start of its response, to the end of the
-      response (`Followers.admit`, a context manager); beyond a limit it is refused before the
-      first byte with 503 `too_many_followers` and Retry-After: 1. 503, not 429: it is the
-      instance's capacity, as `overloaded` is, not the caller's rate (another replica may have
-      room; 429 here already means the model server's rate limit).
-    - A new chat is refused when the process has no room for its client, before the model is
-      asked; its client is then admitted without a second check, since refusing it after the
-      stream started would leave a stream that nobody follows. That overshoot is bounded by the
-      chats opening at the same moment. Resumes are checked where they are logged and admitted
-      with no await in between, so a refused resume is never logged as resumed.
-    - A follower cut off for not reading logs `follower_cut_off` (its own request's correlation
-      id), as well as the stream's outcome when it was the last one (note 8).
-21. Without SERVICE_API_KEYS, an AI SDK chat belongs to the browser that started it, not to whoever
-    knows its id: the client chooses the id, and it is often in the page's URL. POST /api/chat
-    without a well-formed owner cookie mints one (`chatsvc_owner`, 128 random bits as hex;
-    HttpOnly, SameSite=Lax, Path=/; over https `__Host-chatsvc_owner` and Secure, so that no
-    sibling subdomain can plant one, and https is as uvicorn sees it: FORWARDED_ALLOW_IPS says whose
-    X-Forwarded-Proto it believes). The chat's owner is a SHA-256 digest of the token, kept where a
-    key's digest is (the chat's name, the stream, the store's facts, so every replica checks it);
-    the token itself is neither kept nor logged. A resume or stop names the chat with the digest of
-    the cookie it brings, so without the right one it names a chat that nobody started: 204, as
-    for any chat that does not exist, and a stranger's POST with the same id starts the stranger's
-    own chat. It is a session cookie: it has to outlive the chats it started (the longest stream
-    and RESUME_TTL_S after it), and an expiry could fall inside one, while it grants nothing beyond
-    the chats kept at the moment. A same-origin page's fetch sends it by default; another origin
-    needs `credentials: 'include'` and CORS_ALLOW_ORIGINS naming it (then credentials are allowed;
-    never for `*`, which would let any site read a visitor's chats). With SERVICE_API_KEYS the key
-    is the owner (note 11) and no cookie is set: it would bind nothing. /chat is left as it is: its
-    stream id is minted here and unguessable, so binding it would add nothing but a cookie to carry.
+   docs/design.md#5-a-longer-force-cancel-grace
+6. No usage from the upstream (many local servers send none): completion tokens are the content
+   deltas, prompt tokens four characters each, and `done` says `"source": "estimated"`.
+   docs/design.md#6-estimated-usage
+7. No `done` without a finish_reason: openai's parser ends quietly when `[DONE]` never comes, so a cut
+   stream gets `upstream_error`. After a finish_reason we wait at most FINISH_WAIT_S more, then `done`.
+   docs/design.md#7-no-done-without-a-finish-reason
+8. A client that stops reading is cut off after SEND_TIMEOUT_S (sse-starlette's send timeout), so it
+   cannot hold a connection and a growing buffer; its stream is detached (note 11), and if nobody
+   resumes it, it ends `client_too_slow`. docs/design.md#8-clients-that-stop-reading
+9. openai opens the stream, but its body is parsed here (`UpstreamFrames`, orjson), not by openai's
+   `AsyncStream`, whose per-chunk models were half of our CPU; failures are raised as the openai
+   exceptions `AsyncStream` raises, so they are mapped in one place.
+   docs/design.md#9-our-own-parser-for-the-upstream-body
+10. Garbage collection departs from CPython's defaults, under which a full collection stalled 1000
+    open streams for up to 0.5 s: the start-up heap is frozen, the young thresholds raised, and
+    full collections left to idle moments. docs/design.md#10-garbage-collection-for-many-open-streams
+11. Streams survive a dropped connection: event ids `<stream_id>:<seq>`, with the `id:` line last,
+    not first as in sse-starlette (fetch-event-source takes it on reading it); a detached stream runs
+    on for RESUME_GRACE_S, a finished log is kept RESUME_TTL_S, detached streams are evicted first,
+    and a stream is bound to its key or browser. docs/design.md#11-resumable-streams
+12. Two protocols, one relay: POST /api/chat speaks the AI SDK's UI message stream beside /chat's own
+    events. A `ChatProtocol` reads the request and encodes the events; the producer, the log and the
+    followers are shared; the SDK resumes by chat. The SDK's side (UI messages, chunk encoders,
+    headers) is ai_sdk.py. docs/design.md#12-two-protocols-one-relay
+13. Several workers, one /metrics: each of uvicorn's workers switches prometheus-client's multiprocess
+    mode on for itself (no code of ours runs in the supervisor); gauges are `livesum`/`livemax`, and
+    scrape-time gauges are written every second (worker_metrics.py, imported only in a worker of a
+    supervisor or with PROMETHEUS_MULTIPROC_DIR set). docs/design.md#13-several-workers-one-metrics
+14. Traces are OpenTelemetry's, switched on by its own OTEL_* variables (else tracing.py does not
+    import the SDK, and the core's calls go to the API's no-op spans): a server span per request from W3C trace context (never baggage), and the producer's
+    upstream span, which carries the outcome; no stream id, text or key in a span.
+    docs/design.md#14-tracing-with-opentelemetry
+15. Any replica resumes any stream with RESUME_STORE=redis://: the producing replica's log stays the
+    live path and a writer copies it behind, batched every STORE_WRITE_INTERVAL_S (50 ms), never
+    awaited by the producer; other replicas read the store. redis-py, and redis_store.py, which the
+    core calls through `Store`, are imported only then.
+    docs/design.md#15-a-shared-resume-store-redis
+16. What a client sends costs time linear in its size (targets over MAX_TARGET_BYTES refused 414,
+    paths logged as route templates or a bounded prefix, an upstream event joined once), and a route
+    answers only its documented methods: no HEAD that Starlette would add (405).
+    docs/design.md#16-linear-cost-documented-methods
+17. Slow clients are bounded at the connection, where uvicorn has no deadline and closes gracefully:
+    the body within BODY_TIMEOUT_S (any server), the headers within HEADERS_TIMEOUT_S and an abort
+    with SO_LINGER 0 for a follower cut off (`python chatsvc.py` only), and the last send bounded.
+    docs/design.md#17-slow-clients-bounded-at-the-connection
+18. One terminal event, whatever the model server sends and whatever fails in us: each chunk checked
+    in one place (`parse_chunk`); a malformed stream is `upstream_error`, our bug `internal_error` at
+    ERROR, and a last resort that cannot fail ends the stream. docs/design.md#18-one-terminal-event
+19. A stream lives in the store as long as someone follows it anywhere: presence keys renewed every
+    second, a liveness key per replica (its loss ends remote followers with `stream_lost`), and every
+    key created with its expiry. docs/design.md#19-store-keys-live-as-long-as-someone-follows
+20. Followers are bounded: each writes at most WRITE_BYTES (64 KiB) at a time, since uvicorn takes a
+    whole write whether or not the client reads, and MAX_FOLLOWERS_PER_STREAM and MAX_FOLLOWERS
+    bound their number (503 `too_many_followers`). docs/design.md#20-bounded-followers
+21. Without SERVICE_API_KEYS, an AI SDK chat, whose id the client chooses, belongs to the browser that
+    started it: an HttpOnly owner cookie, kept only as a digest; a resume with another cookie names a
+    chat nobody started (204). docs/design.md#21-ai-sdk-chats-belong-to-their-browser
 """
 
 from __future__ import annotations
@@ -2876,11 +2676,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Drain on the first signal (note 4), or when sse-starlette sees the server shutting down.
         restore_signals = drain_on_signals(service)
-        watcher = asyncio.create_task(_drain_when_told(service))
-        lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
-        # With several workers only (note 13): gauges read at a scrape are written every second.
-        workers = service.worker_metrics
-        live_gauges = asyncio.create_task(workers.publish_live()) if workers is not None else None
         service.tracing.start(os.environ)
         if service.store is not None:
             await service.store.start()
@@ -2896,13 +2691,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             },
         )
         try:
-            yield
+            # The lifespan's own tasks, ended when it ends, before anything they use is closed.
+            async with anyio.create_task_group() as background:
+                background.start_soon(_drain_when_told, service)
+                background.start_soon(service.metrics.watch_loop_lag)
+                if service.worker_metrics is not None:  # note 13: scrape-time gauges, every second
+                    background.start_soon(service.worker_metrics.publish_live)
+                try:
+                    yield
+                finally:
+                    restore_signals()
+                    background.cancel_scope.cancel()
         finally:
-            restore_signals()
-            watcher.cancel()
-            lag_probe.cancel()
-            if live_gauges is not None:
-                live_gauges.cancel()
             tasks = list(service.producers.values())  # only those outliving the drain (note 4)
             for task in tasks:
                 task.cancel()
@@ -3134,6 +2934,40 @@ class HttpProtocol(HttpToolsProtocol):
 # --- Launcher ---------------------------------------------------------------------------------------
 
 
+def app_from_environment() -> Starlette:
+    """The app from the environment, with logging configured: what each worker of `python chatsvc.py`
+    runs (uvicorn calls it as the app's factory) and what `chatsvc:app` builds on its first call."""
+    settings = load_settings()
+    check_store(settings)
+    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
+    return create_app(settings)
+
+
+class LazyApp:
+    """`chatsvc:app`, for `uvicorn chatsvc:app` and any other ASGI server: the app from the environment,
+    built on the first call (the server's lifespan), so that importing this module reads no settings and
+    builds nothing (note 4 says what plain uvicorn changes for shutdown)."""
+
+    def __init__(self) -> None:
+        self.app: Starlette | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is None:
+            try:
+                self.app = app_from_environment()
+            except SystemExit as exc:  # a bad configuration, said on stderr
+                if scope["type"] != "lifespan":
+                    raise
+                # Raised, it would read to the server as a lifespan it need not run: it would serve on.
+                await receive()  # lifespan.startup
+                await send({"type": "lifespan.startup.failed", "message": f"invalid configuration (exit {exc})"})
+                return
+        await self.app(scope, receive, send)
+
+
+app = LazyApp()
+
+
 def main() -> None:
     """`python chatsvc.py`: one process, or with WORKERS > 1 uvicorn's supervisor and as many
     workers, each draining by itself (note 4). Exits 0 after a drain, 1 if the server did not start."""
@@ -3154,36 +2988,17 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     if settings.WORKERS > 1:
-        # Each worker imports `chatsvc:app` and configures itself from the same environment.
-        config = ServerConfig("chatsvc:app", settings, workers=settings.WORKERS, **options)
+        # Each worker builds the app from the same environment, and configures logging before uvicorn
+        # logs. Named by this module's own name: in a worker, multiprocessing has already loaded this
+        # script as `__main__`, and "chatsvc" would load it a second time.
+        factory = f"{__name__}:{app_from_environment.__name__}"
+        config = ServerConfig(factory, settings, factory=True, workers=settings.WORKERS, **options)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
     server = uvicorn.Server(ServerConfig(create_app(settings), settings, **options))
     server.run()
     if not server.started:
         raise SystemExit(1)
-
-
-def _module_app() -> Starlette:
-    """The app from the environment, with logging configured: for `python chatsvc.py` and `uvicorn`."""
-    settings = load_settings()
-    check_store(settings)
-    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
-    return create_app(settings)
-
-
-_app: Starlette | None = None
-
-
-def __getattr__(name: str) -> Starlette:
-    """`uvicorn chatsvc:app` builds the app on first use, so that importing this module has no side
-    effects (note 4 says what plain uvicorn changes for shutdown)."""
-    global _app
-    if name != "app":
-        raise AttributeError(f"module 'chatsvc' has no attribute {name!r}")
-    if _app is None:
-        _app = _module_app()
-    return _app
 
 
 if __name__ == "__main__":
