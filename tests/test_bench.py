@@ -6,9 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.timeout(360)  # every relay and scenario, small: about a minute, several on a busy machine
 def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke"],
