@@ -42,6 +42,7 @@ def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
     assert int(result.stdout.split("spans the OTLP receiver decoded: ")[1].split()[0]) > 0
 
 
+@pytest.mark.timeout(360)
 def test_cost_measurements_run() -> None:
     """bench/run.py --costs, bench/client_cost.py and bench/protocols.py, in their smoke mode: each
     prints its rows."""
