@@ -292,6 +292,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import enum
 import fcntl
 import gc
 import hashlib
@@ -2142,6 +2143,53 @@ class StreamLog:
             self.producer.alone(too_slow=too_slow)
 
 
+class Stop(enum.Enum):
+    """Why a producer stops its read before the body ends: set once, by `Producer.stop`."""
+
+    CANCELLED = "cancelled"  # DELETE: `done` with finish_reason "cancelled"
+    ABANDONED = "client_disconnected"  # nobody came back within the grace (note 11)
+    TOO_SLOW = "client_too_slow"  # nobody came back, and the last follower was cut off for not reading (note 8)
+    EVICTED = "evicted"  # its slot went to a client that is here (note 11)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The upstream body ended: with a finish_reason, or cut before one came (note 7)."""
+
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The read failed: the model server's fault or a deadline. `exc`: what raised, if anything did."""
+
+    error: ServiceError
+    exc: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    reason: Stop
+
+
+Ending = Finished | Failed | Stopped  # how a read ends: `Producer.read` returns it
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A stream's one outcome, decided by `Producer.outcome_of` and acted on by `Producer.record` alone."""
+
+    code: str  # its label in chatsvc_requests_total and the span's chatsvc.outcome
+    line: str  # its log line: request_completed, request_failed or client_disconnected
+    level: int
+    fields: dict[str, Any]  # the line's own fields; the timings and the usage follow them
+    usage: dict[str, Any]
+    timings: dict[str, Any]
+    finish_reason: str | None = None  # the `done` event's; neither this nor `error`: no terminal event
+    error: ServiceError | None = None  # the `error` event's
+    exc: BaseException | None = None  # what failed, for the span (note 14)
+
+
 class Producer:
     """The one reader of a stream's upstream body (note 3). It appends every event to the stream's
     log, decides the one outcome and logs it, and releases the slot and the upstream connection.
@@ -2174,18 +2222,10 @@ class Producer:
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
         self.upstream_usage: tuple[int, int, int] | None = None  # prompt, completion, total
-        self.outcome: str | None = None  # once its line is logged (conclude or last_resort)
-        self.upstream_ended = False
-        self.failure: ServiceError | None = None  # how the upstream body ended, if not well
-        self.failure_exc: BaseException | None = None
-        self.timed_out = False
+        self.outcome: str | None = None  # its code, once record() has logged it
         self.read_scope: anyio.CancelScope | None = None
-        # Stops the read early: DELETE (`cancelled`), or nobody back within the grace (`abandoned`).
-        self.stop_scope = anyio.CancelScope()
-        self.cancelled = False
-        self.abandoned = False
-        self.too_slow = False  # the last follower was cut off for not reading (note 8)
-        self.evicted = False  # stopped while detached, to make room for a client that is here
+        self.stop_scope = anyio.CancelScope()  # cancelled by stop()
+        self.stopped: Stop | None = None  # why, once stop() has stopped the read
         self.holds_slot = True  # until release_slot(): at the end, or at once when evicted
         self.grace_timer: asyncio.TimerHandle | None = None
         self.detached_at = 0.0  # when the last follower left: the first to leave is evicted first
@@ -2206,16 +2246,10 @@ class Producer:
         try:
             meta = {"correlation_id": correlation_id.get(), "model": self.model, "stream_id": stream_log.stream_id}
             stream_log.append([self.event("meta", meta)])
-            with self.stop_scope:
-                await self.read()
-            if self.abandoned:
-                self.abandon()
-            elif self.evicted:
-                stream_log.append([self.error_event(EVICTED, None, reason="evicted")], terminal=True)
-            elif self.cancelled:
-                stream_log.append([self.cancelled_event()], terminal=True)
-            else:
-                stream_log.append([self.terminal_event()], terminal=True)
+            outcome = self.outcome_of(await self.read())
+            self.record(outcome)
+            if (terminal := self.terminal_event(outcome)) is not None:
+                stream_log.append([terminal], terminal=True)
         except asyncio.CancelledError:  # shutdown, past its grace (note 4)
             self.last_resort("shutting_down")
             raise
@@ -2225,11 +2259,21 @@ class Producer:
         finally:
             await self.close()
 
-    async def read(self) -> None:
-        """Read the upstream body until it ends or a deadline passes. How it ended is left in
-        `failure` for terminal_event(); the deltas go to the log as they arrive."""
+    async def read(self) -> Ending:
+        """Read the upstream body until it ends, a deadline passes or stop() stops it."""
+        ending: Ending | None = None
+        with self.stop_scope:
+            ending = await self.read_body()
+        if self.stopped is not None or ending is None:  # a stop wins, even over a read that ended meanwhile
+            assert self.stopped is not None
+            return Stopped(self.stopped)
+        return ending
+
+    async def read_body(self) -> Ending:
+        """The deltas go to the log as they arrive; how the body ended is returned."""
         frames = UpstreamFrames()
         request = self.stream.response.request
+        ended = False  # [DONE] came: what breaks while the rest is drained changes nothing
         try:
             # One scope for the whole read: the request budget and, while draining, the grace. The
             # idle limit is the client's read timeout, applied to every read.
@@ -2240,32 +2284,42 @@ class Producer:
                     if debug:
                         at_ms = round((time.monotonic() - self.started) * 1000, 1)
                         log.debug("upstream_read", extra={"bytes": len(data), "at_ms": at_ms})
-                    if self.upstream_ended:  # after [DONE]: drain, so the connection can be reused
-                        continue
-                    self.take_frames(frames.feed(data), request)
-                if not self.upstream_ended:
+                    if not ended:  # after [DONE]: drain, so the connection can be reused
+                        ended = self.take_frames(frames.feed(data), request)
+                if not ended:
                     self.take_frames(frames.end(), request)
-            if scope.cancelled_caught:
-                self.fail_on_deadline()
+            if scope.cancelled_caught and not ended:
+                return self.cut(Failed(self.deadline_passed()))
         except (httpx2.RequestError, anyio.EndOfStream) as exc:  # the transport errors openai wraps
-            error = openai.APIConnectionError(request=request)
-            error.__cause__ = exc
-            mapped = map_upstream_error(error, streaming=True)
-            self.fail(mapped, error, timed_out=mapped.code == "upstream_timeout")  # the idle limit
+            if not ended:
+                error = openai.APIConnectionError(request=request)
+                error.__cause__ = exc
+                return self.cut(Failed(map_upstream_error(error, streaming=True), error))
         except (ServiceError, openai.APIError) as exc:  # malformed frames and in-band errors (note 18)
-            self.fail(map_upstream_error(exc, streaming=True), exc, timed_out=False)
+            return Failed(map_upstream_error(exc, streaming=True), exc)
         finally:
             self.read_scope = None
+        return Finished(self.finish_reason)
 
-    def take_frames(self, frames: list[bytes], request: httpx2.Request) -> None:
-        """Append the deltas of these frames to the log; note usage, finish_reason and [DONE]. The
-        deltas before a bad frame are kept: the error comes after them, as it did upstream."""
+    def cut(self, failed: Failed) -> Ending:
+        """A read cut by a deadline (or the idle limit) once a finish_reason has come still has the
+        whole answer (note 7)."""
+        if failed.error.code in _TIMEOUT_DETAILS and self.finish_reason is not None:
+            log.warning(
+                "upstream_no_done", extra={"finish_reason": self.finish_reason, "waited_for": failed.error.code}
+            )
+            return Finished(self.finish_reason)
+        return failed
+
+    def take_frames(self, frames: list[bytes], request: httpx2.Request) -> bool:
+        """Append the deltas of these frames to the log; note usage and finish_reason. True once
+        [DONE] came. The deltas before a bad frame are kept: the error comes after them, as it did
+        upstream."""
         contents: list[str] = []
         try:
             for data in frames:
                 if data.startswith(b"[DONE]"):
-                    self.upstream_ended = True
-                    break
+                    return True
                 content, finish_reason, usage = parse_chunk(data, request)
                 if usage is not None:
                     self.upstream_usage = usage
@@ -2280,13 +2334,7 @@ class Producer:
                     self.on_first_token()
                 self.log.append(self.log.protocol.deltas(self.log.stream_id, len(self.log.entries), contents))
                 self.deltas += len(contents)
-
-    def fail(self, error: ServiceError, exc: BaseException | None, *, timed_out: bool) -> None:
-        """Record how the read ended; `timed_out`: a deadline, not a fault (note 7 ends those with done
-        once a finish_reason has come)."""
-        if self.upstream_ended:  # [DONE] came: what breaks while the rest is drained changes nothing
-            return
-        self.failure, self.failure_exc, self.timed_out = error, exc, timed_out
+        return False
 
     def expect_end(self) -> None:
         """A finish_reason came: the answer is whole, wait at most FINISH_WAIT_S more (note 7)."""
@@ -2294,9 +2342,9 @@ class Producer:
             wait = min(FINISH_WAIT_S, self.settings.IDLE_TIMEOUT_S)
             self.read_scope.deadline = min(self.read_scope.deadline, time.monotonic() + wait)
 
-    def fail_on_deadline(self) -> None:
-        """Name the deadline that cut the read, reading the drain deadline afresh (draining may have
-        begun during the read), with asyncio's leeway: its timers may fire a clock tick early."""
+    def deadline_passed(self) -> ServiceError:
+        """The deadline that cut the read, reading the drain deadline afresh (draining may have begun
+        during the read), with asyncio's leeway: its timers may fire a clock tick early."""
         now = time.monotonic() + 0.01
         if now >= self.service.drain_deadline:
             code = "shutting_down"
@@ -2304,13 +2352,21 @@ class Producer:
             code = "deadline_exceeded"
         else:
             code = "upstream_timeout"
-        self.fail(ServiceError(code, _TIMEOUT_DETAILS[code](self.settings)), None, timed_out=True)
+        return ServiceError(code, _TIMEOUT_DETAILS[code](self.settings))
 
     def tighten_deadline(self) -> None:
         if self.read_scope is not None:
             self.read_scope.deadline = min(self.read_scope.deadline, self.service.drain_deadline)
 
     # Followers come and go; DELETE stops (note 11)
+
+    def stop(self, reason: Stop) -> bool:
+        """Stop the read, for this one reason. False if the stream has ended or was stopped already."""
+        if self.stopped is not None or self.log.finished:
+            return False
+        self.stopped = reason
+        self.stop_scope.cancel()
+        return True
 
     def keep(self) -> bool:
         """A follower is attached, or the stream ended: no grace runs. True if one was running."""
@@ -2324,26 +2380,26 @@ class Producer:
         """The last follower left before the end: wait RESUME_GRACE_S for a resume."""
         if self.log.finished:
             return
-        self.too_slow = too_slow
         self.detached_at = time.monotonic()
         grace = self.settings.RESUME_GRACE_S
         log.info(
             "stream_detached",
             extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1, "grace_s": grace},
         )
-        self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over)
+        reason = Stop.TOO_SLOW if too_slow else Stop.ABANDONED  # note 8
+        self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over, reason)
 
-    def grace_over(self) -> None:
+    def grace_over(self, reason: Stop) -> None:
         """Nobody came back here within the grace: stop, unless (note 19) others follow elsewhere."""
         self.grace_timer = None
-        if self.log.finished or self.cancelled:
+        if self.log.finished or self.stopped is not None:
             return
         if self.service.store is None:
-            self.stop_abandoned()
+            self.abandon(reason)
         else:
-            self.grace_check = asyncio.create_task(self.wait_for_followers_elsewhere())
+            self.grace_check = asyncio.create_task(self.wait_for_followers_elsewhere(reason))
 
-    async def wait_for_followers_elsewhere(self) -> None:
+    async def wait_for_followers_elsewhere(self, reason: Stop) -> None:
         """Followers on other replicas keep the stream's presence key alive in the store: while it
         lives, the grace starts again from its lapse (note 19)."""
         assert self.service.store is not None
@@ -2351,13 +2407,13 @@ class Producer:
             remaining_ms = await self.service.store.followed_elsewhere_ms(self.log.stream_id)
         except ServiceError:
             remaining_ms = 0  # Redis does not answer: no other replica can follow the stream either
-        if self.log.followers or self.grace_timer or self.log.finished or self.cancelled:
+        if self.log.followers or self.grace_timer or self.log.finished or self.stopped is not None:
             return  # resumed here meanwhile (perhaps left again: a new grace runs), or ended
         if remaining_ms:
             grace = remaining_ms / 1000 + self.settings.RESUME_GRACE_S
-            self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over)
+            self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over, reason)
         else:
-            self.stop_abandoned()
+            self.abandon(reason)
 
     async def followed_anywhere(self) -> bool:
         """Whether a client follows this stream, on this replica or (with a store) on another: one
@@ -2367,22 +2423,19 @@ class Producer:
         store = self.service.store
         return store is not None and await store.followed_elsewhere_ms(self.log.stream_id) > 0
 
-    def stop_abandoned(self) -> None:
-        if not (self.log.finished or self.cancelled):
-            self.abandoned = True
+    def abandon(self, reason: Stop) -> None:
+        if self.stop(reason):
             self.service.drop(self.log)  # from now on a resume finds nothing: no follower can attach
             if self.service.store is not None:  # nor on another replica, and a follower there ends
                 self.service.store.mark(self.log.stream_id, "abandoned")
-            self.stop_scope.cancel()
 
     def evict(self) -> None:
         """A new chat needs the slot of this detached stream: stop it and give the slot up now (the
         read ends at its next await). Its log ends with an `overloaded` error, kept for RESUME_TTL_S,
         so that a client that comes back learns how it ended (note 11)."""
         self.keep()
-        self.evicted = True
+        self.stop(Stop.EVICTED)
         self.release_slot()
-        self.stop_scope.cancel()
 
     def release_slot(self) -> None:
         if self.holds_slot:
@@ -2391,69 +2444,90 @@ class Producer:
 
     def cancel(self) -> None:
         """DELETE: stop the generation; followers get `done` with finish_reason "cancelled"."""
-        if not (self.cancelled or self.abandoned):
-            self.cancelled = True
+        if self.stop(Stop.CANCELLED):
             log.info("stream_cancelled", extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1})
-            self.stop_scope.cancel()
 
-    # Events and the outcome
+    # The outcome, and the events that carry it
+
+    def outcome_of(self, ending: Ending) -> Outcome:
+        """What a stream that ended so comes to: its code, its log line and its terminal event's parts."""
+        usage, timings = self.usage(), self.timings()
+        path = self.log.protocol.path
+
+        def done(finish_reason: str, code: str) -> Outcome:
+            fields = {"status": 200, "finish_reason": finish_reason, "path": path}
+            return Outcome(code, "request_completed", logging.INFO, fields, usage, timings, finish_reason=finish_reason)
+
+        def failed(error: ServiceError, exc: BaseException | None, **extra: Any) -> Outcome:
+            exception = type(exc).__name__ if exc else None
+            fields = {"code": error.code, "status": 200, "exception": exception, "path": path, **extra}
+            level = logging.ERROR if error.code == "internal_error" else logging.WARNING
+            return Outcome(error.code, "request_failed", level, fields, usage, timings, error=error, exc=exc)
+
+        match ending:
+            case Finished(None):  # note 7
+                return failed(
+                    ServiceError("upstream_error", "the model server ended the stream before the answer was finished"),
+                    None,
+                )
+            case Finished(str(finish_reason)):
+                return done(finish_reason, "ok")
+            case Failed(error, exc):
+                return failed(error, exc or error)
+            case Stopped(Stop.CANCELLED):
+                return done("cancelled", "cancelled")
+            case Stopped(Stop.EVICTED):
+                return failed(EVICTED, None, reason="evicted")
+            case Stopped(Stop.TOO_SLOW):  # note 8; nobody is left to send an event to
+                fields = {
+                    "code": "client_too_slow", "status": 200, "exception": "SendTimeoutError", "path": path,
+                    "send_timeout_s": self.settings.SEND_TIMEOUT_S,
+                }  # fmt: skip
+                return Outcome("client_too_slow", "request_failed", logging.WARNING, fields, usage, timings)
+            case _:  # abandoned: the answer so far is lost, as a client's leaving says
+                return Outcome("client_disconnected", "client_disconnected", logging.INFO, {}, usage, timings)
+
+    def record(self, outcome: Outcome) -> None:
+        """The one place where a stream's outcome is logged, counted and put on its span."""
+        usage = outcome.usage
+        if outcome.error is not None:
+            mark_failed(self.span, outcome.code, outcome.exc)
+        if self.span.is_recording():
+            self.span.set_attributes(
+                {
+                    "chatsvc.outcome": outcome.code,
+                    "gen_ai.usage.input_tokens": usage["prompt_tokens"],
+                    "gen_ai.usage.output_tokens": usage["completion_tokens"],
+                    "chatsvc.usage.source": usage["source"],
+                }
+            )
+            if outcome.finish_reason is not None:
+                self.span.set_attribute("gen_ai.response.finish_reasons", [outcome.finish_reason])
+        metrics = self.service.metrics
+        metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
+        metrics.tokens.labels("completion").inc(usage["completion_tokens"])
+        metrics.requests.labels(outcome.code).inc()
+        metrics.duration.observe(time.monotonic() - self.started)
+        extra = {**outcome.fields, **outcome.timings, **_flat_usage(usage), "stream_id": self.log.stream_id}
+        log.log(outcome.level, outcome.line, extra=extra)
+        self.outcome = outcome.code
+
+    def terminal_event(self, outcome: Outcome) -> bytes | None:
+        """The event that ends the log, carrying the outcome: None for a stream nobody follows any more."""
+        if outcome.finish_reason is not None:
+            data = {
+                "finish_reason": outcome.finish_reason,
+                "usage": outcome.usage,
+                **outcome.timings,
+                "correlation_id": correlation_id.get(),
+            }
+            return self.event("done", data)
+        if outcome.error is not None:
+            return self.event("error", {**outcome.error.body(), "usage": outcome.usage})
+        return None
 
     def event(self, name: str, data: dict[str, Any]) -> bytes:
         return self.log.protocol.event(self.log.stream_id, len(self.log.entries), name, data)
-
-    def terminal_event(self) -> bytes:
-        if self.failure is not None:
-            if self.timed_out and self.finish_reason is not None:  # note 7: the answer is whole already
-                log.warning(
-                    "upstream_no_done", extra={"finish_reason": self.finish_reason, "waited_for": self.failure.code}
-                )
-            else:
-                return self.error_event(self.failure, self.failure_exc or self.failure)
-        if self.finish_reason is None:  # note 7
-            error = ServiceError("upstream_error", "the model server ended the stream before the answer was finished")
-            return self.error_event(error, None)
-        return self.done_event(self.finish_reason, "ok")
-
-    def cancelled_event(self) -> bytes:
-        return self.done_event("cancelled", "cancelled")
-
-    def done_event(self, finish_reason: str, outcome: str) -> bytes:
-        usage, timings = self.conclude(
-            outcome,
-            logging.INFO,
-            "request_completed",
-            status=200,
-            finish_reason=finish_reason,
-            path=self.log.protocol.path,
-        )
-        data = {"finish_reason": finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()}
-        return self.event("done", data)
-
-    def error_event(self, error: ServiceError, exc: BaseException | None, **fields: Any) -> bytes:
-        exception = type(exc).__name__ if exc else None
-        mark_failed(self.span, error.code, exc)
-        level = logging.ERROR if error.code == "internal_error" else logging.WARNING
-        usage, _ = self.conclude(
-            error.code,
-            level,
-            "request_failed",
-            code=error.code,
-            status=200,
-            exception=exception,
-            path=self.log.protocol.path,
-            **fields,
-        )
-        return self.event("error", {**error.body(), "usage": usage})
-
-    def abandon(self) -> None:
-        """Nobody came back within the grace: the answer so far is lost, as a client's leaving says."""
-        if self.too_slow:  # note 8
-            self.conclude(
-                "client_too_slow", logging.WARNING, "request_failed", code="client_too_slow", status=200,
-                exception="SendTimeoutError", path=self.log.protocol.path, send_timeout_s=self.settings.SEND_TIMEOUT_S,
-            )  # fmt: skip
-        else:
-            self.conclude("client_disconnected", logging.INFO, "client_disconnected")
 
     def on_first_token(self) -> None:
         self.first_token_at = time.monotonic()
@@ -2472,58 +2546,26 @@ class Producer:
                 "total_tokens": counts[2],
                 "source": "upstream",
             }
-        prompt = math.ceil(self.prompt_chars / 4)  # note 6
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": self.deltas,
-            "total_tokens": prompt + self.deltas,
-            "source": "estimated",
-        }
+        return estimated_usage(self.prompt_chars, self.deltas)
 
     def timings(self) -> dict[str, Any]:
         end = time.monotonic()
         ttft = None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000, 1)
         return {"ttft_ms": ttft, "duration_ms": round((end - self.started) * 1000, 1)}
 
-    def conclude(self, outcome: str, level: int, event: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Record the one outcome of this stream: its tokens in the metrics and its log line, with the
-        timings and usage. Returns the usage and timings, for the terminal event to carry."""
-        usage, timings = self.usage(), self.timings()
-        if self.span.is_recording():
-            self.span.set_attributes(
-                {
-                    "chatsvc.outcome": outcome,
-                    "gen_ai.usage.input_tokens": usage["prompt_tokens"],
-                    "gen_ai.usage.output_tokens": usage["completion_tokens"],
-                    "chatsvc.usage.source": usage["source"],
-                }
-            )
-            if (finish_reason := fields.get("finish_reason")) is not None:
-                self.span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
-        metrics = self.service.metrics
-        metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
-        metrics.tokens.labels("completion").inc(usage["completion_tokens"])
-        log.log(level, event, extra={**fields, **timings, **_flat_usage(usage), "stream_id": self.log.stream_id})
-        self.outcome = outcome
-        return usage, timings
-
     def last_resort(self, code: str) -> None:
         """End the stream when its ordinary end failed (a bug of ours) or was cut (shutdown): the
-        outcome line, unless one was logged, and the error event encoded at the start, filled with
-        ints alone, unless the log has its terminal event. Nothing here can raise (note 18)."""
-        prompt = math.ceil(self.prompt_chars / 4)  # note 6
+        error event encoded at the start, filled with ints alone, unless the log has its terminal
+        event, and the outcome, unless one was recorded. Nothing here can raise (note 18)."""
+        usage = estimated_usage(self.prompt_chars, self.deltas)
+        if not (self.log.finished or self.stopped in (Stop.ABANDONED, Stop.TOO_SLOW)):
+            fill = {b"seq": len(self.log.entries), b"prompt": usage["prompt_tokens"], b"completion": self.deltas}
+            self.log.append([self.last_words[code] % {**fill, b"total": usage["total_tokens"]}], terminal=True)
         if self.outcome is None:
-            self.outcome = code
             level = logging.ERROR if code == "internal_error" else logging.WARNING
-            log.log(
-                level, "request_failed",
-                extra={"code": code, "status": 200, "path": self.log.protocol.path, "stream_id": self.log.stream_id,
-                       "prompt_tokens": prompt, "completion_tokens": self.deltas,
-                       "total_tokens": prompt + self.deltas, "usage_source": "estimated"},
-            )  # fmt: skip
-        if not (self.log.finished or self.abandoned):
-            fill = {b"seq": len(self.log.entries), b"prompt": prompt, b"completion": self.deltas}
-            self.log.append([self.last_words[code] % {**fill, b"total": prompt + self.deltas}], terminal=True)
+            fields = {"code": code, "status": 200, "path": self.log.protocol.path}
+            error = ServiceError(code, LAST_WORDS[code])
+            self.record(Outcome(code, "request_failed", level, fields, usage, {}, error=error))
 
     async def close(self) -> None:
         """Release the upstream connection and the slot, whatever happened."""
@@ -2533,11 +2575,19 @@ class Producer:
                 await self.stream.close()
         finally:
             self.span.end()
-            metrics = self.service.metrics
-            metrics.requests.labels(self.outcome or "internal_error").inc()
-            metrics.duration.observe(time.monotonic() - self.started)
             self.log.producer = None
             self.release_slot()
+
+
+def estimated_usage(prompt_chars: int, deltas: int) -> dict[str, Any]:
+    """Note 6: four characters a prompt token, one token a delta."""
+    prompt = math.ceil(prompt_chars / 4)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": deltas,
+        "total_tokens": prompt + deltas,
+        "source": "estimated",
+    }
 
 
 EVICTED = ServiceError(
