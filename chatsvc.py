@@ -643,11 +643,51 @@ class ServiceError(Exception):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
-def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> ServiceError:
-    """The one place where openai/httpx failures become our codes. `streaming`: the 200 is already
-    sent, so a broken connection is an `upstream_error` event, not an unreachable server."""
-    if isinstance(exc, ServiceError):
-        return exc
+class MalformedStream(Exception):
+    """The model server's body cannot be read (note 18): what is wrong with it, for map_upstream_error."""
+
+
+#: Every failure of the model server that map_upstream_error maps; anything else raised while the
+#: upstream is opened or read is a bug of ours (note 18).
+UPSTREAM_FAILURES = (openai.APIError, TimeoutError, MalformedStream)
+
+
+def map_upstream_error(
+    exc: Exception,
+    settings: Settings,
+    *,
+    streaming: bool = False,
+    deadline: float = math.inf,
+    drain_deadline: float = math.inf,
+) -> ServiceError:
+    """The one place where the model server's failures become our codes: openai's exceptions (what
+    it raises, and what the relay raises in its shape, note 9), our parser's MalformedStream, and
+    our own deadlines (a TimeoutError from anyio.fail_after).
+    `streaming`: the 200 is already sent, so a broken connection is an `upstream_error` event, not an
+    unreachable server, and a deadline is the request's (`deadline`) or the drain's. Anything else
+    is re-raised: a bug of ours is never the model server's fault."""
+    if isinstance(exc, MalformedStream):
+        return ServiceError("upstream_error", f"the model server sent a malformed stream ({exc})")
+    if isinstance(exc, openai.APIError):
+        error = _openai_failure(exc, streaming)
+        error.__cause__ = exc  # what broke, for the span and the log (note 14)
+        return error
+    if isinstance(exc, TimeoutError):  # our own deadline (anyio.fail_after): which one
+        if not streaming:
+            detail = f"the model server did not accept the request within {settings.REQUEST_TIMEOUT_S} s"
+            return ServiceError("upstream_timeout", detail)
+        now = time.monotonic() + 0.01  # asyncio's timers may fire a clock tick early
+        if now >= drain_deadline:
+            code = "shutting_down"
+        elif now >= deadline:
+            code = "deadline_exceeded"
+        else:
+            code = "upstream_timeout"  # the wait after a finish_reason (note 7)
+        return ServiceError(code, _TIMEOUT_DETAILS[code](settings))
+    raise exc
+
+
+def _openai_failure(exc: openai.APIError, streaming: bool) -> ServiceError:
     if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
         failure = _transport_failure(exc)
         name = type(failure).__name__
@@ -673,19 +713,21 @@ def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> Servic
         if status in (401, 403):
             return ServiceError("upstream_auth", said)
         return ServiceError("upstream_error", said)
-    if isinstance(exc, openai.APIError):
-        # An in-band {"error": ...} chunk in the middle of the stream.
-        upstream_code = _upstream_error_code(exc.body)
-        return ServiceError(
-            "upstream_error",
-            "the model server sent an error in the stream" + (f" ({upstream_code})" if upstream_code else ""),
-        )
-    return ServiceError("internal_error", f"unexpected {type(exc).__name__}")  # a bug of ours, not theirs
+    # An in-band {"error": ...} chunk in the middle of the stream.
+    upstream_code = _upstream_error_code(exc.body)
+    return ServiceError(
+        "upstream_error",
+        "the model server sent an error in the stream" + (f" ({upstream_code})" if upstream_code else ""),
+    )
 
 
-def malformed(what: str) -> ServiceError:
-    """The model server's body cannot be read: its fault (note 18)."""
-    return ServiceError("upstream_error", f"the model server sent a malformed stream ({what})")
+_TIMEOUT_DETAILS: dict[str, Callable[[Settings], str]] = {
+    "upstream_timeout": lambda s: f"no data from the model server for {s.IDLE_TIMEOUT_S} s",
+    "deadline_exceeded": lambda s: f"the answer did not finish within REQUEST_TIMEOUT_S ({s.REQUEST_TIMEOUT_S} s)",
+    "shutting_down": lambda s: (
+        f"the service is shutting down and the stream outlived its grace ({s.SHUTDOWN_GRACE_S} s)"
+    ),
+}
 
 
 def _transport_failure(exc: openai.APIConnectionError) -> BaseException:
@@ -727,7 +769,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return None if when is None else max(0.0, when.timestamp() - time.time())
 
 
-def is_retryable(exc: openai.APIError) -> bool:
+def is_retryable(exc: Exception) -> bool:
     if isinstance(exc, openai.APIConnectionError):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -1297,17 +1339,13 @@ async def open_upstream(
                 )
             _log_upstream_response(stream.response)
             return stream, retries
-        except TimeoutError:
-            raise ServiceError(
-                "upstream_timeout", f"the model server did not accept the request within {settings.REQUEST_TIMEOUT_S} s"
-            ) from None
-        except openai.APIError as exc:
+        except UPSTREAM_FAILURES as exc:
             if isinstance(exc, openai.APIStatusError):
                 _log_upstream_response(exc.response)
-            error = map_upstream_error(exc)
+            error = map_upstream_error(exc, settings)
             wait = _backoff(retries, exc)
             if not is_retryable(exc) or retries >= settings.UPSTREAM_MAX_RETRIES or time.monotonic() + wait >= deadline:
-                raise error from exc
+                raise error from error.__cause__
             log.info("upstream_retry", extra={"retry": retries + 1, "code": error.code, "wait_s": round(wait, 3)})
             await anyio.sleep(wait)
             retries += 1
@@ -1324,7 +1362,7 @@ def _log_upstream_response(response: httpx2.Response) -> None:
         )  # fmt: skip
 
 
-def _backoff(retries: int, exc: openai.APIError) -> float:
+def _backoff(retries: int, exc: Exception) -> float:
     """openai's own schedule: Retry-After when the server gives one, else 0.5 s doubling to 8 s, jittered."""
     if isinstance(exc, openai.APIStatusError) and (after := retry_after_seconds(exc.response.headers)) is not None:
         return after
@@ -1800,12 +1838,12 @@ class UpstreamFrames:
                 self.pieces.append(data)
                 self.size += len(data)
             if self.size > self.MAX_EVENT_BYTES:
-                raise malformed("an event over MAX_EVENT_BYTES")
+                raise MalformedStream("an event over MAX_EVENT_BYTES")
             return []
         *blocks, rest = b"".join([*self.pieces, data]).split(b"\n\n")
         self.pieces, self.size = ([rest] if rest else []), len(rest)
         if self.size > self.MAX_EVENT_BYTES:
-            raise malformed("an event over MAX_EVENT_BYTES")
+            raise MalformedStream("an event over MAX_EVENT_BYTES")
         out: list[bytes] = []
         for block in blocks:
             if block.startswith(b"data:") and b"\n" not in block:  # what every server sends
@@ -1844,9 +1882,9 @@ def parse_chunk(data: bytes, request: httpx2.Request) -> UpstreamChunk:
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise malformed("an event that is not JSON") from None
+        raise MalformedStream("an event that is not JSON") from None
     if not isinstance(chunk, dict):
-        raise malformed("an event that is not a JSON object")
+        raise MalformedStream("an event that is not a JSON object")
     if error := chunk.get("error"):
         message = error.get("message") if isinstance(error, dict) else None
         raise openai.APIError(
@@ -1857,23 +1895,23 @@ def parse_chunk(data: bytes, request: httpx2.Request) -> UpstreamChunk:
     if choices is None or choices == []:  # the usage chunk has no choice
         return UpstreamChunk(None, None, usage)
     if not isinstance(choices, list):
-        raise malformed("choices is not a list")
+        raise MalformedStream("choices is not a list")
     choice = choices[0]
     if not isinstance(choice, dict):
-        raise malformed("a choice is not an object")
+        raise MalformedStream("a choice is not an object")
     finish_reason = choice.get("finish_reason") or None
     if finish_reason is not None and not (
         isinstance(finish_reason, str) and FINISH_REASON_PATTERN.fullmatch(finish_reason)
     ):
-        raise malformed("finish_reason is not a name")
+        raise MalformedStream("finish_reason is not a name")
     delta = choice.get("delta")
     if delta is None:
         return UpstreamChunk(None, finish_reason, usage)
     if not isinstance(delta, dict):
-        raise malformed("delta is not an object")
+        raise MalformedStream("delta is not an object")
     content = delta.get("content")
     if content is not None and not isinstance(content, str):
-        raise malformed("content is not a string")
+        raise MalformedStream("content is not a string")
     return UpstreamChunk(content or None, finish_reason, usage)
 
 
@@ -2161,10 +2199,10 @@ class Finished:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """The read failed: the model server's fault or a deadline. `exc`: what raised, if anything did."""
+    """The read failed: the model server's fault or a deadline (map_upstream_error's code; its
+    `__cause__` is what broke, if something did)."""
 
     error: ServiceError
-    exc: BaseException | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -2275,28 +2313,26 @@ class Producer:
         request = self.stream.response.request
         ended = False  # [DONE] came: what breaks while the rest is drained changes nothing
         try:
-            # One scope for the whole read: the request budget and, while draining, the grace. The
+            # One deadline for the whole read: the request budget and, while draining, the grace. The
             # idle limit is the client's read timeout, applied to every read.
             debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every read
-            with anyio.CancelScope(deadline=min(self.deadline, self.service.drain_deadline)) as scope:
+            with anyio.fail_after(min(self.deadline, self.service.drain_deadline) - time.monotonic()) as scope:
                 self.read_scope = scope
-                async for data in self.stream.response.aiter_bytes():
-                    if debug:
-                        at_ms = round((time.monotonic() - self.started) * 1000, 1)
-                        log.debug("upstream_read", extra={"bytes": len(data), "at_ms": at_ms})
-                    if not ended:  # after [DONE]: drain, so the connection can be reused
-                        ended = self.take_frames(frames.feed(data), request)
+                try:
+                    async for data in self.stream.response.aiter_bytes():
+                        if debug:
+                            at_ms = round((time.monotonic() - self.started) * 1000, 1)
+                            log.debug("upstream_read", extra={"bytes": len(data), "at_ms": at_ms})
+                        if not ended:  # after [DONE]: drain, so the connection can be reused
+                            ended = self.take_frames(frames.feed(data), request)
+                except (httpx2.RequestError, anyio.EndOfStream) as exc:  # as openai's stream raises them (note 9)
+                    raise openai.APIConnectionError(request=request) from exc
                 if not ended:
                     self.take_frames(frames.end(), request)
-            if scope.cancelled_caught and not ended:
-                return self.cut(Failed(self.deadline_passed()))
-        except (httpx2.RequestError, anyio.EndOfStream) as exc:  # the transport errors openai wraps
+        except UPSTREAM_FAILURES as exc:
             if not ended:
-                error = openai.APIConnectionError(request=request)
-                error.__cause__ = exc
-                return self.cut(Failed(map_upstream_error(error, streaming=True), error))
-        except (ServiceError, openai.APIError) as exc:  # malformed frames and in-band errors (note 18)
-            return Failed(map_upstream_error(exc, streaming=True), exc)
+                deadlines = {"deadline": self.deadline, "drain_deadline": self.service.drain_deadline}
+                return self.cut(Failed(map_upstream_error(exc, self.settings, streaming=True, **deadlines)))
         finally:
             self.read_scope = None
         return Finished(self.finish_reason)
@@ -2341,18 +2377,6 @@ class Producer:
         if self.read_scope is not None:
             wait = min(FINISH_WAIT_S, self.settings.IDLE_TIMEOUT_S)
             self.read_scope.deadline = min(self.read_scope.deadline, time.monotonic() + wait)
-
-    def deadline_passed(self) -> ServiceError:
-        """The deadline that cut the read, reading the drain deadline afresh (draining may have begun
-        during the read), with asyncio's leeway: its timers may fire a clock tick early."""
-        now = time.monotonic() + 0.01
-        if now >= self.service.drain_deadline:
-            code = "shutting_down"
-        elif now >= self.deadline:
-            code = "deadline_exceeded"
-        else:
-            code = "upstream_timeout"
-        return ServiceError(code, _TIMEOUT_DETAILS[code](self.settings))
 
     def tighten_deadline(self) -> None:
         if self.read_scope is not None:
@@ -2472,8 +2496,8 @@ class Producer:
                 )
             case Finished(str(finish_reason)):
                 return done(finish_reason, "ok")
-            case Failed(error, exc):
-                return failed(error, exc or error)
+            case Failed(error):
+                return failed(error, error.__cause__ or error)
             case Stopped(Stop.CANCELLED):
                 return done("cancelled", "cancelled")
             case Stopped(Stop.EVICTED):
@@ -2598,14 +2622,6 @@ EVICTED = ServiceError(
 LAST_WORDS = {
     "internal_error": "the stream failed unexpectedly",
     "shutting_down": "the service stopped before the stream ended",
-}
-
-_TIMEOUT_DETAILS: dict[str, Callable[[Settings], str]] = {
-    "upstream_timeout": lambda s: f"no data from the model server for {s.IDLE_TIMEOUT_S} s",
-    "deadline_exceeded": lambda s: f"the answer did not finish within REQUEST_TIMEOUT_S ({s.REQUEST_TIMEOUT_S} s)",
-    "shutting_down": lambda s: (
-        f"the service is shutting down and the stream outlived its grace ({s.SHUTDOWN_GRACE_S} s)"
-    ),
 }
 
 
