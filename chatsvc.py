@@ -317,7 +317,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -1369,6 +1369,12 @@ def _backoff(retries: int, exc: Exception) -> float:
     return min(0.5 * 2.0**retries, 8.0) * (1 - 0.25 * random.random())
 
 
+async def close_upstream(stream: openai.AsyncStream[ChatCompletionChunk]) -> None:
+    """Give the upstream connection back, cancelled or not, within 5 s."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        await stream.close()
+
+
 # --- Service state ----------------------------------------------------------------------------------
 
 
@@ -1674,7 +1680,7 @@ class Service:
             return False
         return response.is_success
 
-    async def take_slot(self) -> None:
+    async def take_slot(self) -> Slot:
         limit = self.settings.MAX_CONCURRENT_STREAMS
         if self.slots_in_use >= limit:
             await self.evict_detached()
@@ -1686,6 +1692,7 @@ class Service:
             raise ServiceError("overloaded", "the running streams fill RESUME_BUFFER_MB", retry_after=1)
         self.slots_in_use += 1
         self.metrics.active.inc()
+        return Slot(self)
 
     async def evict_detached(self) -> None:
         """Make room for a client that is here: stop the stream whose client left first (note 11).
@@ -1724,15 +1731,18 @@ class Service:
         protocol: ChatProtocol,
         chat: ChatKey | None,
         make_producer: Callable[[StreamLog], Producer],
+        resources: AsyncExitStack,
     ) -> StreamLog:
-        """A new stream's log, and its producer running in a task of its own: it outlives the request."""
+        """A new stream's log, and its producer running in a task of its own: it outlives the request.
+        The producer takes the stream's resources (slot, span, upstream connection) over from
+        `resources` as its task starts: until then they are the caller's to release."""
         stream_log = StreamLog(self, stream_id, owner, protocol, chat)
         self.streams[stream_log.stream_id] = stream_log
         if chat is not None:
             self.chats[chat] = stream_log
         producer = make_producer(stream_log)
         stream_log.producer = producer
-        task = asyncio.create_task(producer.run())  # copies the request's context: its correlation id
+        task = asyncio.create_task(producer.run(resources.pop_all()))  # with the request's context
         self.producers[producer] = task
         task.add_done_callback(lambda _: self.producers.pop(producer, None))
         return stream_log
@@ -1796,6 +1806,19 @@ class Service:
     def held_log_bytes(self) -> float:
         self.trim()
         return self.log_bytes
+
+
+class Slot:
+    """One of MAX_CONCURRENT_STREAMS, as Service.take_slot hands it out: released once, however often
+    release() is called (at a stream's end, or at once when it is evicted)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service: Service | None = service
+
+    def release(self) -> None:
+        if self.service is not None:
+            service, self.service = self.service, None
+            service.release_slot()
 
 
 ChatKey = tuple[bytes | None, str]  # (owner, chat id)
@@ -2241,6 +2264,7 @@ class Producer:
         stream_log: StreamLog,
         stream: openai.AsyncStream[ChatCompletionChunk],
         span: trace.Span,
+        slot: Slot,
         model: str,
         prompt_chars: int,
         started: float,
@@ -2249,8 +2273,9 @@ class Producer:
         self.service = service
         self.settings = service.settings
         self.log = stream_log
-        self.stream = stream  # only its raw response is read (note 9); close() closes it
-        self.span = span  # the upstream span (note 14); close() ends it
+        self.stream = stream  # only its raw response is read (note 9)
+        self.span = span  # the upstream span (note 14)
+        self.slot = slot  # given back at the end, or at once when evicted
         stream_log.span_context = span.get_span_context()
         self.model = model
         self.prompt_chars = prompt_chars
@@ -2264,7 +2289,6 @@ class Producer:
         self.read_scope: anyio.CancelScope | None = None
         self.stop_scope = anyio.CancelScope()  # cancelled by stop()
         self.stopped: Stop | None = None  # why, once stop() has stopped the read
-        self.holds_slot = True  # until release_slot(): at the end, or at once when evicted
         self.grace_timer: asyncio.TimerHandle | None = None
         self.detached_at = 0.0  # when the last follower left: the first to leave is evicted first
         self.grace_check: asyncio.Task[None] | None = None  # asks the store whether others follow (note 19)
@@ -2276,8 +2300,9 @@ class Producer:
 
     # The stream's life
 
-    async def run(self) -> None:
-        """Meta, the deltas as they come, then exactly one terminal event; or, abandoned, nothing more."""
+    async def run(self, resources: AsyncExitStack) -> None:
+        """Meta, the deltas as they come, then exactly one terminal event; or, abandoned, nothing more.
+        Then `resources` (the slot, the span, the upstream connection) are released."""
         stream_log = self.log
         if self.span is not NO_SPAN:  # this task's own context: its log lines carry the span's ids
             otel_context.attach(trace.set_span_in_context(self.span))
@@ -2295,7 +2320,9 @@ class Producer:
             log.exception("producer_failed")
             self.last_resort("internal_error")
         finally:
-            await self.close()
+            self.keep()  # a grace still running ends with the stream
+            self.log.producer = None
+            await resources.aclose()
 
     async def read(self) -> Ending:
         """Read the upstream body until it ends, a deadline passes or stop() stops it."""
@@ -2316,7 +2343,7 @@ class Producer:
             # One deadline for the whole read: the request budget and, while draining, the grace. The
             # idle limit is the client's read timeout, applied to every read.
             debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every read
-            with anyio.fail_after(min(self.deadline, self.service.drain_deadline) - time.monotonic()) as scope:
+            with anyio.fail_at(min(self.deadline, self.service.drain_deadline)) as scope:
                 self.read_scope = scope
                 try:
                     async for data in self.stream.response.aiter_bytes():
@@ -2459,12 +2486,7 @@ class Producer:
         so that a client that comes back learns how it ended (note 11)."""
         self.keep()
         self.stop(Stop.EVICTED)
-        self.release_slot()
-
-    def release_slot(self) -> None:
-        if self.holds_slot:
-            self.holds_slot = False
-            self.service.release_slot()
+        self.slot.release()
 
     def cancel(self) -> None:
         """DELETE: stop the generation; followers get `done` with finish_reason "cancelled"."""
@@ -2590,17 +2612,6 @@ class Producer:
             fields = {"code": code, "status": 200, "path": self.log.protocol.path}
             error = ServiceError(code, LAST_WORDS[code])
             self.record(Outcome(code, "request_failed", level, fields, usage, {}, error=error))
-
-    async def close(self) -> None:
-        """Release the upstream connection and the slot, whatever happened."""
-        self.keep()  # a grace still running ends with the stream
-        try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self.stream.close()
-        finally:
-            self.span.end()
-            self.log.producer = None
-            self.release_slot()
 
 
 def estimated_usage(prompt_chars: int, deltas: int) -> dict[str, Any]:
@@ -3216,47 +3227,55 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     log.info("chat_request", extra=extra)
 
     service.followers.check(None)  # its client is a follower: refused before the model is asked (note 20)
-    await service.take_slot()
     model = chat_request.model or settings.OPENAI_MODEL
-    span = service.tracing.upstream_span(settings, chat_request, model)
-    token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
     stream_id = secrets.token_hex(16)  # note 11
     chat = None if chat_id is None else (owner, chat_id)
-    # Note 15: every replica can find the stream before its id is out, at no cost to the live path.
-    prompt_tokens = math.ceil(prompt_chars / 4)  # note 6: the estimate, should the stream be lost (note 19)
-    announced = service.store.announce(stream_id, owner, protocol, chat, span, prompt_tokens) if service.store else None
-    try:
-        stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
-    except BaseException as exc:
-        service.release_slot()
-        mark_failed(span, exc.code if isinstance(exc, ServiceError) else "internal_error", exc)
-        span.end()
-        if announced is not None:
-            announced.cancel()
-        raise
-    finally:
-        if token is not None:
-            otel_context.detach(token)
-    span.set_attribute("chatsvc.upstream.retries", retries)
-    log.info(
-        "upstream_opened",
-        extra={
-            "retries": retries,
-            "upstream_request_id": (stream.response.headers.get("x-request-id") or "")[:128] or None,
-            "upstream_status": stream.response.status_code,
-            "model": model,
-            "open_ms": round((time.monotonic() - started) * 1000, 1),
-        },
-    )
-    store_failure = await announced if announced is not None else None
-    # The slot and the span are the producer's to release and end from here on.
-    stream_log = service.start_stream(
-        stream_id,
-        owner,
-        protocol,
-        chat,
-        lambda stream_log: Producer(service, stream_log, stream, span, model, prompt_chars, started, deadline),
-    )
+    # Each resource is released from the moment it is taken, however the opening ends; the producer
+    # takes them over when the stream starts.
+    async with AsyncExitStack() as resources:
+        slot = await service.take_slot()
+        resources.callback(slot.release)
+        span = service.tracing.upstream_span(settings, chat_request, model)
+        resources.callback(span.end)
+        try:
+            announced = None
+            if service.store is not None:
+                # Note 15: every replica can find the stream before its id is out, at no cost to the live path.
+                prompt_tokens = math.ceil(prompt_chars / 4)  # note 6: the estimate, should the stream be lost (note 19)
+                announced = service.store.announce(stream_id, owner, protocol, chat, span, prompt_tokens)
+                resources.callback(announced.cancel)
+            token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
+            try:
+                stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            resources.push_async_callback(close_upstream, stream)
+            span.set_attribute("chatsvc.upstream.retries", retries)
+            log.info(
+                "upstream_opened",
+                extra={
+                    "retries": retries,
+                    "upstream_request_id": (stream.response.headers.get("x-request-id") or "")[:128] or None,
+                    "upstream_status": stream.response.status_code,
+                    "model": model,
+                    "open_ms": round((time.monotonic() - started) * 1000, 1),
+                },
+            )
+            store_failure = await announced if announced is not None else None
+        except BaseException as exc:
+            mark_failed(span, exc.code if isinstance(exc, ServiceError) else "internal_error", exc)
+            raise
+        stream_log = service.start_stream(
+            stream_id,
+            owner,
+            protocol,
+            chat,
+            lambda stream_log: Producer(
+                service, stream_log, stream, span, slot, model, prompt_chars, started, deadline
+            ),
+            resources,
+        )
     if store_failure is not None and service.store is not None:
         service.store.give_up(stream_log, "failed", store_failure)
     response = FollowerResponse(stream_log, 0, settings, first=True)
