@@ -662,7 +662,7 @@ def map_upstream_error(
 ) -> ServiceError:
     """The one place where the model server's failures become our codes: openai's exceptions (what
     it raises, and what the relay raises in its shape, note 9), our parser's MalformedStream, and
-    our own deadlines (a TimeoutError from anyio.fail_after).
+    our own deadlines (the TimeoutError of anyio's fail_after or fail_at).
     `streaming`: the 200 is already sent, so a broken connection is an `upstream_error` event, not an
     unreachable server, and a deadline is the request's (`deadline`) or the drain's. Anything else
     is re-raised: a bug of ours is never the model server's fault."""
@@ -676,7 +676,7 @@ def map_upstream_error(
         if not streaming:
             detail = f"the model server did not accept the request within {settings.REQUEST_TIMEOUT_S} s"
             return ServiceError("upstream_timeout", detail)
-        now = time.monotonic() + 0.01  # asyncio's timers may fire a clock tick early
+        now = time.monotonic()  # anyio raises it at or after the deadline it was given
         if now >= drain_deadline:
             code = "shutting_down"
         elif now >= deadline:
@@ -2207,10 +2207,10 @@ class StreamLog:
 class Stop(enum.Enum):
     """Why a producer stops its read before the body ends: set once, by `Producer.stop`."""
 
-    CANCELLED = "cancelled"  # DELETE: `done` with finish_reason "cancelled"
-    ABANDONED = "client_disconnected"  # nobody came back within the grace (note 11)
-    TOO_SLOW = "client_too_slow"  # nobody came back, and the last follower was cut off for not reading (note 8)
-    EVICTED = "evicted"  # its slot went to a client that is here (note 11)
+    CANCELLED = enum.auto()  # DELETE: `done` with finish_reason "cancelled"
+    ABANDONED = enum.auto()  # nobody came back within the grace (note 11)
+    TOO_SLOW = enum.auto()  # nobody came back, and the last follower was cut off for not reading (note 8)
+    EVICTED = enum.auto()  # its slot went to a client that is here (note 11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2326,11 +2326,9 @@ class Producer:
 
     async def read(self) -> Ending:
         """Read the upstream body until it ends, a deadline passes or stop() stops it."""
-        ending: Ending | None = None
         with self.stop_scope:
             ending = await self.read_body()
-        if self.stopped is not None or ending is None:  # a stop wins, even over a read that ended meanwhile
-            assert self.stopped is not None
+        if self.stopped is not None:  # a stop wins, even over a read that ended meanwhile
             return Stopped(self.stopped)
         return ending
 
