@@ -14,12 +14,13 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import pytest
 
-from chatsvc import CHATSVC, NO_SPAN, Producer, Settings, StreamLog, open_upstream, parse_chat
+from chatsvc import CHATSVC, NO_SPAN, Producer, Settings, StreamLog, close_upstream, open_upstream, parse_chat
 from chatsvc import Service as ChatService
 from logging_conf import correlation_id
 from tests.conftest import Event, Service, iter_sse
@@ -245,15 +246,18 @@ async def run_broken(fake_model: FakeModel, failing: str) -> tuple[ChatService, 
         messages = chat.messages(None)
         started = time.monotonic()
         deadline = started + settings.REQUEST_TIMEOUT_S
-        await service.take_slot()
+        resources = AsyncExitStack()  # as start_chat hands them to the producer
+        slot = await service.take_slot()
+        resources.callback(slot.release)
         stream, _ = await open_upstream(service.client, settings, chat, messages, deadline)
+        resources.push_async_callback(close_upstream, stream)
 
         def producer(stream_log: StreamLog) -> Producer:
-            broken = Broken(service, stream_log, stream, NO_SPAN, "m", 2, started, deadline)
+            broken = Broken(service, stream_log, stream, NO_SPAN, slot, "m", 2, started, deadline)
             broken.failing = failing
             return broken
 
-        stream_log = service.start_stream("ab" * 16, None, CHATSVC, None, producer)
+        stream_log = service.start_stream("ab" * 16, None, CHATSVC, None, producer, resources)
         await asyncio.gather(*service.producers.values())
         return service, stream_log
     finally:
