@@ -6,7 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_benchmark_smoke_run_completes_with_intact_streams() -> None:

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 import chatsvc
-from tests.conftest import ROOT, Service
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, Service, StartService
 
 
 def start_with(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -98,11 +98,11 @@ def test_env_example_lists_exactly_the_settings() -> None:
         assert str(getattr(defaults, name)).lower().removesuffix(".0") == value.lower(), name
 
 
-def test_cors_is_off_by_default_and_on_when_configured(service: Service, start_service: object) -> None:
+def test_cors_is_off_by_default_and_on_when_configured(service: Service, start_service: StartService) -> None:
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in httpx.options(f"{service.url}/chat", headers=preflight).headers
 
-    svc: Service = start_service(CORS_ALLOW_ORIGINS="https://app.example")  # type: ignore[operator]
+    svc: Service = start_service(CORS_ALLOW_ORIGINS="https://app.example")
     response = httpx.options(f"{svc.url}/chat", headers=preflight)
     assert response.headers["access-control-allow-origin"] == "https://app.example"
     chat = httpx.post(f"{svc.url}/chat", json={"message": "hi"}, headers={"Origin": "https://app.example"})
