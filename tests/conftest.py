@@ -48,9 +48,19 @@ def services(fake_model: FakeModel, tmp_path_factory: pytest.TempPathFactory) ->
             service.exited(timeout=STOP_LIMIT_S)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts chatsvc processes of its own is slow: a start takes 3-15 s on a busy
+    2-core machine. `make check` leaves such tests out; module fixtures share theirs."""
+    for item in items:
+        if "start_service" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def start_service(fake_model: FakeModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartService]:
-    """Start chatsvc processes for this test alone: they are stopped when it ends."""
+    """Start chatsvc processes for this test alone: they are stopped when it ends (and the test is
+    marked slow)."""
     with services(fake_model, tmp_path_factory) as start:
         yield start
 

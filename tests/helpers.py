@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -83,7 +84,8 @@ def iter_sse(response: httpx.Response) -> Iterator[Event]:
 def parse_sse(body: str | bytes) -> list[Event]:
     """A whole SSE body (or one event of it), read: its events, comments (pings) left out."""
     text = body.decode() if isinstance(body, bytes) else body
-    return [e for e in SSEParser().lines([*text.splitlines(), ""]) if e.comment is None]
+    lines = re.split(r"\r\n|\r|\n", text)  # SSE's line endings only (str.splitlines knows more)
+    return [e for e in SSEParser().lines([*lines, ""]) if e.comment is None]
 
 
 def text_of(events: list[Event]) -> str:

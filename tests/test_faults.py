@@ -19,6 +19,8 @@ from tests.fake_model import FakeModel
 from tests.helpers import Service, StartService, free_port, scrape
 from tests.spec import assert_error, validate
 
+pytestmark = pytest.mark.slow  # a matrix of some 60 cells, each waiting for the service to settle
+
 OUTCOMES = ("request_completed", "request_failed", "client_disconnected")
 
 

@@ -22,6 +22,8 @@ from tests.helpers import ROOT, Service, scrape
 from tests.spec import assert_error_response, validate
 from tests.test_lifecycle import open_stream
 
+pytestmark = pytest.mark.slow  # each launcher started and drained: 15-20 s apiece on a busy machine
+
 UVICORN = [sys.executable, "-m", "uvicorn", "chatsvc:app", "--app-dir", str(ROOT), "--port", "{port}"]
 #: command, settings, worker processes, exit status after the drain (negative: killed by that signal)
 LAUNCHERS: dict[str, tuple[list[str] | None, dict[str, str], int, int]] = {
@@ -64,10 +66,7 @@ def assert_counted(svc: Service, sent: int) -> None:
     assert counted == [sent] * 6
 
 
-@pytest.mark.parametrize(
-    "launcher",  # several workers: a slow tier
-    [pytest.param(name, marks=pytest.mark.slow if spec[2] > 1 else ()) for name, spec in LAUNCHERS.items()],
-)
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_sigterm_drains_under_every_launcher(launcher: str, fake_model: FakeModel, tmp_path: Path) -> None:
     command, settings, workers, exit_status = LAUNCHERS[launcher]
     env = {"OPENAI_BASE_URL": fake_model.base_url, "SHUTDOWN_GRACE_S": "2", "IDLE_TIMEOUT_S": "60", **settings}

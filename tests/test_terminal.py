@@ -163,6 +163,7 @@ def scripted(fake_model: FakeModel, key: str, chunks: list[dict[str, Any]]) -> s
     return f"fake:script={key}"
 
 
+@pytest.mark.slow  # a matrix of some 150 streams
 @pytest.mark.parametrize(("field", "kind"), CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_any_json_in_any_field_ends_with_one_terminal_event(
     single: Service, client: httpx.Client, fake_model: FakeModel, field: str, kind: str

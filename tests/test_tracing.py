@@ -246,6 +246,7 @@ with TestClient(chatsvc.create_app()) as client:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter per case
 @pytest.mark.parametrize(
     ("env", "loaded"),
     [
