@@ -74,7 +74,7 @@ def start_module_service(fake_model: FakeModel, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="session")
 def service(fake_model: FakeModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The one shared service with default settings, against the fake model: it answers what any
-    process would, so every module asks it rather than starting one of its own."""
+    """The shared service, against the fake model: one process for the whole session, for every
+    test that needs no settings of its own."""
     with services(fake_model, tmp_path_factory) as start:
         yield start(ALLOWED_MODELS="gpt-4o-mini,other-model", SYSTEM_PROMPT="You are terse.")
