@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import ROOT, Service
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, Service
 
 WRAPPER = r"""
 import collections, gc, json, os, runpy, signal, sys, time

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(360)  # every relay and scenario, small: about a minute, several on a busy machine
