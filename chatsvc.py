@@ -47,7 +47,8 @@ says what departs from which default and why, and docs/design.md explains it at 
    docs/design.md#9-our-own-parser-for-the-upstream-body
 10. Garbage collection departs from CPython's defaults, under which a full collection stalled 1000
     open streams for up to 0.5 s: the start-up heap is frozen, the young thresholds raised, and
-    full collections left to idle moments. docs/design.md#10-garbage-collection-for-many-open-streams
+    full collections left to idle moments (no stream and no follower in flight).
+    docs/design.md#10-garbage-collection-for-many-open-streams
 11. Streams survive a dropped connection: event ids `<stream_id>:<seq>`, with the `id:` line last,
     not first as in sse-starlette (fetch-event-source takes it on reading it); a detached stream runs
     on for RESUME_GRACE_S, a finished log is kept RESUME_TTL_S, detached streams are evicted first,
@@ -2101,14 +2102,19 @@ class Metrics:
             self.collecting_when_idle = False
 
 
+IDLE_GC_INTERVAL_S = 1.0  # a full collection when idle walks few objects: a few ms
+IDLE_GC_DELAY_S = 0.05  # after the last stream and follower: their connections close meanwhile
+
+
 class Followers:
     """The clients following streams in this process, in all and by stream (note 20)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_none: Callable[[], None]) -> None:
         self.limit = settings.max_followers
         self.per_stream = settings.MAX_FOLLOWERS_PER_STREAM
         self.total = 0
         self.by_stream: dict[str, int] = {}
+        self.on_none = on_none  # called when the last follower ends
 
     def check(self, stream_id: str | None) -> None:
         """Refuse a follower (of this stream; None: of a new one) that would pass a limit."""
@@ -2141,6 +2147,8 @@ class Followers:
                 del self.by_stream[stream_id]
             else:
                 self.by_stream[stream_id] -= 1
+            if self.total == 0:
+                self.on_none()
 
 
 class Slot:
@@ -2188,12 +2196,13 @@ class Service:
         self.log_bytes = 0  # held by the logs in `streams`
         self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
         self.slots_in_use = 0  # streams (detached ones too) plus requests still opening one
-        self.followers = Followers(settings)
+        self.followers = Followers(settings, self.collect_when_idle)
         self.draining = False
         self.drain_deadline = math.inf
         self._drain_event: anyio.Event | None = None
         self._drained: anyio.Event | None = None
         self.last_full_gc = 0.0
+        self.idle_collection: asyncio.TimerHandle | None = None
 
     @property
     def drain_event(self) -> anyio.Event:
@@ -2269,9 +2278,23 @@ class Service:
         if self.slots_in_use == 0:
             if self._drained is not None:
                 self._drained.set()
-            if time.monotonic() - self.last_full_gc > IDLE_GC_INTERVAL_S:  # note 10
-                self.last_full_gc = time.monotonic()
-                self.metrics.collect_when_idle()
+            self.collect_when_idle()
+
+    def collect_when_idle(self) -> None:
+        """Note 10: the full collection left to idle moments runs once no stream and no follower is
+        in flight, IDLE_GC_DELAY_S after the last, when their sockets have closed; at most once every
+        IDLE_GC_INTERVAL_S."""
+        if self.slots_in_use or self.followers.total or self.idle_collection is not None:
+            return
+        if time.monotonic() - self.last_full_gc > IDLE_GC_INTERVAL_S:
+            self.idle_collection = asyncio.get_running_loop().call_later(IDLE_GC_DELAY_S, self._collect_if_idle)
+
+    def _collect_if_idle(self) -> None:
+        self.idle_collection = None
+        if self.slots_in_use or self.followers.total:
+            return  # work came meanwhile: the next idle moment
+        self.last_full_gc = time.monotonic()
+        self.metrics.collect_when_idle()
 
     # The stream logs (note 11)
 
@@ -2860,7 +2883,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
 #: ones after 4 of those, so that none walks more than some 20,000 live objects (under 50 ms);
 #: full collections almost only when idle.
 GC_THRESHOLDS = (5_000, 4, 1000)
-IDLE_GC_INTERVAL_S = 1.0  # a full collection when idle walks few objects: a few ms
 
 
 def tune_gc() -> None:
