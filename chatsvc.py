@@ -1,8 +1,9 @@
 """chatsvc: relay an OpenAI-compatible chat model's answer as Server-Sent Events.
 
-Read top-down: settings, errors, the request middleware, the upstream client, the service state,
-the relay (the stream log, its producer and its followers), the endpoints, `create_app`, and the
-launcher that `python chatsvc.py` runs. Each integration that brings a library of its own sits
+Read top-down: settings, errors, the request middleware, the chat request and the upstream client,
+the relay (the stream log, its producer and its followers), the store interface, admission and
+drain (the service's state), the endpoints, `create_app`, and the launcher that `python chatsvc.py`
+runs. Each integration that brings a library of its own sits
 beside this module, imported only when configured: redis_store.py (redis-py), tracing.py (the
 OpenTelemetry SDK), worker_metrics.py (prometheus-client's multiprocess mode); ai_sdk.py holds the
 AI SDK's protocol, and logging_conf.py the logging.
@@ -46,7 +47,8 @@ says what departs from which default and why, and docs/design.md explains it at 
    docs/design.md#9-our-own-parser-for-the-upstream-body
 10. Garbage collection departs from CPython's defaults, under which a full collection stalled 1000
     open streams for up to 0.5 s: the start-up heap is frozen, the young thresholds raised, and
-    full collections left to idle moments. docs/design.md#10-garbage-collection-for-many-open-streams
+    full collections left to idle moments (no stream and no follower in flight).
+    docs/design.md#10-garbage-collection-for-many-open-streams
 11. Streams survive a dropped connection: event ids `<stream_id>:<seq>`, with the `id:` line last,
     not first as in sse-starlette (fetch-event-source takes it on reading it); a detached stream runs
     on for RESUME_GRACE_S, a finished log is kept RESUME_TTL_S, detached streams are evicted first,
@@ -1065,412 +1067,6 @@ async def close_upstream(stream: openai.AsyncStream[ChatCompletionChunk]) -> Non
         await stream.close()
 
 
-# --- Service state ----------------------------------------------------------------------------------
-
-
-def join_worker_metrics() -> WorkerMetrics | None:
-    """In a worker of a supervisor, or with the operator's PROMETHEUS_MULTIPROC_DIR: the metrics
-    directory that the workers share (note 13). Elsewhere None, and its module is not imported."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") and multiprocessing.parent_process() is None:
-        return None
-    from worker_metrics import WorkerMetrics
-
-    return WorkerMetrics.join()
-
-
-@dataclass
-class Metrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    #: With several workers (note 13), the metrics live in shared files, and gauges whose value is
-    #: read when scraped are written by `workers` every second instead.
-    workers: WorkerMetrics | None = None
-
-    def __post_init__(self) -> None:
-        r = self.registry
-
-        def gauge(name: str, documentation: str, mode: Literal["livesum", "livemax"] = "livesum") -> Gauge:
-            return Gauge(name, documentation, registry=r, multiprocess_mode=mode)  # how workers combine
-
-        self.requests = Counter(
-            "chatsvc_requests",
-            "Chat requests by outcome code, refusals before the stream included",
-            ["code"],
-            registry=r,
-        )
-        self.active = gauge("chatsvc_active_streams", "Streams in progress, detached ones included")
-        self.ttft = Histogram(
-            "chatsvc_time_to_first_token_seconds",
-            "Request start to first delta",
-            registry=r,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-        )
-        self.duration = Histogram(
-            "chatsvc_stream_duration_seconds",
-            "Request start to the end of the stream",
-            registry=r,
-            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
-        )
-        self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
-        self.resumes = Counter(
-            "chatsvc_resumes",
-            "Resume requests by outcome: resumed, finished (204), not_found, unavailable (503)",
-            ["outcome"],
-            registry=r,
-        )
-        # RESUME_STORE=redis:// (note 15): each round trip of the writer, and streams given up on.
-        self.store_writes = Counter(
-            "chatsvc_store_writes", "Round trips writing to RESUME_STORE, by result: ok, failed", ["result"], registry=r
-        )
-        self.store_latency = Histogram(
-            "chatsvc_store_write_seconds",
-            "Duration of a write round trip to RESUME_STORE",
-            registry=r,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
-        )
-        self.store_unresumable = Counter(
-            "chatsvc_store_unresumable_streams",
-            "Streams whose store writes failed or fell behind: resumable only on their own replica",
-            ["reason"],
-            registry=r,
-        )
-        for result in ("ok", "failed"):  # 0 from the start (and without a store): rate() sees the first
-            self.store_writes.labels(result)
-        self.detached = gauge("chatsvc_detached_streams", "Streams running with no client attached")
-        self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)")
-        # For the alert rules (deploy/prometheus/rules.yml): the limits, and how long a drain has run.
-        self.max_streams = gauge("chatsvc_max_concurrent_streams", "MAX_CONCURRENT_STREAMS (summed: the host's)")
-        self.grace = gauge("chatsvc_shutdown_grace_seconds", "SHUTDOWN_GRACE_S", "livemax")
-        self.drain_seconds = gauge("chatsvc_drain_seconds", "Seconds since the drain began; 0 before", "livemax")
-        # What leak checks watch: memory and open descriptors (process_*: per process, so not in
-        # the sum of several workers), and tasks on the loop.
-        if self.workers is None:
-            ProcessCollector(registry=r)
-        tasks = gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop")
-        self.observe(tasks, lambda: len(asyncio.all_tasks()))
-        # A stall of the event loop stalls every stream at once: how late a 10 ms timer fires (so a
-        # stall reads up to LAG_PROBE_S short), and each garbage collection's pause, measured exactly.
-        stall_buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-        self.loop_lag = Histogram(
-            "chatsvc_event_loop_lag_seconds", "How late a timer fires", registry=r, buckets=stall_buckets
-        )
-        self.gc_pause = Histogram(
-            "chatsvc_gc_pause_seconds",
-            "Garbage collection pauses; when=idle: the full collections we run when no stream is open",
-            ["generation", "when"],
-            registry=r,
-            buckets=stall_buckets,
-        )
-        self._gc_started = 0.0
-        self.collecting_when_idle = False
-        self.idle_collections = 0  # the lag probe leaves out the samples that span one
-
-    LAG_PROBE_S = 0.01
-
-    def observe(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """A gauge whose value is `read()`: at each scrape, or with several workers every second."""
-        if self.workers is not None:
-            self.workers.observe(gauge, read)
-        else:
-            gauge.set_function(read)
-
-    async def watch_loop_lag(self) -> None:
-        while True:
-            planned, idle_collections = time.perf_counter() + self.LAG_PROBE_S, self.idle_collections
-            await asyncio.sleep(self.LAG_PROBE_S)
-            if idle_collections == self.idle_collections:
-                self.loop_lag.observe(max(0.0, time.perf_counter() - planned))
-
-    def on_gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        else:
-            when = "idle" if self.collecting_when_idle else "serving"
-            self.gc_pause.labels(str(info["generation"]), when).observe(time.perf_counter() - self._gc_started)
-
-    def collect_when_idle(self) -> None:
-        self.collecting_when_idle, self.idle_collections = True, self.idle_collections + 1
-        try:
-            gc.collect()
-        finally:
-            self.collecting_when_idle = False
-
-
-class Followers:
-    """The clients following streams in this process, in all and by stream (note 20)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.limit = settings.max_followers
-        self.per_stream = settings.MAX_FOLLOWERS_PER_STREAM
-        self.total = 0
-        self.by_stream: dict[str, int] = {}
-
-    def check(self, stream_id: str | None) -> None:
-        """Refuse a follower (of this stream; None: of a new one) that would pass a limit."""
-        if stream_id is not None and self.by_stream.get(stream_id, 0) >= self.per_stream:
-            raise ServiceError(
-                "too_many_followers",
-                f"{self.per_stream} clients follow this stream (MAX_FOLLOWERS_PER_STREAM)",
-                retry_after=1,
-            )
-        if self.total >= self.limit:
-            raise ServiceError(
-                "too_many_followers", f"{self.limit} clients follow streams here (MAX_FOLLOWERS)", retry_after=1
-            )
-
-    @contextmanager
-    def admit(self, stream_id: str, *, first: bool = False) -> Iterator[None]:
-        """Count a follower for as long as the block runs, or refuse it. `first`: a new stream's own
-        client, whose room start_chat checked before asking the model: refusing it now would leave
-        a stream that nobody follows, and the overshoot is bounded by the chats opening meanwhile."""
-        if not first:
-            self.check(stream_id)
-        # No await between the check and the count: concurrent followers cannot overshoot.
-        self.total += 1
-        self.by_stream[stream_id] = self.by_stream.get(stream_id, 0) + 1
-        try:
-            yield
-        finally:
-            self.total -= 1
-            if self.by_stream[stream_id] == 1:
-                del self.by_stream[stream_id]
-            else:
-                self.by_stream[stream_id] -= 1
-
-
-class Service:
-    """The state one app shares across requests: settings, the upstream client, slots, the stream
-    logs and their producers, drain."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.client = create_upstream_client(settings)
-        self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
-        self.tracing = Tracing()  # started by the lifespan (note 14)
-        self.worker_metrics = join_worker_metrics()  # note 13
-        self.metrics = Metrics(workers=self.worker_metrics)
-        self.store = open_store(self)  # note 15
-        self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
-        self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
-        self.metrics.max_streams.set(settings.MAX_CONCURRENT_STREAMS)
-        self.metrics.grace.set(settings.SHUTDOWN_GRACE_S)
-        self.metrics.observe(self.metrics.drain_seconds, self.drain_seconds)
-        # Every running stream's producer and its task, kept until the task is done (asyncio keeps
-        # only weak references to tasks): the drain tightens their deadlines, shutdown cancels them.
-        self.producers: dict[Producer, asyncio.Task[None]] = {}
-        self.streams: dict[str, StreamLog] = {}  # every resumable stream, by id
-        self.chats: dict[ChatKey, StreamLog] = {}  # each AI SDK chat's latest stream (note 12)
-        self.finished: dict[str, StreamLog] = {}  # the finished ones, oldest first (dicts keep order)
-        self.log_bytes = 0  # held by the logs in `streams`
-        self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
-        self.slots_in_use = 0  # streams (detached ones too) plus requests still opening one
-        self.followers = Followers(settings)
-        self.draining = False
-        self.drain_deadline = math.inf
-        self._drain_event: anyio.Event | None = None
-        self._drained: anyio.Event | None = None
-        self.last_full_gc = 0.0
-
-    @property
-    def drain_event(self) -> anyio.Event:
-        # Created on first use, inside the event loop, which anyio.Event needs.
-        if self._drain_event is None:
-            self._drain_event = anyio.Event()
-        return self._drain_event
-
-    def begin_drain(self) -> None:
-        """Stop taking chats and give every stream SHUTDOWN_GRACE_S to finish (note 4)."""
-        if self.draining:
-            return
-        self.draining = True
-        self.drain_deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE_S
-        self.drain_event.set()
-        log.info("draining", extra={"active_streams": len(self.producers), "grace_s": self.settings.SHUTDOWN_GRACE_S})
-        for producer in list(self.producers):
-            producer.tighten_deadline()
-
-    def drain_seconds(self) -> float:
-        """How long the drain has run (0 before one): its deadline is SHUTDOWN_GRACE_S after its start."""
-        if not self.draining:
-            return 0.0
-        return time.monotonic() - (self.drain_deadline - self.settings.SHUTDOWN_GRACE_S)
-
-    async def wait_drained(self) -> None:
-        """Until the last stream has ended, or the grace (and a margin for final events) is over."""
-        if self.slots_in_use:
-            self._drained = anyio.Event()
-            with anyio.move_on_after(self.settings.SHUTDOWN_GRACE_S + 2):
-                await self._drained.wait()
-
-    async def upstream_answers(self) -> bool:
-        """Whether UPSTREAM_HEALTH_URL answers 2xx within CONNECT_TIMEOUT_S (for /readyz)."""
-        assert self.settings.UPSTREAM_HEALTH_URL
-        try:
-            response = await self.health_client.get(self.settings.UPSTREAM_HEALTH_URL)
-        except httpx2.HTTPError:
-            return False
-        return response.is_success
-
-    async def take_slot(self) -> Slot:
-        limit = self.settings.MAX_CONCURRENT_STREAMS
-        if self.slots_in_use >= limit:
-            await self.evict_detached()
-        # No await between the checks and the increment: concurrent requests cannot overshoot.
-        if self.slots_in_use >= limit:
-            raise ServiceError("overloaded", f"{limit} streams are in progress", retry_after=1)
-        self.trim()
-        if self.log_bytes > self.buffer_bytes:  # only live streams are left in the logs (note 11)
-            raise ServiceError("overloaded", "the running streams fill RESUME_BUFFER_MB", retry_after=1)
-        self.slots_in_use += 1
-        self.metrics.active.inc()
-        return Slot(self)
-
-    async def evict_detached(self) -> None:
-        """Make room for a client that is here: stop the stream whose client left first (note 11).
-        None goes when every slot holds a stream with a follower, here or, with a store, on another
-        replica (note 19: its grace runs here all the same), or a request still opening one."""
-        detached = sorted((p for p in self.producers if p.grace_timer is not None), key=lambda p: p.detached_at)
-        for producer in detached:
-            if self.store is not None and await producer.followed_anywhere():
-                continue
-            if self.slots_in_use < self.settings.MAX_CONCURRENT_STREAMS:
-                return  # a slot came free meanwhile
-            if producer.grace_timer is not None:  # still detached after the await
-                producer.evict()
-                return
-
-    def release_slot(self) -> None:
-        self.slots_in_use -= 1
-        self.metrics.active.dec()
-        if self.slots_in_use == 0:
-            if self._drained is not None:
-                self._drained.set()
-            if time.monotonic() - self.last_full_gc > IDLE_GC_INTERVAL_S:  # note 10
-                self.last_full_gc = time.monotonic()
-                self.metrics.collect_when_idle()
-
-    # The stream logs (note 11)
-
-    def start_stream(
-        self,
-        stream_id: str,
-        owner: bytes | None,
-        protocol: ChatProtocol,
-        chat: ChatKey | None,
-        make_producer: Callable[[StreamLog], Producer],
-        resources: AsyncExitStack,
-    ) -> StreamLog:
-        """A new stream's log, and its producer running in a task of its own: it outlives the request.
-        The producer takes the stream's resources (slot, span, upstream connection) over from
-        `resources` as its task starts: until then they are the caller's to release."""
-        stream_log = StreamLog(self, stream_id, owner, protocol, chat)
-        self.streams[stream_log.stream_id] = stream_log
-        if chat is not None:
-            self.chats[chat] = stream_log
-        producer = make_producer(stream_log)
-        stream_log.producer = producer
-        task = asyncio.create_task(producer.run(resources.pop_all()))  # with the request's context
-        self.producers[producer] = task
-        task.add_done_callback(lambda _: self.producers.pop(producer, None))
-        return stream_log
-
-    async def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteStream:
-        """The stream with this id, started with this key (another key's stream is not revealed):
-        this replica's own if it holds it, else the store's copy (note 15)."""
-        self.trim()
-        stream_log = self.streams.get(stream_id)
-        if stream_log is not None:
-            if not _same_owner(stream_log.owner, owner):
-                raise stream_not_found()
-            return stream_log
-        if self.store is None:
-            raise stream_not_found()
-        remote = await ask_store(self.store, self.store.find(stream_id, owner))
-        if remote is None:  # none, another key's, or abandoned (note 19)
-            raise stream_not_found()
-        return remote
-
-    async def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | RemoteStream | None:
-        """The chat's latest stream, if it is kept (note 12). The key that started the chat is part
-        of its name, so another key's chat is not even looked at. With a store, the store says which
-        stream is the latest: it may have started on another replica."""
-        self.trim()
-        if self.store is None:
-            return self.chats.get((owner, chat_id))
-        stream_id = await ask_store(self.store, self.store.find_chat((owner, chat_id)))
-        if stream_id is None:
-            return None
-        try:
-            stream_log = await self.find_stream(stream_id, owner)
-        except ServiceError as exc:
-            if exc.code == "stream_not_found":  # expired between the two look-ups
-                return None
-            raise
-        if isinstance(stream_log, StreamLog) and stream_log.finished and not stream_log.delivered:
-            # To a follower on another replica?
-            stream_log.delivered = await ask_store(self.store, self.store.delivered(stream_id))
-        return stream_log
-
-    def cancel_here(self, stream_id: str, request_id: str | None) -> None:
-        """A DELETE on another replica named this stream (note 15): stop it if it runs here, logged
-        with that request's correlation id."""
-        stream_log = self.streams.get(stream_id)
-        if stream_log is not None and stream_log.producer is not None:
-            token = correlation_id.set(request_id)
-            try:
-                stream_log.producer.cancel()
-            finally:
-                correlation_id.reset(token)
-
-    def on_finished(self, stream_log: StreamLog) -> None:
-        if stream_log.stream_id in self.streams:
-            self.finished[stream_log.stream_id] = stream_log
-            self.trim()
-
-    def drop(self, stream_log: StreamLog) -> None:
-        """Forget a stream: it can no longer be resumed (followers reading it keep their reference)."""
-        if self.streams.pop(stream_log.stream_id, None) is not None:
-            self.log_bytes -= stream_log.size
-        self.finished.pop(stream_log.stream_id, None)
-        if stream_log.chat is not None and self.chats.get(stream_log.chat) is stream_log:
-            del self.chats[stream_log.chat]
-
-    def trim(self) -> None:
-        """Drop finished logs past RESUME_TTL_S, and the oldest finished ones while over RESUME_BUFFER_MB."""
-        expired = time.monotonic() - self.settings.RESUME_TTL_S
-        while self.finished:  # oldest first: it runs on every admission, so it looks no further
-            oldest = next(iter(self.finished.values()))
-            assert oldest.finished_at is not None
-            if oldest.finished_at > expired and self.log_bytes <= self.buffer_bytes:
-                break
-            self.drop(oldest)
-
-    def held_log_bytes(self) -> float:
-        self.trim()
-        return self.log_bytes
-
-
-class Slot:
-    """One of MAX_CONCURRENT_STREAMS, as Service.take_slot hands it out: released once, however often
-    release() is called (at a stream's end, or at once when it is evicted)."""
-
-    def __init__(self, service: Service) -> None:
-        self.service: Service | None = service
-
-    def release(self) -> None:
-        if self.service is not None:
-            service, self.service = self.service, None
-            service.release_slot()
-
-
-ChatKey = tuple[bytes | None, str]  # (owner, chat id)
-
-
-def _same_owner(a: bytes | None, b: bytes | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return secrets.compare_digest(a, b)
-
-
 # --- The relay --------------------------------------------------------------------------------------
 
 
@@ -1698,6 +1294,9 @@ EVENT_ID_PATTERN = re.compile(rf"^([0-9a-f]{{32}}):({SEQ})$")
 AFTER_PATTERN = re.compile(rf"^(-1|{SEQ})$")  # ?after=: a seq, or -1 for the start
 
 
+ChatKey = tuple[bytes | None, str]  # (owner, chat id)
+
+
 class StreamLog:
     """One stream's events in order, each encoded once (note 11). Its producer alone appends, ending
     with the one terminal event; any number of followers read it from any position."""
@@ -1776,6 +1375,38 @@ class StreamLog:
         self.followers -= 1
         if self.followers == 0 and self.producer is not None:
             self.producer.alone(too_slow=too_slow)
+
+
+def estimated_usage(prompt_chars: int, deltas: int) -> dict[str, Any]:
+    """Note 6: four characters a prompt token, one token a delta."""
+    prompt = math.ceil(prompt_chars / 4)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": deltas,
+        "total_tokens": prompt + deltas,
+        "source": "estimated",
+    }
+
+
+EVICTED = ServiceError(
+    "overloaded", "the stream was stopped while its client had left, to make room for a client that is connected"
+)
+
+
+#: The last resort's codes and details (note 18).
+LAST_WORDS = {
+    "internal_error": "the stream failed unexpectedly",
+    "shutting_down": "the service stopped before the stream ended",
+}
+
+
+def _flat_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "total_tokens": usage["total_tokens"],
+        "usage_source": usage["source"],
+    }
 
 
 class Stop(enum.Enum):
@@ -2183,35 +1814,8 @@ class Producer:
             self.record(Outcome(code, "request_failed", level, fields, usage, {}, error=error))
 
 
-def estimated_usage(prompt_chars: int, deltas: int) -> dict[str, Any]:
-    """Note 6: four characters a prompt token, one token a delta."""
-    prompt = math.ceil(prompt_chars / 4)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": deltas,
-        "total_tokens": prompt + deltas,
-        "source": "estimated",
-    }
-
-
-EVICTED = ServiceError(
-    "overloaded", "the stream was stopped while its client had left, to make room for a client that is connected"
-)
-
-#: The last resort's codes and details (note 18).
-LAST_WORDS = {
-    "internal_error": "the stream failed unexpectedly",
-    "shutting_down": "the service stopped before the stream ended",
-}
-
-
-def _flat_usage(usage: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage["prompt_tokens"],
-        "completion_tokens": usage["completion_tokens"],
-        "total_tokens": usage["total_tokens"],
-        "usage_source": usage["source"],
-    }
+#: The ASGI scope extension that `HttpProtocol` offers: `scope["extensions"][ABORT_EXTENSION]["abort"]()`.
+ABORT_EXTENSION = "chatsvc.abort"
 
 
 class FollowerResponse(EventSourceResponse):
@@ -2366,6 +1970,431 @@ def check_store(settings: Settings) -> None:
         check_redis(settings.redis_url, settings.CONNECT_TIMEOUT_S)
     except StoreUnavailable as exc:
         exit_misconfigured(f"RESUME_STORE: Redis does not answer ({exc})", "RESUME_STORE")
+
+
+# --- Admission and drain: the service's state -------------------------------------------------------
+
+
+def join_worker_metrics() -> WorkerMetrics | None:
+    """In a worker of a supervisor, or with the operator's PROMETHEUS_MULTIPROC_DIR: the metrics
+    directory that the workers share (note 13). Elsewhere None, and its module is not imported."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") and multiprocessing.parent_process() is None:
+        return None
+    from worker_metrics import WorkerMetrics
+
+    return WorkerMetrics.join()
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    #: With several workers (note 13), the metrics live in shared files, and gauges whose value is
+    #: read when scraped are written by `workers` every second instead.
+    workers: WorkerMetrics | None = None
+
+    def __post_init__(self) -> None:
+        r = self.registry
+
+        def gauge(name: str, documentation: str, mode: Literal["livesum", "livemax"] = "livesum") -> Gauge:
+            return Gauge(name, documentation, registry=r, multiprocess_mode=mode)  # how workers combine
+
+        self.requests = Counter(
+            "chatsvc_requests",
+            "Chat requests by outcome code, refusals before the stream included",
+            ["code"],
+            registry=r,
+        )
+        self.active = gauge("chatsvc_active_streams", "Streams in progress, detached ones included")
+        self.ttft = Histogram(
+            "chatsvc_time_to_first_token_seconds",
+            "Request start to first delta",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+        self.duration = Histogram(
+            "chatsvc_stream_duration_seconds",
+            "Request start to the end of the stream",
+            registry=r,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+        )
+        self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
+        self.resumes = Counter(
+            "chatsvc_resumes",
+            "Resume requests by outcome: resumed, finished (204), not_found, unavailable (503)",
+            ["outcome"],
+            registry=r,
+        )
+        # RESUME_STORE=redis:// (note 15): each round trip of the writer, and streams given up on.
+        self.store_writes = Counter(
+            "chatsvc_store_writes", "Round trips writing to RESUME_STORE, by result: ok, failed", ["result"], registry=r
+        )
+        self.store_latency = Histogram(
+            "chatsvc_store_write_seconds",
+            "Duration of a write round trip to RESUME_STORE",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
+        self.store_unresumable = Counter(
+            "chatsvc_store_unresumable_streams",
+            "Streams whose store writes failed or fell behind: resumable only on their own replica",
+            ["reason"],
+            registry=r,
+        )
+        for result in ("ok", "failed"):  # 0 from the start (and without a store): rate() sees the first
+            self.store_writes.labels(result)
+        self.detached = gauge("chatsvc_detached_streams", "Streams running with no client attached")
+        self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)")
+        # For the alert rules (deploy/prometheus/rules.yml): the limits, and how long a drain has run.
+        self.max_streams = gauge("chatsvc_max_concurrent_streams", "MAX_CONCURRENT_STREAMS (summed: the host's)")
+        self.grace = gauge("chatsvc_shutdown_grace_seconds", "SHUTDOWN_GRACE_S", "livemax")
+        self.drain_seconds = gauge("chatsvc_drain_seconds", "Seconds since the drain began; 0 before", "livemax")
+        # What leak checks watch: memory and open descriptors (process_*: per process, so not in
+        # the sum of several workers), and tasks on the loop.
+        if self.workers is None:
+            ProcessCollector(registry=r)
+        tasks = gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop")
+        self.observe(tasks, lambda: len(asyncio.all_tasks()))
+        # A stall of the event loop stalls every stream at once: how late a 10 ms timer fires (so a
+        # stall reads up to LAG_PROBE_S short), and each garbage collection's pause, measured exactly.
+        stall_buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+        self.loop_lag = Histogram(
+            "chatsvc_event_loop_lag_seconds", "How late a timer fires", registry=r, buckets=stall_buckets
+        )
+        self.gc_pause = Histogram(
+            "chatsvc_gc_pause_seconds",
+            "Garbage collection pauses; when=idle: the full collections we run when no stream is open",
+            ["generation", "when"],
+            registry=r,
+            buckets=stall_buckets,
+        )
+        self._gc_started = 0.0
+        self.collecting_when_idle = False
+        self.idle_collections = 0  # the lag probe leaves out the samples that span one
+
+    LAG_PROBE_S = 0.01
+
+    def observe(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """A gauge whose value is `read()`: at each scrape, or with several workers every second."""
+        if self.workers is not None:
+            self.workers.observe(gauge, read)
+        else:
+            gauge.set_function(read)
+
+    async def watch_loop_lag(self) -> None:
+        while True:
+            planned, idle_collections = time.perf_counter() + self.LAG_PROBE_S, self.idle_collections
+            await asyncio.sleep(self.LAG_PROBE_S)
+            if idle_collections == self.idle_collections:
+                self.loop_lag.observe(max(0.0, time.perf_counter() - planned))
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            when = "idle" if self.collecting_when_idle else "serving"
+            self.gc_pause.labels(str(info["generation"]), when).observe(time.perf_counter() - self._gc_started)
+
+    def collect_when_idle(self) -> None:
+        self.collecting_when_idle, self.idle_collections = True, self.idle_collections + 1
+        try:
+            gc.collect()
+        finally:
+            self.collecting_when_idle = False
+
+
+IDLE_GC_INTERVAL_S = 1.0  # a full collection when idle walks few objects: a few ms
+IDLE_GC_DELAY_S = 0.05  # after the last stream and follower: their connections close meanwhile
+
+
+class Followers:
+    """The clients following streams in this process, in all and by stream (note 20)."""
+
+    def __init__(self, settings: Settings, on_none: Callable[[], None]) -> None:
+        self.limit = settings.max_followers
+        self.per_stream = settings.MAX_FOLLOWERS_PER_STREAM
+        self.total = 0
+        self.by_stream: dict[str, int] = {}
+        self.on_none = on_none  # called when the last follower ends
+
+    def check(self, stream_id: str | None) -> None:
+        """Refuse a follower (of this stream; None: of a new one) that would pass a limit."""
+        if stream_id is not None and self.by_stream.get(stream_id, 0) >= self.per_stream:
+            raise ServiceError(
+                "too_many_followers",
+                f"{self.per_stream} clients follow this stream (MAX_FOLLOWERS_PER_STREAM)",
+                retry_after=1,
+            )
+        if self.total >= self.limit:
+            raise ServiceError(
+                "too_many_followers", f"{self.limit} clients follow streams here (MAX_FOLLOWERS)", retry_after=1
+            )
+
+    @contextmanager
+    def admit(self, stream_id: str, *, first: bool = False) -> Iterator[None]:
+        """Count a follower for as long as the block runs, or refuse it. `first`: a new stream's own
+        client, whose room start_chat checked before asking the model: refusing it now would leave
+        a stream that nobody follows, and the overshoot is bounded by the chats opening meanwhile."""
+        if not first:
+            self.check(stream_id)
+        # No await between the check and the count: concurrent followers cannot overshoot.
+        self.total += 1
+        self.by_stream[stream_id] = self.by_stream.get(stream_id, 0) + 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            if self.by_stream[stream_id] == 1:
+                del self.by_stream[stream_id]
+            else:
+                self.by_stream[stream_id] -= 1
+            if self.total == 0:
+                self.on_none()
+
+
+class Slot:
+    """One of MAX_CONCURRENT_STREAMS, as Service.take_slot hands it out: released once, however often
+    release() is called (at a stream's end, or at once when it is evicted)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service: Service | None = service
+
+    def release(self) -> None:
+        if self.service is not None:
+            service, self.service = self.service, None
+            service.release_slot()
+
+
+def _same_owner(a: bytes | None, b: bytes | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return secrets.compare_digest(a, b)
+
+
+class Service:
+    """The state one app shares across requests: settings, the upstream client, slots, the stream
+    logs and their producers, drain."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = create_upstream_client(settings)
+        self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
+        self.tracing = Tracing()  # started by the lifespan (note 14)
+        self.worker_metrics = join_worker_metrics()  # note 13
+        self.metrics = Metrics(workers=self.worker_metrics)
+        self.store = open_store(self)  # note 15
+        self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
+        self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
+        self.metrics.max_streams.set(settings.MAX_CONCURRENT_STREAMS)
+        self.metrics.grace.set(settings.SHUTDOWN_GRACE_S)
+        self.metrics.observe(self.metrics.drain_seconds, self.drain_seconds)
+        # Every running stream's producer and its task, kept until the task is done (asyncio keeps
+        # only weak references to tasks): the drain tightens their deadlines, shutdown cancels them.
+        self.producers: dict[Producer, asyncio.Task[None]] = {}
+        self.streams: dict[str, StreamLog] = {}  # every resumable stream, by id
+        self.chats: dict[ChatKey, StreamLog] = {}  # each AI SDK chat's latest stream (note 12)
+        self.finished: dict[str, StreamLog] = {}  # the finished ones, oldest first (dicts keep order)
+        self.log_bytes = 0  # held by the logs in `streams`
+        self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
+        self.slots_in_use = 0  # streams (detached ones too) plus requests still opening one
+        self.followers = Followers(settings, self.collect_when_idle)
+        self.draining = False
+        self.drain_deadline = math.inf
+        self._drain_event: anyio.Event | None = None
+        self._drained: anyio.Event | None = None
+        self.last_full_gc = 0.0
+        self.idle_collection: asyncio.TimerHandle | None = None
+
+    @property
+    def drain_event(self) -> anyio.Event:
+        # Created on first use, inside the event loop, which anyio.Event needs.
+        if self._drain_event is None:
+            self._drain_event = anyio.Event()
+        return self._drain_event
+
+    def begin_drain(self) -> None:
+        """Stop taking chats and give every stream SHUTDOWN_GRACE_S to finish (note 4)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE_S
+        self.drain_event.set()
+        log.info("draining", extra={"active_streams": len(self.producers), "grace_s": self.settings.SHUTDOWN_GRACE_S})
+        for producer in list(self.producers):
+            producer.tighten_deadline()
+
+    def drain_seconds(self) -> float:
+        """How long the drain has run (0 before one): its deadline is SHUTDOWN_GRACE_S after its start."""
+        if not self.draining:
+            return 0.0
+        return time.monotonic() - (self.drain_deadline - self.settings.SHUTDOWN_GRACE_S)
+
+    async def wait_drained(self) -> None:
+        """Until the last stream has ended, or the grace (and a margin for final events) is over."""
+        if self.slots_in_use:
+            self._drained = anyio.Event()
+            with anyio.move_on_after(self.settings.SHUTDOWN_GRACE_S + 2):
+                await self._drained.wait()
+
+    async def upstream_answers(self) -> bool:
+        """Whether UPSTREAM_HEALTH_URL answers 2xx within CONNECT_TIMEOUT_S (for /readyz)."""
+        assert self.settings.UPSTREAM_HEALTH_URL
+        try:
+            response = await self.health_client.get(self.settings.UPSTREAM_HEALTH_URL)
+        except httpx2.HTTPError:
+            return False
+        return response.is_success
+
+    async def take_slot(self) -> Slot:
+        limit = self.settings.MAX_CONCURRENT_STREAMS
+        if self.slots_in_use >= limit:
+            await self.evict_detached()
+        # No await between the checks and the increment: concurrent requests cannot overshoot.
+        if self.slots_in_use >= limit:
+            raise ServiceError("overloaded", f"{limit} streams are in progress", retry_after=1)
+        self.trim()
+        if self.log_bytes > self.buffer_bytes:  # only live streams are left in the logs (note 11)
+            raise ServiceError("overloaded", "the running streams fill RESUME_BUFFER_MB", retry_after=1)
+        self.slots_in_use += 1
+        self.metrics.active.inc()
+        return Slot(self)
+
+    async def evict_detached(self) -> None:
+        """Make room for a client that is here: stop the stream whose client left first (note 11).
+        None goes when every slot holds a stream with a follower, here or, with a store, on another
+        replica (note 19: its grace runs here all the same), or a request still opening one."""
+        detached = sorted((p for p in self.producers if p.grace_timer is not None), key=lambda p: p.detached_at)
+        for producer in detached:
+            if self.store is not None and await producer.followed_anywhere():
+                continue
+            if self.slots_in_use < self.settings.MAX_CONCURRENT_STREAMS:
+                return  # a slot came free meanwhile
+            if producer.grace_timer is not None:  # still detached after the await
+                producer.evict()
+                return
+
+    def release_slot(self) -> None:
+        self.slots_in_use -= 1
+        self.metrics.active.dec()
+        if self.slots_in_use == 0:
+            if self._drained is not None:
+                self._drained.set()
+            self.collect_when_idle()
+
+    def collect_when_idle(self) -> None:
+        """Note 10: the full collection left to idle moments runs once no stream and no follower is
+        in flight, IDLE_GC_DELAY_S after the last, when their sockets have closed; at most once every
+        IDLE_GC_INTERVAL_S."""
+        if self.slots_in_use or self.followers.total or self.idle_collection is not None:
+            return
+        if time.monotonic() - self.last_full_gc > IDLE_GC_INTERVAL_S:
+            self.idle_collection = asyncio.get_running_loop().call_later(IDLE_GC_DELAY_S, self._collect_if_idle)
+
+    def _collect_if_idle(self) -> None:
+        self.idle_collection = None
+        if self.slots_in_use or self.followers.total:
+            return  # work came meanwhile: the next idle moment
+        self.last_full_gc = time.monotonic()
+        self.metrics.collect_when_idle()
+
+    # The stream logs (note 11)
+
+    def start_stream(
+        self,
+        stream_id: str,
+        owner: bytes | None,
+        protocol: ChatProtocol,
+        chat: ChatKey | None,
+        make_producer: Callable[[StreamLog], Producer],
+        resources: AsyncExitStack,
+    ) -> StreamLog:
+        """A new stream's log, and its producer running in a task of its own: it outlives the request.
+        The producer takes the stream's resources (slot, span, upstream connection) over from
+        `resources` as its task starts: until then they are the caller's to release."""
+        stream_log = StreamLog(self, stream_id, owner, protocol, chat)
+        self.streams[stream_log.stream_id] = stream_log
+        if chat is not None:
+            self.chats[chat] = stream_log
+        producer = make_producer(stream_log)
+        stream_log.producer = producer
+        task = asyncio.create_task(producer.run(resources.pop_all()))  # with the request's context
+        self.producers[producer] = task
+        task.add_done_callback(lambda _: self.producers.pop(producer, None))
+        return stream_log
+
+    async def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteStream:
+        """The stream with this id, started with this key (another key's stream is not revealed):
+        this replica's own if it holds it, else the store's copy (note 15)."""
+        self.trim()
+        stream_log = self.streams.get(stream_id)
+        if stream_log is not None:
+            if not _same_owner(stream_log.owner, owner):
+                raise stream_not_found()
+            return stream_log
+        if self.store is None:
+            raise stream_not_found()
+        remote = await ask_store(self.store, self.store.find(stream_id, owner))
+        if remote is None:  # none, another key's, or abandoned (note 19)
+            raise stream_not_found()
+        return remote
+
+    async def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | RemoteStream | None:
+        """The chat's latest stream, if it is kept (note 12). The key that started the chat is part
+        of its name, so another key's chat is not even looked at. With a store, the store says which
+        stream is the latest: it may have started on another replica."""
+        self.trim()
+        if self.store is None:
+            return self.chats.get((owner, chat_id))
+        stream_id = await ask_store(self.store, self.store.find_chat((owner, chat_id)))
+        if stream_id is None:
+            return None
+        try:
+            stream_log = await self.find_stream(stream_id, owner)
+        except ServiceError as exc:
+            if exc.code == "stream_not_found":  # expired between the two look-ups
+                return None
+            raise
+        if isinstance(stream_log, StreamLog) and stream_log.finished and not stream_log.delivered:
+            # To a follower on another replica?
+            stream_log.delivered = await ask_store(self.store, self.store.delivered(stream_id))
+        return stream_log
+
+    def cancel_here(self, stream_id: str, request_id: str | None) -> None:
+        """A DELETE on another replica named this stream (note 15): stop it if it runs here, logged
+        with that request's correlation id."""
+        stream_log = self.streams.get(stream_id)
+        if stream_log is not None and stream_log.producer is not None:
+            token = correlation_id.set(request_id)
+            try:
+                stream_log.producer.cancel()
+            finally:
+                correlation_id.reset(token)
+
+    def on_finished(self, stream_log: StreamLog) -> None:
+        if stream_log.stream_id in self.streams:
+            self.finished[stream_log.stream_id] = stream_log
+            self.trim()
+
+    def drop(self, stream_log: StreamLog) -> None:
+        """Forget a stream: it can no longer be resumed (followers reading it keep their reference)."""
+        if self.streams.pop(stream_log.stream_id, None) is not None:
+            self.log_bytes -= stream_log.size
+        self.finished.pop(stream_log.stream_id, None)
+        if stream_log.chat is not None and self.chats.get(stream_log.chat) is stream_log:
+            del self.chats[stream_log.chat]
+
+    def trim(self) -> None:
+        """Drop finished logs past RESUME_TTL_S, and the oldest finished ones while over RESUME_BUFFER_MB."""
+        expired = time.monotonic() - self.settings.RESUME_TTL_S
+        while self.finished:  # oldest first: it runs on every admission, so it looks no further
+            oldest = next(iter(self.finished.values()))
+            assert oldest.finished_at is not None
+            if oldest.finished_at > expired and self.log_bytes <= self.buffer_bytes:
+                break
+            self.drop(oldest)
+
+    def held_log_bytes(self) -> float:
+        self.trim()
+        return self.log_bytes
 
 
 # --- Endpoints --------------------------------------------------------------------------------------
@@ -2854,7 +2883,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
 #: ones after 4 of those, so that none walks more than some 20,000 live objects (under 50 ms);
 #: full collections almost only when idle.
 GC_THRESHOLDS = (5_000, 4, 1000)
-IDLE_GC_INTERVAL_S = 1.0  # a full collection when idle walks few objects: a few ms
 
 
 def tune_gc() -> None:
@@ -2916,8 +2944,6 @@ def drain_on_signals(service: Service) -> Callable[[], None]:
 
 # --- Connections (note 17) -------------------------------------------------------------------------
 
-#: The ASGI scope extension that `HttpProtocol` offers: `scope["extensions"][ABORT_EXTENSION]["abort"]()`.
-ABORT_EXTENSION = "chatsvc.abort"
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, for 0 s: close() resets, dropping what is queued
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -128,3 +130,31 @@ def test_sigterm_with_nothing_in_flight_exits_at_once(start_service: StartServic
     svc.signal(signal.SIGTERM)
     assert svc.proc is not None
     assert svc.proc.wait(timeout=10) == 0
+
+
+def idle_collections(service: Service) -> float:
+    return scrape(service).value("chatsvc_gc_pause_seconds_count", generation="2", when="idle", default=0)
+
+
+def test_no_idle_collection_while_a_client_is_still_served(start_service: StartService) -> None:
+    """Bug: the full collection meant for idle moments ran when the last slot was released, while a
+    client was still being sent the end of its answer (0.3 s of pause with 1000 streams' garbage).
+    Fix: it runs only once no stream and no follower is in flight, a moment after the last."""
+    service = start_service(SEND_TIMEOUT_S="2", RESUME_GRACE_S="0")
+    before = idle_collections(service)
+    body = json.dumps({"message": "fake:huge=100000,deltas=60"}).encode()  # 6 MB: more than the buffers hold
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(
+            b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: idle-gc\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        service.wait_for_log("request_completed", "idle-gc")  # the answer is whole: its slot is free
+        during = idle_collections(service)  # the client, reading nothing, is still being sent it
+        service.wait_for_log("follower_cut_off", "idle-gc")
+    assert during == before
+    deadline = time.monotonic() + 10
+    while idle_collections(service) == before and time.monotonic() < deadline:
+        time.sleep(0.05)  # no event says when the collection ran but its metric
+    assert idle_collections(service) == before + 1
