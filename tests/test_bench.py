@@ -3,15 +3,18 @@ never asserted here: timings belong to the benchmark, not to the tests."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
 
-def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
+def test_benchmark_smoke_run_completes_with_intact_streams(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke"],
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--json", str(results)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -37,6 +40,16 @@ def test_benchmark_smoke_run_completes_with_intact_streams() -> None:
     assert rows["E."][header.index("chatsvc")].strip() == "kept for RESUME_GRACE_S"
     assert "streams failed or not intact: 0" in result.stdout
     assert int(result.stdout.split("spans the OTLP receiver decoded: ")[1].split()[0]) > 0
+
+    # The same figures, as bench/plot.py draws them.
+    run = json.loads(results.read_text())
+    assert run["relays"] == header[2 : 2 + len(run["relays"])]
+    assert {"floor", "chatsvc", "obvious"} <= set(run["figures"]["Ci"])
+    picture = tmp_path / "benchmark.png"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "plot.py"), str(results), str(picture)], check=True, timeout=120
+    )
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cost_measurements_run() -> None:

@@ -23,7 +23,9 @@ FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 #: What belongs in `git log`, not in a page a user reads.
 HISTORY = {
     "an issue number": re.compile(r"\bissues? #?\d+|\bPR #?\d+|(?<![\w/.-])#\d{1,5}\b", re.I),
-    "a commit hash": re.compile(r"(?<![\w-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])(?:[0-9a-f]{7,12}|[0-9a-f]{40})(?![\w-])"),
+    "a commit hash": re.compile(
+        r"(?<![\w-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])(?:[0-9a-f]{7,12}|[0-9a-f]{40})(?![\w-])"
+    ),
     "session words": re.compile(r"\bblocked\b|closing note|\bsession history\b|maintainers' call", re.I),
 }
 
@@ -52,9 +54,7 @@ def test_every_relative_link_and_anchor_resolves(page: Path) -> None:
             continue
         path, _, fragment = target.partition("#")
         resolved = (page.parent / path).resolve() if path else page
-        if not resolved.exists():
-            broken.append(target)
-        elif fragment and resolved.suffix == ".md" and fragment not in anchors(resolved):
+        if not resolved.exists() or (fragment and resolved.suffix == ".md" and fragment not in anchors(resolved)):
             broken.append(target)
     assert broken == []
 
@@ -115,7 +115,8 @@ def test_the_readme_curl_example_gives_the_stream_it_shows(service: Service) -> 
     section = readme.split("## A stream", 1)[1]
     command = re.search(r"```sh\n(curl .+?)\n```", section, re.S)
     shown = re.search(r"```text\n(.+?)\n```", section, re.S)
-    assert command and shown
+    assert command
+    assert shown
     argv = [a.replace("http://127.0.0.1:8000", service.url) for a in shlex.split(command.group(1))]
     answer = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
 
