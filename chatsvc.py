@@ -2,289 +2,89 @@
 
 Read top-down: settings, errors, the request middleware, the upstream client, the service state,
 the relay (the stream log, its producer and its followers), the endpoints, `create_app`, and the
-launcher that `python chatsvc.py` runs.
+launcher that `python chatsvc.py` runs. Each integration that brings a library of its own sits
+beside this module, imported only when configured: redis_store.py (redis-py), tracing.py (the
+OpenTelemetry SDK), worker_metrics.py (prometheus-client's multiprocess mode); ai_sdk.py holds the
+AI SDK's protocol, and logging_conf.py the logging.
 
-Deliberate departures from the libraries' defaults (the code points back here as "note N"):
+Deliberate departures from the libraries' defaults. The code points back here as "note N"; each note
+says what departs from which default and why, and docs/design.md explains it at length.
 
-1. Retries are ours, not openai's (`max_retries=0` on the client). openai's retry loop sleeps for
-   Retry-After (up to two minutes) or its backoff without knowing our REQUEST_TIMEOUT_S budget; ours
-   retries the same failures (connection errors, 408, 409, 429, 5xx) with the same backoff, but only
+1. Retries are ours: the openai client has `max_retries=0`, since its loop sleeps for Retry-After
+   (up to two minutes) without knowing our REQUEST_TIMEOUT_S. Ours retries the same failures only
    while the wait fits in the budget, and never once the stream has started.
+   docs/design.md#1-retries-are-ours-not-openais
 2. A declared Content-Length over MAX_BODY_BYTES is refused by our middleware, not by Starlette's
-   `max_body_size`: Starlette replaces *any* response to such a request with a plain-text 413, which
-   would lose our error body. Starlette's limit still guards bodies without a length, or that lie.
-3. One producer, a log, followers. Each stream's upstream body is read by one task of its own
-   (`Producer.run`), which appends every event to the stream's `StreamLog`, decides the one outcome
-   and logs it, and releases the slot and the upstream connection in one `finally`. Each client
-   connection is a follower (`FollowerResponse`): it replays the log from a position, then sends
-   whatever has been appended since its last send, so deltas that arrived together leave in one
-   write (note 20) and none waits for another. The log is the only channel between them. The read is bounded
-   by one cancel scope in the producer (the request budget and, while draining, the shutdown grace;
-   a finish_reason moves it to FINISH_WAIT_S ahead) and by the client's read timeout
-   (IDLE_TIMEOUT_S, between any two reads). The producer reads ahead of a slow client: the answer
-   must be kept for resuming anyway, and all logs together are bounded by RESUME_BUFFER_MB.
-4. Shutdown drains before uvicorn stops listening. uvicorn closes its socket the moment SIGTERM
-   arrives, so a load balancer would see refused connections instead of a 503 `shutting_down`.
-   So the app's lifespan puts its own handler for SIGTERM and SIGINT in front of the server's
-   (`drain_on_signals`): it first flips /readyz to 503, answers new chats 503 with Retry-After,
-   lets streams run up to SHUTDOWN_GRACE_S and ends the rest with an `error` event
-   `shutting_down`; only then does it call the server's handler. This works however uvicorn is
-   launched (`python chatsvc.py`, `uvicorn chatsvc:app`, each of `--workers N`), because uvicorn
-   installs its handlers (with signal.signal, in the main thread) before it runs the lifespan and
-   puts back the ones it found after its shutdown, so ours lives exactly as long as the server.
-   A host that runs the lifespan outside the main thread cannot have it; there sse-starlette's
-   shutdown detection (the `shutdown_event` we pass) still ends streams with `shutting_down`. A
-   second signal stops at once.
-5. sse-starlette's force-cancel grace is set longer than ours, so that our own `shutting_down` event,
+   `max_body_size`, which would replace our JSON error with a plain-text 413. Starlette's limit
+   still guards bodies without a length. docs/design.md#2-declared-body-length-checked-by-our-middleware
+3. One producer, a log, followers: one task per stream reads the upstream body, appends each event to
+   the stream's log and decides the one outcome; each client connection is a follower that replays
+   and tails that log. One cancel scope bounds the read; the producer reads ahead of slow clients,
+   within RESUME_BUFFER_MB. docs/design.md#3-one-producer-a-log-followers
+4. Shutdown drains before uvicorn stops listening: the lifespan puts its own SIGTERM/SIGINT handler
+   in front of uvicorn's (which closes the socket at once), flips /readyz and new chats to 503, lets
+   streams run SHUTDOWN_GRACE_S, ends the rest with `shutting_down`, then hands the signal on.
+   docs/design.md#4-drain-before-the-server-stops-listening
+5. sse-starlette's force-cancel grace is set longer than ours, so that our `shutting_down` event,
    not a silent cancel, ends a stream that outlives SHUTDOWN_GRACE_S.
-6. When the upstream sends no usage (many local servers don't), completion tokens are the number of
-   content deltas (one token each from llama.cpp, vLLM and Ollama) and prompt tokens are estimated at
-   four characters a token; the `done` event says `"source": "estimated"`.
-7. A stream that ends without a finish_reason was cut (openai's parser ends quietly when `[DONE]`
-   never comes), so it gets an `error` event `upstream_error`, never a `done`. Conversely, once a
-   finish_reason has come the answer is whole: we wait at most FINISH_WAIT_S more (for the usage
-   chunk and `[DONE]`), and a server that stays silent then still gets its `done`.
-8. A client that stops reading is cut off after SEND_TIMEOUT_S (sse-starlette's send timeout), so
-   that it cannot hold a connection and a growing send buffer for as long as the model talks. Its
-   stream is then detached like any other (note 11); if nobody resumes it, it is logged as
-   `request_failed` with code `client_too_slow`.
-9. The openai client opens the stream (request building, auth, errors and their status codes), but
-   its body is parsed here, not by openai's `AsyncStream`: profiled under load, its per-chunk
-   model construction was half of the service's CPU (README "Performance"). `UpstreamFrames`
-   splits the SSE body and each event is decoded with `orjson.loads` (a fifth of the relay's CPU
-   in B with the json module; orjson also refuses NaN and lone surrogates); in-band errors, transport
-   errors and timeouts are raised as the same openai exceptions that `AsyncStream` raises, so
-   `map_upstream_error` still maps them in one place.
-10. Garbage collection is tuned for many open streams. With CPython's defaults, a full collection
-    walks every object of every open stream: with 1000 streams it stalled all of them for up to
-    0.5 s, several times a minute. At start-up the heap is frozen (`gc.freeze`), the young
-    thresholds are raised and full collections are left to idle moments: when the last stream
-    ends (at most every IDLE_GC_INTERVAL_S), or after 1000 middle collections. The pauses are
-    in /metrics (`chatsvc_gc_pause_seconds`), beside the event loop's lag.
-11. Streams survive a dropped connection. Each has a `stream_id` (128 random bits, as hex: hex has
-    no `-`, so no id can look like an `sk-` key to the log redaction) and each event's id is
-    `<stream_id>:<seq>`. A follower can start at any seq: GET /chat/streams/{id} (EventSource),
-    or POST /chat with Last-Event-ID (fetch-event-source's retry), which never runs the body.
-    - The `id:` line is the event's last line, not its first as in sse-starlette: the most used
-      fetch-based client, @microsoft/fetch-event-source, takes the id the moment it reads that
-      line, so with the id first a cut inside the event's data would skip the event on resume.
-      Last, a cut anywhere before the id line leaves the previous id. One position is left that no
-      server can cover for such a client: between the id line's line break and the blank line that
-      ends the event (2 bytes); each event leaves in one write (one over 64 KiB in pieces, the last
-      holding the whole id line: note 20), so a network cut falls there only when a TCP segment
-      boundary does. EventSource takes the id only when it dispatches the event.
-    - When the last follower leaves before the end, the producer goes on for RESUME_GRACE_S (a
-      timer, cancelled by a resume; followers on other replicas count too, note 19); nobody back,
-      the stream is forgotten at once (so no follower can attach to it any more), the read is
-      cancelled and `client_disconnected` logged. 0: at once, as before resuming existed. DELETE
-      cancels the read and ends the log with `done` finish_reason "cancelled".
-    - Finished logs are kept RESUME_TTL_S, within RESUME_BUFFER_MB for all logs together (oldest
-      dropped first); expired ones are dropped at the next look-up, admission or metrics scrape,
-      not by a timer task. Live logs alone over the bound refuse new chats (503 overloaded).
-    - A client that is here goes before streams whose clients left. With every slot taken
-      (MAX_CONCURRENT_STREAMS), a new chat stops the detached stream (its grace timer running)
-      whose grace began first, and takes its slot at once (`evict_detached`). Its log ends with an
-      `error` event `overloaded`, kept like any finished log, so that its client, back, learns how
-      it ended; its outcome is `request_failed` `overloaded` with `reason` `evicted`. Only when
-      every slot holds a stream with a follower is a new chat refused 503 `overloaded`: else
-      clients that POST and hang up would hold every slot for RESUME_GRACE_S, at will.
-    - With SERVICE_API_KEYS, a stream is bound to an HMAC-SHA-256 digest of the key that started it
-      (keyed by all of SERVICE_API_KEYS, so the same on every replica, note 15);
-      another key gets 404, as for a stream that does not exist. Without keys a /chat stream is
-      bound to nothing: its id, minted here, is the capability; an AI SDK chat, whose id the
-      client chose, is bound to its browser (note 21).
-12. Two protocols, one relay. POST /api/chat speaks the AI SDK's UI message stream (the `ai`
-    package's DefaultChatTransport, which useChat uses), next to /chat's own events. A
-    `ChatProtocol` is the only difference: how the request is read (UI messages, text parts only,
-    become /chat's message and history, so every limit and check is the same) and how the meta,
-    delta and terminal events are encoded; the producer, the log and the followers are shared,
-    and each stream's events are encoded once, in its own protocol.
-    - The SDK resumes by chat, not by event id: GET /api/chat/{chat_id}/stream replays the chat's
-      latest stream from its start (the SDK's default, `resumeStreamIsReplay`, rebuilds the
-      message from it) and follows it live. Its answer is 204 once a follower has sent the
-      terminal event, as the SDK expects when nothing is in progress; a stream that ended while
-      its client was away is still replayed, so no end of an answer is lost to a dropped
-      connection. The chat's name is its id with its owner: the key that started it, or without
-      keys the browser (note 21).
-    - A failure after the first byte is the SDK's `error` chunk whose text is the ErrorBody as
-      JSON: the same text as the message of the APICallError that a refused request raises.
-13. Several workers, one /metrics. Under a supervisor (uvicorn's, from `--workers N` or WORKERS),
-    each worker finds itself by having a parent process (`multiprocessing.parent_process()`, as
-    uvicorn spawns its workers) and joins the metrics directory of that supervisor:
-    prometheus-client's multiprocess mode, which the worker switches on for itself because no
-    code of ours runs in uvicorn's supervisor. Counters and histograms add up over every worker,
-    those of workers that have exited included; gauges are summed over the workers alive
-    (`livesum`), or their largest value where a sum means nothing (`livemax`: the grace, the
-    drain's age); a gauge read when scraped (tasks, detached streams, log bytes) is written every
-    second instead; process_* are per process and left out. A shared flock tells the first worker
-    in (it empties the directory) and the last out (it removes it). A PROMETHEUS_MULTIPROC_DIR
-    set by the operator is theirs: used as it is, never emptied.
-14. Traces are OpenTelemetry's, switched on by its own variables: an OTLP endpoint
-    (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), unless OTEL_SDK_DISABLED
-    is true or OTEL_TRACES_EXPORTER is `none`. Then the lifespan builds the SDK's TracerProvider
-    with a BatchSpanProcessor and the OTLP/HTTP exporter, which read every other OTEL_* variable
-    themselves (sampler, headers, timeouts, resource); otherwise the SDK is not even imported.
-    - A request's server span starts in the middleware, from a valid W3C `traceparent` (and
-      `tracestate`) when one came, else a new trace. Only W3C trace context is read and
-      forwarded, never baggage: that is the caller's data, and the model server a third party.
-    - The upstream span (`chat {model}`, kind client, GenAI semantic conventions) is its child
-      and lasts from opening the upstream to the end of its body: it is the producer's, which
-      decides the outcome (note 3), so the outcome, finish reason and tokens are set on it, with
-      a `first_token` event. Its context goes to the model server as `traceparent`.
-    - Tracing off, a caller's `traceparent` is still forwarded as it came, and its ids logged.
-    - Every log line of a request carries `trace_id` and `span_id` (the producer's lines the
-      upstream span's), read from the current context by the log filter.
-    - Spans carry no stream id (it is a stream's capability when SERVICE_API_KEYS is unset; the
-      route is the template, `/chat/streams/{stream_id}`), no message text, no key, and on a
-      failure the exception's type and chatsvc's code but never a message. A resume's server
-      span links to the upstream span of the stream it follows.
-15. Any replica resumes any stream, with RESUME_STORE=redis:// (redis-py's asyncio client). The
-    producing replica's StreamLog stays the live path: its own followers read process memory, and
-    `RedisStore`'s writer task copies the log behind them, everything appended since its last round
-    trip in one pipeline (one XADD per stream, its entry id the seq of the first event in it, the
-    events as fields named by their seq, `end` with the terminal one). The facts of a stream
-    (protocol, owner digest, trace ids, state, delivered) sit in a hash beside it; both keys expire
-    RESUME_TTL_S after the terminal event (before it, after any stream's longest possible life), and
-    the Redis Stream is bounded to MAX_TOKENS + 16 entries; no key is ever without an expiry (note 19).
-    A replica that does not hold a stream reads the store: the entries so far, then XREAD BLOCK to
-    the terminal event (`RemoteLog`).
-    - The writer gathers for STORE_WRITE_INTERVAL_S (50 ms) before each round trip, so that one
-      carries what every stream appended meanwhile, and one XADD a stream's deltas of that time:
-      a round trip cost this process some 190 µs of CPU (most of it the loopback send) and each
-      XADD in it 25 to 55 µs more (redis-py's packing and parsing). At 5 ms, with deltas 20 ms
-      apart, the store cost 1.55x chatsvc's CPU per delta (interleaved rounds); at 50 ms 1.23x.
-      Followers on other replicas get the live events in bursts up to 50 ms late; the producing
-      replica's own followers, and resumes of what was already written, are not affected.
-    - The live path never waits for Redis: a write is queued, never awaited, by the producer. Each
-      round trip is bounded by RESUME_STORE_TIMEOUT_S and the queue by RESUME_STORE_QUEUE_MB (the
-      longest backlog goes first). A stream whose writes failed or fell behind is given up on: its
-      copy is marked `unresumable` (as soon as Redis answers), so other replicas answer 503
-      `resume_unavailable` rather than serve an answer with a hole; its own replica still serves it.
-      A follower on another replica checks that seqs run on without a gap, or ends.
-    - DELETE on any replica publishes the stream id (with its correlation id) on a channel that
-      every replica listens to; the producing one stops it. No replica listening: 503.
-    - Redis unreachable at start: exit 2 (check_store). Lost later: the live streams go on; resumes
-      elsewhere and /readyz answer 503 `resume_unavailable`; redis-py reconnects for the next write.
-    - redis is imported only with a Redis store: redis-py imports OpenTelemetry's metrics SDK when it
-      is installed, which took 60 ms and would load the SDK that note 14 keeps out.
-16. What a client sends costs the event loop time linear in its size, and a route answers only
-    the methods openapi.yaml documents.
-    - A request target (path and query string) over MAX_TARGET_BYTES (8 KiB, what many proxies
-      allow) is refused 414 `uri_too_long` by the middleware, before any endpoint runs. uvicorn
-      with httptools passes longer targets to the app up to 64 KiB; from there on httptools
-      cannot parse the URL and uvicorn answers a plain-text 400 itself.
-    - A log line names a request's path by its route's template (`scope["route"]`, as the router
-      set it: `/chat/streams/{stream_id}`), and a path that matched no route, or the arrival line
-      logged before routing, by at most LOGGED_PATH_CHARS (64) characters of it: the redaction
-      then reads a short line whatever the client sent (logging_conf note 4).
-    - `UpstreamFrames` keeps the pieces of an unfinished event and searches only each new read
-      (and the byte before it) for the blank line that ends it: a 16 MB event in small reads is
-      joined once, not copied once a read.
-    - Starlette adds HEAD to every GET route; here a route answers exactly its documented methods
-      (`MethodRoute`, one endpoint per method), and any other, HEAD included, is 405 with Allow and
-      the error body. HEAD is refused rather than served: on a stream route it would have to run
-      the resume look-up and attach a follower, which restarts the stream's RESUME_GRACE_S, and
-      the probes and /metrics are documented and used with GET. A CORS preflight (OPTIONS with
-      Origin and Access-Control-Request-Method) is answered by the CORS middleware first.
-17. Slow clients are bounded at the connection. uvicorn has no deadline for a request's arrival
-    (its keep-alive timer stops at the first byte, and every byte resets nothing), and it closes a
-    connection gracefully, which waits for the send buffers to drain: 50 sockets sending a header
-    byte every 10 s, or all but the last bytes of a body, or nothing, were all open a minute later,
-    and a follower cut off for not reading (note 8) kept its socket and what was queued for it.
-    - The body must arrive within BODY_TIMEOUT_S of the headers: `RequestContextMiddleware` reads
-      it under that deadline (408 `request_timeout`, with `Connection: close`), so this holds under
-      any server. An answer that starts before the body has all come carries `Connection: close`:
-      a body nobody reads must not keep the connection, however slowly it trickles in after.
-    - Under `python chatsvc.py` (`ServerConfig`, WORKERS > 1 included), `HttpProtocol`, a subclass
-      of uvicorn's httptools protocol (`uvicorn.Config(http=...)`), gives each request's headers
-      HEADERS_TIMEOUT_S from the connection's start (a kept-alive connection's: from the next
-      request's first byte): one loop timer, cancelled when the headers are complete. Then a
-      request begun gets a 408 with our error body and `Connection: close`; a connection that sent
-      nothing is closed. Under another launcher a proxy in front must bound this (README).
-    - It also offers the app an ASGI scope extension, `chatsvc.abort`, which `FollowerResponse`
-      calls when the send times out: the connection is aborted with SO_LINGER 0, so that asyncio's
-      buffer and the kernel's go at once (a reset to the client), not when a client that never
-      reads drains them. Elsewhere the server closes the connection as before.
-    - sse-starlette's send timeout bounds every send but the last (the empty one that ends the
-      body), so a follower whose whole answer fit in the buffers waited on that one for ever; the
-      follower bounds it with the same SEND_TIMEOUT_S.
-18. One terminal event, whatever the model server sends, and whatever fails in us. Each chunk is
-    decoded and checked in one place (`parse_chunk`): a field the relay uses with the wrong type
-    (`choices`, a choice, `delta`, `content`, a `finish_reason` that is not a short name) or a frame
-    that is not a JSON object (or holds an integer past 64 bits, which orjson refuses) is the model
-    server's malformed stream, `upstream_error`; a malformed `usage` is left out and estimated
-    (note 6); fields the relay does not use (`id`, `model`, `role`) are not looked at. Anything
-    else that raises is a bug of ours: `internal_error`, never mapped to a model-server fault, and
-    logged at ERROR with its traceback (`producer_failed`). The producer's last resort
-    (`last_resort`) then ends the stream with an error event encoded when the stream began and
-    filled with `%` and ints alone, so that it cannot fail; it logs the outcome line only if none
-    was logged, and the slot, the connection and the log are released as after any end. A
-    producer cancelled at shutdown (past the grace, note 4) ends the same way, `shutting_down`.
-19. A stream lives in the store as long as someone follows it, anywhere, and no longer.
-    - A follower on a replica other than the producer's renews the stream's presence key
-      (`chatsvc:{id}:followed`, SET PX) every STORE_PRESENCE_S (1 s), living STORE_PRESENCE_TTL_S
-      (3 s): one round trip a second per such follower, none per delta. When the producer's grace
-      (note 11) runs out, it asks for the key's PTTL: while it lives, the grace starts again from its
-      lapse, so a stream followed only elsewhere is stopped RESUME_GRACE_S to RESUME_GRACE_S + 3 s
-      after its last follower left. `Producer.followed_anywhere` answers the same question for
-      anyone else. An abandoned stream's facts say `abandoned`: other replicas answer 404, as its
-      own does, and a follower caught in the race ends with `stream_lost`.
-    - Each replica renews a liveness key of its own (`chatsvc:replica:<random>`) on the same
-      schedule, and names it in the facts of the streams it produces. A follower elsewhere that
-      reads no new event (XREAD BLOCK returns empty) checks the facts' state and that key in one
-      round trip; the key gone while the state is still `live` means the producer died (killed, out
-      of memory, its host lost) or lost Redis: the follower ends with an `error` event
-      `stream_lost` (retryable), never pings for as long as the facts live, then a silent close.
-      Its usage is an estimate (note 6): the announced prompt estimate and one token a delta.
-    - Every key expires at every moment, so none piles up under `noeviction` or `volatile-*`
-      policies: a write that can create a key sets its expiry in the same step. Hashes are written
-      by one Lua script (WRITE_EXPIRING: the command, then PEXPIRE; or, for `delivered` and the
-      end of a stream, only if the key still exists), the Redis Stream is created by its first
-      XADD through the same script and later XADDs carry NOMKSTREAM, and the other keys are SET
-      with PX/EX. A client that takes its answer after RESUME_TTL_S then writes nothing.
-    - A message on the cancel channel that is not `<stream id> <correlation id>` in UTF-8 (anyone
-      who can publish to Redis can send one) is ignored, with a line `store_bad_message` at most
-      every 10 s counting them; the listener goes on, and after Redis drops it, subscribes again.
-20. Followers are bounded, in number and in what each holds. A replay used to leave in one write
-    of the whole log, which uvicorn's transport takes whole whether or not the client reads: ten
-    followers of a 6 MB answer that read nothing added 115 MB to the process and were never cut
-    off (a write that is taken never times out). Now a follower writes at most WRITE_BYTES (64 KiB)
-    at a time, whole events joined while they fit, one longer event in pieces whose last holds its
-    id line (note 11); each write is under SEND_TIMEOUT_S, and uvicorn's send waits while its
-    buffer is over 64 KiB, so a client that does not read is cut off after SEND_TIMEOUT_S holding
-    at most three writes (the same ten: +2 MB; bench/followers_memory.py). The live part is sent
-    the same way.
-    - MAX_FOLLOWERS_PER_STREAM (8) and MAX_FOLLOWERS (4 x MAX_CONCURRENT_STREAMS) bound the
-      followers of this process, of one stream and in all; a stream's own client is one of them.
-      A follower is counted from its admission, at the start of its response, to the end of the
-      response (`Followers.admit`, a context manager); beyond a limit it is refused before the
-      first byte with 503 `too_many_followers` and Retry-After: 1. 503, not 429: it is the
-      instance's capacity, as `overloaded` is, not the caller's rate (another replica may have
-      room; 429 here already means the model server's rate limit).
-    - A new chat is refused when the process has no room for its client, before the model is
-      asked; its client is then admitted without a second check, since refusing it after the
-      stream started would leave a stream that nobody follows. That overshoot is bounded by the
-      chats opening at the same moment. Resumes are checked where they are logged and admitted
-      with no await in between, so a refused resume is never logged as resumed.
-    - A follower cut off for not reading logs `follower_cut_off` (its own request's correlation
-      id), as well as the stream's outcome when it was the last one (note 8).
-21. Without SERVICE_API_KEYS, an AI SDK chat belongs to the browser that started it, not to whoever
-    knows its id: the client chooses the id, and it is often in the page's URL. POST /api/chat
-    without a well-formed owner cookie mints one (`chatsvc_owner`, 128 random bits as hex;
-    HttpOnly, SameSite=Lax, Path=/; over https `__Host-chatsvc_owner` and Secure, so that no
-    sibling subdomain can plant one, and https is as uvicorn sees it: FORWARDED_ALLOW_IPS says whose
-    X-Forwarded-Proto it believes). The chat's owner is a SHA-256 digest of the token, kept where a
-    key's digest is (the chat's name, the stream, the store's facts, so every replica checks it);
-    the token itself is neither kept nor logged. A resume or stop names the chat with the digest of
-    the cookie it brings, so without the right one it names a chat that nobody started: 204, as
-    for any chat that does not exist, and a stranger's POST with the same id starts the stranger's
-    own chat. It is a session cookie: it has to outlive the chats it started (the longest stream
-    and RESUME_TTL_S after it), and an expiry could fall inside one, while it grants nothing beyond
-    the chats kept at the moment. A same-origin page's fetch sends it by default; another origin
-    needs `credentials: 'include'` and CORS_ALLOW_ORIGINS naming it (then credentials are allowed;
-    never for `*`, which would let any site read a visitor's chats). With SERVICE_API_KEYS the key
-    is the owner (note 11) and no cookie is set: it would bind nothing. /chat is left as it is: its
-    stream id is minted here and unguessable, so binding it would add nothing but a cookie to carry.
+   docs/design.md#5-a-longer-force-cancel-grace
+6. No usage from the upstream (many local servers send none): completion tokens are the content
+   deltas, prompt tokens four characters each, and `done` says `"source": "estimated"`.
+   docs/design.md#6-estimated-usage
+7. No `done` without a finish_reason: openai's parser ends quietly when `[DONE]` never comes, so a cut
+   stream gets `upstream_error`. After a finish_reason we wait at most FINISH_WAIT_S more, then `done`.
+   docs/design.md#7-no-done-without-a-finish-reason
+8. A client that stops reading is cut off after SEND_TIMEOUT_S (sse-starlette's send timeout), so it
+   cannot hold a connection and a growing buffer; its stream is detached (note 11), and if nobody
+   resumes it, it ends `client_too_slow`. docs/design.md#8-clients-that-stop-reading
+9. openai opens the stream, but its body is parsed here (`UpstreamFrames`, orjson), not by openai's
+   `AsyncStream`, whose per-chunk models were half of our CPU; failures are raised as the openai
+   exceptions `AsyncStream` raises, so they are mapped in one place.
+   docs/design.md#9-our-own-parser-for-the-upstream-body
+10. Garbage collection departs from CPython's defaults, under which a full collection stalled 1000
+    open streams for up to 0.5 s: the start-up heap is frozen, the young thresholds raised, and
+    full collections left to idle moments. docs/design.md#10-garbage-collection-for-many-open-streams
+11. Streams survive a dropped connection: event ids `<stream_id>:<seq>`, with the `id:` line last,
+    not first as in sse-starlette (fetch-event-source takes it on reading it); a detached stream runs
+    on for RESUME_GRACE_S, a finished log is kept RESUME_TTL_S, detached streams are evicted first,
+    and a stream is bound to its key or browser. docs/design.md#11-resumable-streams
+12. Two protocols, one relay: POST /api/chat speaks the AI SDK's UI message stream beside /chat's own
+    events. A `ChatProtocol` reads the request and encodes the events; the producer, the log and the
+    followers are shared; the SDK resumes by chat. The SDK's side (UI messages, chunk encoders,
+    headers) is ai_sdk.py. docs/design.md#12-two-protocols-one-relay
+13. Several workers, one /metrics: each of uvicorn's workers switches prometheus-client's multiprocess
+    mode on for itself (no code of ours runs in the supervisor); gauges are `livesum`/`livemax`, and
+    scrape-time gauges are written every second (worker_metrics.py, imported only in a worker of a
+    supervisor or with PROMETHEUS_MULTIPROC_DIR set). docs/design.md#13-several-workers-one-metrics
+14. Traces are OpenTelemetry's, switched on by its own OTEL_* variables (else tracing.py does not
+    import the SDK, and the core's calls go to the API's no-op spans): a server span per request from W3C trace context (never baggage), and the producer's
+    upstream span, which carries the outcome; no stream id, text or key in a span.
+    docs/design.md#14-tracing-with-opentelemetry
+15. Any replica resumes any stream with RESUME_STORE=redis://: the producing replica's log stays the
+    live path and a writer copies it behind, batched every STORE_WRITE_INTERVAL_S (50 ms), never
+    awaited by the producer; other replicas read the store. redis-py, and redis_store.py, which the
+    core calls through `Store`, are imported only then.
+    docs/design.md#15-a-shared-resume-store-redis
+16. What a client sends costs time linear in its size (targets over MAX_TARGET_BYTES refused 414,
+    paths logged as route templates or a bounded prefix, an upstream event joined once), and a route
+    answers only its documented methods: no HEAD that Starlette would add (405).
+    docs/design.md#16-linear-cost-documented-methods
+17. Slow clients are bounded at the connection, where uvicorn has no deadline and closes gracefully:
+    the body within BODY_TIMEOUT_S (any server), the headers within HEADERS_TIMEOUT_S and an abort
+    with SO_LINGER 0 for a follower cut off (`python chatsvc.py` only), and the last send bounded.
+    docs/design.md#17-slow-clients-bounded-at-the-connection
+18. One terminal event, whatever the model server sends and whatever fails in us: each chunk checked
+    in one place (`parse_chunk`); a malformed stream is `upstream_error`, our bug `internal_error` at
+    ERROR, and a last resort that cannot fail ends the stream. docs/design.md#18-one-terminal-event
+19. A stream lives in the store as long as someone follows it anywhere: presence keys renewed every
+    second, a liveness key per replica (its loss ends remote followers with `stream_lost`), and every
+    key created with its expiry. docs/design.md#19-store-keys-live-as-long-as-someone-follows
+20. Followers are bounded: each writes at most WRITE_BYTES (64 KiB) at a time, since uvicorn takes a
+    whole write whether or not the client reads, and MAX_FOLLOWERS_PER_STREAM and MAX_FOLLOWERS
+    bound their number (503 `too_many_followers`). docs/design.md#20-bounded-followers
+21. Without SERVICE_API_KEYS, an AI SDK chat, whose id the client chooses, belongs to the browser that
+    started it: an HttpOnly owner cookie, kept only as a digest; a resume with another cookie names a
+    chat nobody started (204). docs/design.md#21-ai-sdk-chats-belong-to-their-browser
 """
 
 from __future__ import annotations
@@ -292,7 +92,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import fcntl
+import functools
 import gc
 import hashlib
 import hmac
@@ -305,23 +105,21 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, NoReturn, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -343,9 +141,6 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client import multiprocess as prometheus_multiprocess
-from prometheus_client import values as prometheus_values
-from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -363,10 +158,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
+import ai_sdk
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
+from tracing import Tracing
 
-if TYPE_CHECKING:  # imported where RESUME_STORE is Redis: redis-py loads OpenTelemetry's metrics SDK (60 ms)
-    import redis.asyncio
+if TYPE_CHECKING:
+    from worker_metrics import WorkerMetrics  # imported with several workers only (note 13)
 
 log = logging.getLogger("chatsvc")
 
@@ -785,70 +582,6 @@ TRACE_CONTEXT = TraceContextTextMapPropagator()  # W3C traceparent and tracestat
 NO_SPAN = trace.INVALID_SPAN  # tracing off: a span whose every method does nothing
 
 
-class Tracing:
-    """The app's tracer: None until `start` finds OpenTelemetry's variables set, and then the SDK's."""
-
-    def __init__(self) -> None:
-        self.tracer: trace.Tracer | None = None
-        self._provider: Any = None  # the SDK's TracerProvider, whose shutdown flushes the spans
-
-    def start(self, environ: Mapping[str, str]) -> None:
-        if not tracing_configured(environ):
-            return
-        # Imported here: with tracing off the SDK is never loaded, so it costs nothing.
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
-        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-            resource = resource.merge(Resource({SERVICE_NAME: "chatsvc"}))
-        provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        self._provider = provider
-        self.tracer = provider.get_tracer("chatsvc")
-        log.info("tracing_started", extra={"exporter": "otlp/http"})
-
-    async def stop(self) -> None:
-        """Export what is queued (the exporter's own timeouts bound it), off the event loop."""
-        if self._provider is not None:
-            await anyio.to_thread.run_sync(self._provider.shutdown)
-            self._provider, self.tracer = None, None
-
-    def server_span(self, scope: Scope, parent: otel_context.Context | None) -> trace.Span:
-        if self.tracer is None:
-            return NO_SPAN
-        method = scope["method"]
-        return self.tracer.start_span(
-            method, context=parent, kind=trace.SpanKind.SERVER, attributes={"http.request.method": method}
-        )
-
-    def upstream_span(self, settings: Settings, chat: ChatRequest, model: str) -> trace.Span:
-        """The upstream call's span, a child of the current (server) span: GenAI conventions."""
-        if self.tracer is None:
-            return NO_SPAN
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": "openai",
-            "gen_ai.request.model": model,
-            "gen_ai.request.max_tokens": int(chat.max_tokens or settings.MAX_TOKENS),
-            "gen_ai.request.stream": True,
-        }
-        if chat.temperature is not None:
-            attributes["gen_ai.request.temperature"] = chat.temperature
-        if settings.upstream_host:
-            attributes["server.address"] = settings.upstream_host
-        return self.tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT, attributes=attributes)
-
-
-def tracing_configured(environ: Mapping[str, str]) -> bool:
-    """OpenTelemetry's own switches (note 14)."""
-    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-    return bool(endpoint) and not disabled and environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
-
-
 def incoming_trace(headers: Headers) -> otel_context.Context | None:
     """The caller's trace context, if it sent a traceparent (an invalid one yields no span: a new trace)."""
     if "traceparent" not in headers:
@@ -1127,61 +860,12 @@ def _limits(info: ValidationInfo) -> Settings:
     return settings
 
 
-class UITextPart(BaseModel):
-    """A text part of an AI SDK UI message; its other fields (state, providerMetadata, citations)
-    are the SDK's own and say nothing to the model, so they are ignored."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    type: Literal["text"]
-    text: str
-
-
-class UIMessage(BaseModel):
-    """A message as the AI SDK's DefaultChatTransport sends it (note 12). Only text is taken."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)  # metadata: the page's own
-
-    id: str
-    role: Literal["user", "assistant"]
-    parts: list[UITextPart]
-
-    @field_validator("role", mode="before")
-    @classmethod
-    def _role(cls, value: object) -> object:
-        if value == "system":
-            raise ValueError("system messages are not taken from the client (the operator sets SYSTEM_PROMPT)")
-        return value
-
-    @field_validator("parts", mode="before")
-    @classmethod
-    def _text_parts_only(cls, value: object) -> object:
-        for i, part in enumerate(value if isinstance(value, list) else []):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                named = kind if re.fullmatch(r"[a-z0-9-]{1,40}", kind) else "another type"
-                raise ValueError(f"only text parts are supported; part {i} is {named}")
-        return value
-
-    @field_validator("parts")
-    @classmethod
-    def _length(cls, value: list[UITextPart], info: ValidationInfo) -> list[UITextPart]:
-        limit = _limits(info).MAX_MESSAGE_CHARS
-        if sum(len(part.text) for part in value) > limit:
-            raise ValueError(f"must hold at most {limit} characters of text")
-        return value
-
-    @property
-    def text(self) -> str:
-        return "".join(part.text for part in self.parts)
-
-
 class UIChatRequest(GenerationOptions):
     """The body of POST /api/chat: what the AI SDK's DefaultChatTransport sends (note 12), with
     chatsvc's generation options beside it (the transport's `body` option adds them)."""
 
     id: str  # the chat's, chosen by the page: it names the chat's stream for a resume
-    messages: list[UIMessage]
+    messages: list[ai_sdk.UIMessage]
     trigger: Literal["submit-message", "regenerate-message"]
     messageId: str | None = None
 
@@ -1194,7 +878,7 @@ class UIChatRequest(GenerationOptions):
 
     @field_validator("messages")
     @classmethod
-    def _messages(cls, value: list[UIMessage], info: ValidationInfo) -> list[UIMessage]:
+    def _messages(cls, value: list[ai_sdk.UIMessage], info: ValidationInfo) -> list[ai_sdk.UIMessage]:
         settings = _limits(info)
         if not value or value[-1].role != "user":
             raise ValueError("must end with the user's message")
@@ -1333,78 +1017,25 @@ def _backoff(retries: int, exc: openai.APIError) -> float:
 # --- Service state ----------------------------------------------------------------------------------
 
 
-class WorkerMetrics:
-    """The metrics directory that a supervisor's workers share (note 13): one per supervisor
-    process, named by its pid and start time. The first worker in empties it; the last out
-    removes it. A shared flock on `.lock`, held by every worker while it lives, says who is in."""
+def join_worker_metrics() -> WorkerMetrics | None:
+    """In a worker of a supervisor, or with the operator's PROMETHEUS_MULTIPROC_DIR: the metrics
+    directory that the workers share (note 13). Elsewhere None, and its module is not imported."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") and multiprocessing.parent_process() is None:
+        return None
+    from worker_metrics import WorkerMetrics
 
-    def __init__(self, path: Path, lock: IO[str] | None) -> None:
-        self.path = path
-        self.lock = lock  # None: the operator's directory, which we neither empty nor remove
-
-    @classmethod
-    def join(cls) -> WorkerMetrics | None:
-        """In a worker of a supervisor (uvicorn's, under `--workers` or WORKERS): the directory,
-        with prometheus-client switched to it; elsewhere None. Before any metric is made."""
-        if operators := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            return cls(Path(operators), None)  # set before start: prometheus-client is in that mode
-        parent = multiprocessing.parent_process()
-        if parent is None or parent.pid is None:
-            return None
-        path = Path(tempfile.gettempdir()) / f"chatsvc-metrics-{parent.pid}-{_started_ticks(parent.pid)}"
-        path.mkdir(mode=0o700, exist_ok=True)
-        lock = (path / ".lock").open("a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else in: anything here is stale
-            for stale in path.glob("*.db"):
-                stale.unlink()
-        except BlockingIOError:
-            pass
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-        # prometheus-client chose its value class from this variable when it was imported, before
-        # this worker could know it is one: its own chooser, asked again (note 13).
-        prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
-        return cls(path, lock)
-
-    def registry(self) -> CollectorRegistry:
-        """Every worker's metrics, summed as each metric's multiprocess mode says."""
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.path))  # type: ignore[no-untyped-call]
-        return registry
-
-    def leave(self) -> None:
-        """This worker's live gauges go; the last worker out removes the directory."""
-        prometheus_multiprocess.mark_process_dead(os.getpid(), str(self.path))  # type: ignore[no-untyped-call]
-        if self.lock is None:
-            return
-        fcntl.flock(self.lock, fcntl.LOCK_UN)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(self.path, ignore_errors=True)
-        except BlockingIOError:
-            pass  # another worker is still in
-        self.lock.close()
-
-
-def _started_ticks(pid: int) -> str:
-    """When a process started (clock ticks since boot): with the pid, it names one process's life."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "0"
+    return WorkerMetrics.join()
 
 
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     #: With several workers (note 13), the metrics live in shared files, and gauges whose value is
-    #: read when scraped are written every LIVE_INTERVAL_S instead (`publish_live`).
-    multiprocess: bool = False
+    #: read when scraped are written by `workers` every second instead.
+    workers: WorkerMetrics | None = None
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.live: list[tuple[Gauge, Callable[[], float]]] = []
 
         def gauge(name: str, documentation: str, mode: Literal["livesum", "livemax"] = "livesum") -> Gauge:
             return Gauge(name, documentation, registry=r, multiprocess_mode=mode)  # how workers combine
@@ -1461,7 +1092,7 @@ class Metrics:
         self.drain_seconds = gauge("chatsvc_drain_seconds", "Seconds since the drain began; 0 before", "livemax")
         # What leak checks watch: memory and open descriptors (process_*: per process, so not in
         # the sum of several workers), and tasks on the loop.
-        if not self.multiprocess:
+        if self.workers is None:
             ProcessCollector(registry=r)
         tasks = gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop")
         self.observe(tasks, lambda: len(asyncio.all_tasks()))
@@ -1483,20 +1114,13 @@ class Metrics:
         self.idle_collections = 0  # the lag probe leaves out the samples that span one
 
     LAG_PROBE_S = 0.01
-    LIVE_INTERVAL_S = 1.0
 
     def observe(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """A gauge whose value is `read()`: at each scrape, or with several workers every LIVE_INTERVAL_S."""
-        if self.multiprocess:
-            self.live.append((gauge, read))
+        """A gauge whose value is `read()`: at each scrape, or with several workers every second."""
+        if self.workers is not None:
+            self.workers.observe(gauge, read)
         else:
             gauge.set_function(read)
-
-    async def publish_live(self) -> None:
-        while True:
-            for gauge, read in self.live:
-                gauge.set(read())
-            await asyncio.sleep(self.LIVE_INTERVAL_S)
 
     async def watch_loop_lag(self) -> None:
         while True:
@@ -1571,9 +1195,9 @@ class Service:
         self.client = create_upstream_client(settings)
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.tracing = Tracing()  # started by the lifespan (note 14)
-        self.store = RedisStore(self, settings.redis_url) if settings.redis_url else None  # note 15
-        self.worker_metrics = WorkerMetrics.join()  # note 13
-        self.metrics = Metrics(multiprocess=self.worker_metrics is not None)
+        self.worker_metrics = join_worker_metrics()  # note 13
+        self.metrics = Metrics(workers=self.worker_metrics)
+        self.store = open_store(self)  # note 15
         self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
         self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
         self.metrics.max_streams.set(settings.MAX_CONCURRENT_STREAMS)
@@ -1654,12 +1278,8 @@ class Service:
         replica (note 19: its grace runs here all the same), or a request still opening one."""
         detached = sorted((p for p in self.producers if p.grace_timer is not None), key=lambda p: p.detached_at)
         for producer in detached:
-            if self.store is not None:
-                try:
-                    if await producer.followed_anywhere():
-                        continue
-                except ServiceError:  # Redis does not answer: no other replica can follow it either
-                    pass
+            if self.store is not None and await producer.followed_anywhere():
+                continue
             if self.slots_in_use < self.settings.MAX_CONCURRENT_STREAMS:
                 return  # a slot came free meanwhile
             if producer.grace_timer is not None:  # still detached after the await
@@ -1698,7 +1318,7 @@ class Service:
         task.add_done_callback(lambda _: self.producers.pop(producer, None))
         return stream_log
 
-    async def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteLog:
+    async def find_stream(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteStream:
         """The stream with this id, started with this key (another key's stream is not revealed):
         this replica's own if it holds it, else the store's copy (note 15)."""
         self.trim()
@@ -1709,16 +1329,19 @@ class Service:
             return stream_log
         if self.store is None:
             raise stream_not_found()
-        return await self.store.find(stream_id, owner)
+        remote = await ask_store(self.store, self.store.find(stream_id, owner))
+        if remote is None:  # none, another key's, or abandoned (note 19)
+            raise stream_not_found()
+        return remote
 
-    async def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | RemoteLog | None:
+    async def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | RemoteStream | None:
         """The chat's latest stream, if it is kept (note 12). The key that started the chat is part
         of its name, so another key's chat is not even looked at. With a store, the store says which
         stream is the latest: it may have started on another replica."""
         self.trim()
         if self.store is None:
             return self.chats.get((owner, chat_id))
-        stream_id = await self.store.find_chat((owner, chat_id))
+        stream_id = await ask_store(self.store, self.store.find_chat((owner, chat_id)))
         if stream_id is None:
             return None
         try:
@@ -1728,8 +1351,20 @@ class Service:
                 return None
             raise
         if isinstance(stream_log, StreamLog) and stream_log.finished and not stream_log.delivered:
-            stream_log.delivered = await self.store.delivered(stream_id)  # to a follower on another replica?
+            # To a follower on another replica?
+            stream_log.delivered = await ask_store(self.store, self.store.delivered(stream_id))
         return stream_log
+
+    def cancel_here(self, stream_id: str, request_id: str | None) -> None:
+        """A DELETE on another replica named this stream (note 15): stop it if it runs here, logged
+        with that request's correlation id."""
+        stream_log = self.streams.get(stream_id)
+        if stream_log is not None and stream_log.producer is not None:
+            token = correlation_id.set(request_id)
+            try:
+                stream_log.producer.cancel()
+            finally:
+                correlation_id.reset(token)
 
     def on_finished(self, stream_log: StreamLog) -> None:
         if stream_log.stream_id in self.streams:
@@ -1913,43 +1548,6 @@ def encode_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes
     ]
 
 
-def encode_ui_chunks(stream_id: str, seq: int, name: str, data: dict[str, Any]) -> bytes:
-    """The meta, done or error event as AI SDK UI message chunks (note 12): `data:` lines only, as
-    the SDK's JsonToSseTransformStream writes them. The message's metadata carries the correlation
-    id, the model and the stream id at the start, the usage and timings at the end."""
-    if name == "meta":
-        chunks: list[dict[str, Any]] = [
-            {"type": "start", "messageId": stream_id, "messageMetadata": data},
-            {"type": "text-start", "id": UI_TEXT_ID},
-        ]
-    elif name == "done" and data["finish_reason"] == "cancelled":  # DELETE: as the SDK's own abort
-        chunks = [*_ui_end(data), {"type": "abort", "reason": "cancelled"}]
-    elif name == "done":
-        finish_reason = UI_FINISH_REASONS.get(data["finish_reason"], "other")
-        chunks = [
-            {"type": "text-end", "id": UI_TEXT_ID},
-            {"type": "finish", "finishReason": finish_reason, "messageMetadata": data},
-        ]
-    else:  # error: the text is the JSON body, as a refusal's (an APICallError's message) is
-        error = {key: value for key, value in data.items() if key != "usage"}
-        chunks = [*_ui_end({"usage": data["usage"]}), {"type": "error", "errorText": _json(error)}]
-    return b"".join(b"data: %b\n\n" % orjson.dumps(chunk) for chunk in chunks) + (
-        b"" if name == "meta" else b"data: [DONE]\n\n"
-    )
-
-
-def _ui_end(metadata: dict[str, Any]) -> list[dict[str, Any]]:
-    """The text part's end, and the usage in the metadata, before an abort or an error chunk."""
-    return [{"type": "text-end", "id": UI_TEXT_ID}, {"type": "message-metadata", "messageMetadata": metadata}]
-
-
-def encode_ui_deltas(stream_id: str, first: int, contents: list[str]) -> list[bytes]:
-    """Deltas as UI `text-delta` chunks, one log entry each, as encode_deltas."""
-    return [
-        b'data: {"type":"text-delta","id":"%b","delta":%b}\n\n' % (UI_TEXT_ID_BYTES, orjson.dumps(c)) for c in contents
-    ]
-
-
 #: An estimated usage (note 6) to fill with `%`: the last resort's (note 18).
 USAGE_TEMPLATE = (
     b'{"prompt_tokens":%(prompt)d,"completion_tokens":%(completion)d,"total_tokens":%(total)d,"source":"estimated"}'
@@ -1961,27 +1559,6 @@ def last_words_event(stream_id: str, body: dict[str, Any]) -> bytes:
     seq and the counts (note 18): encoded when the stream starts, so that its end cannot fail."""
     data = _json(body)[:-1].encode().replace(b"%", b"%%") + b',"usage":' + USAGE_TEMPLATE + b"}"
     return b"event: error\r\ndata: %b\r\nid: %b:%%(seq)d\r\n\r\n" % (data, stream_id.encode())
-
-
-def last_words_ui(stream_id: str, body: dict[str, Any]) -> bytes:
-    """encode_ui_chunks's error, as last_words_event's template (note 18)."""
-    error = orjson.dumps({"type": "error", "errorText": _json(body)}).replace(b"%", b"%%")
-    return (
-        b'data: {"type":"text-end","id":"%b"}\n\ndata: {"type":"message-metadata","messageMetadata":{"usage":%b}}\n\n'
-        b"data: %b\n\ndata: [DONE]\n\n" % (UI_TEXT_ID_BYTES, USAGE_TEMPLATE, error)
-    )
-
-
-UI_TEXT_ID = "text"  # the message's one text part
-UI_TEXT_ID_BYTES = UI_TEXT_ID.encode()
-#: OpenAI's finish reasons as the AI SDK names them (its `finish` chunk's enum).
-UI_FINISH_REASONS = {
-    "stop": "stop",
-    "length": "length",
-    "content_filter": "content-filter",
-    "tool_calls": "tool-calls",
-    "function_call": "tool-calls",
-}
 
 
 @dataclass(frozen=True)
@@ -2005,19 +1582,14 @@ CHATSVC = ChatProtocol(
     encode_deltas,
     last_words_event,
 )
-#: The AI SDK's UI message stream, with the headers of its UI_MESSAGE_STREAM_HEADERS.
+#: The AI SDK's UI message stream (ai_sdk.py).
 AI_SDK = ChatProtocol(
     "/api/chat",
     parse_ui_chat,
-    {
-        "Cache-Control": "no-cache",
-        "Connection": "keep-alive",
-        "X-Vercel-AI-UI-Message-Stream": "v1",
-        "X-Accel-Buffering": "no",
-    },
-    encode_ui_chunks,
-    encode_ui_deltas,
-    last_words_ui,
+    ai_sdk.HEADERS,
+    ai_sdk.encode_chunks,
+    ai_sdk.encode_deltas,
+    functools.partial(ai_sdk.last_words, usage_template=USAGE_TEMPLATE),
 )
 
 
@@ -2078,10 +1650,6 @@ class StreamLog:
         self.followers = 0
         self.producer: Producer | None = None  # while the stream runs
         self.span_context = trace.INVALID_SPAN_CONTEXT  # its upstream span's, for resumes to link to
-        # With RESUME_STORE=redis:// (note 15): what the store writer has yet to write, and how far.
-        self.unstored: list[bytes] = []
-        self.stored = 0  # events written (or handed to a write in flight)
-        self.store_note: str | None = None  # why it is resumable on this replica only, if it is
         # A broadcast: set() wakes every follower waiting now, clear() at once readies the next wait.
         # A follower checks `entries` and waits with no await in between, so no append is missed.
         self._appended = asyncio.Event()
@@ -2347,10 +1915,7 @@ class Producer:
         """Followers on other replicas keep the stream's presence key alive in the store: while it
         lives, the grace starts again from its lapse (note 19)."""
         assert self.service.store is not None
-        try:
-            remaining_ms = await self.service.store.followed_elsewhere_ms(self.log.stream_id)
-        except ServiceError:
-            remaining_ms = 0  # Redis does not answer: no other replica can follow the stream either
+        remaining_ms = await self.service.store.followed_elsewhere_ms(self.log.stream_id)
         if self.log.followers or self.grace_timer or self.log.finished or self.cancelled:
             return  # resumed here meanwhile (perhaps left again: a new grace runs), or ended
         if remaining_ms:
@@ -2573,17 +2138,19 @@ class FollowerResponse(EventSourceResponse):
     original POST is the first follower; a resume is another (note 11)."""
 
     def __init__(
-        self, stream_log: StreamLog | RemoteLog, position: int, settings: Settings, *, first: bool = False
+        self, service: Service, stream_log: StreamLog | RemoteStream, position: int, *, first: bool = False
     ) -> None:
+        settings = service.settings
         super().__init__(
             stream_log.follow(position),
             headers={**stream_log.protocol.headers, STREAM_ID_HEADER: stream_log.stream_id},
             ping=settings.PING_INTERVAL_S,
             ping_message_factory=lambda: ServerSentEvent(comment="ping"),
             send_timeout=settings.SEND_TIMEOUT_S,
-            shutdown_event=stream_log.service.drain_event,
+            shutdown_event=service.drain_event,
             shutdown_grace_period=settings.SHUTDOWN_GRACE_S + 2,  # note 5
         )
+        self.service = service
         self.stream_log = stream_log
         self.first = first  # a new stream's own client (note 20)
         self.send_timeout_s = settings.SEND_TIMEOUT_S
@@ -2601,7 +2168,7 @@ class FollowerResponse(EventSourceResponse):
                 raise SendTimeoutError()
 
         # Counted from here to the end of the response; refused before the first byte (note 20).
-        with self.stream_log.service.followers.admit(self.stream_log.stream_id, first=self.first):
+        with self.service.followers.admit(self.stream_log.stream_id, first=self.first):
             self.stream_log.attach()
             too_slow = False
             try:
@@ -2622,453 +2189,86 @@ class FollowerResponse(EventSourceResponse):
                 self.stream_log.detach(too_slow=too_slow)
 
 
-# --- The shared stream log (note 15) ----------------------------------------------------------------
+# --- The shared store (note 15) ---------------------------------------------------------------------
 
 PROTOCOLS = {protocol.path: protocol for protocol in (CHATSVC, AI_SDK)}  # as a stream's facts name it
-#: The writer gathers this long after the first event to write (note 15): a round trip costs some
-#: 190 µs of CPU, and each XADD in it 25 to 55 µs more, so a stream's deltas should share one.
-STORE_WRITE_INTERVAL_S = 0.05
-CANCEL_CHANNEL = "chatsvc:cancel"  # DELETE on one replica, for the replica producing the stream
-#: Liveness in the store (note 19): each replica renews a key naming it, and each follower on a
-#: replica other than the producer's the stream's presence key, this often; each key lives
-#: STORE_PRESENCE_TTL_S, so a replica or a follower that stopped renewing is gone within that.
-STORE_PRESENCE_S = 1.0
-STORE_PRESENCE_TTL_S = 3.0
-STORE_BAD_MESSAGE_LOG_S = 10.0  # at most one log line this often for malformed cancel messages
-#: A write that can create a key sets its expiry in the same step (note 19), so that no key ever
-#: lives without one: KEYS[1] the key; ARGV[1] its expiry in ms, or "" to leave the key's own;
-#: ARGV[2] "XX" to write only a key that exists; ARGV[3] the command; ARGV[4...] its arguments.
-WRITE_EXPIRING = """
-if ARGV[2] == 'XX' and redis.call('exists', KEYS[1]) == 0 then return false end
-local reply = redis.call(ARGV[3], KEYS[1], unpack(ARGV, 4))
-if ARGV[1] ~= '' then redis.call('pexpire', KEYS[1], ARGV[1]) end
-return reply
-"""
 T = TypeVar("T")
 
 
-def store_keys(stream_id: str) -> tuple[str, str]:
-    """A stream's events (a Redis Stream) and its facts (a hash); one hash tag, so one cluster slot."""
-    return f"chatsvc:{{{stream_id}}}:events", f"chatsvc:{{{stream_id}}}:facts"
+class RemoteStream(Protocol):
+    """A stream produced on another replica, as the store gives it: the face of a StreamLog that a
+    FollowerResponse and resume() read (note 15)."""
+
+    @property
+    def stream_id(self) -> str: ...
+    @property
+    def protocol(self) -> ChatProtocol: ...
+    @property
+    def finished(self) -> bool: ...  # the store's copy holds the terminal event
+    @property
+    def delivered(self) -> bool: ...
+    @property
+    def span_context(self) -> trace.SpanContext: ...
+    def __len__(self) -> int: ...  # events in the store's copy so far
+    def follow(self, position: int) -> AsyncIterator[bytes]: ...
+    def attach(self) -> None: ...
+    def detach(self, *, too_slow: bool) -> None: ...
 
 
-def presence_key(stream_id: str) -> str:
-    """Alive while a follower on a replica other than the producer's follows the stream (note 19)."""
-    return f"chatsvc:{{{stream_id}}}:followed"
+class Store(Protocol):
+    """What the core asks of the store that lets any replica resume any stream (note 15):
+    RESUME_STORE=redis:// makes it a `redis_store.RedisStore`. Writes are queued, never awaited by
+    the live path; a call that needs an answer raises `unavailable` when none comes in time."""
 
+    unavailable: ClassVar[type[Exception]]  # its own: it cannot import ours; ask_store maps it
 
-def chat_store_key(chat: ChatKey) -> str:
-    owner, chat_id = chat
-    return f"chatsvc:chat:{owner.hex() if owner else '-'}:{chat_id}"
-
-
-def store_unavailable(detail: str) -> ServiceError:
-    return ServiceError("resume_unavailable", detail, retry_after=2)
-
-
-class RedisStore:
-    """Every replica's stream logs, in Redis (note 15). The producing replica's StreamLog stays the
-    live path; this writer copies each log into a Redis Stream behind it, everything appended since
-    its last round trip in one pipeline, and other replicas follow that copy with XREAD BLOCK. A
-    DELETE reaches the producing replica by pub/sub."""
-
-    def __init__(self, service: Service, url: str) -> None:
-        import redis.asyncio  # here, not at the top: see there
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        settings = service.settings
-        self.service = service
-        self.errors = (redis.RedisError, OSError, TimeoutError)  # what an unreachable or slow Redis raises
-        self.timeout = settings.RESUME_STORE_TIMEOUT_S  # every round trip's bound
-        self.redis = redis.asyncio.Redis.from_url(
-            url,
-            socket_connect_timeout=min(settings.CONNECT_TIMEOUT_S, self.timeout),
-            socket_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 1),  # once, on a fresh connection (Redis restarted); no waits
-        )
-        self.dirty: dict[StreamLog, None] = {}  # logs with something to write, in order
-        self.queued = 0  # bytes in their `unstored` lists
-        self.queue_limit = int(settings.RESUME_STORE_QUEUE_MB * 1024 * 1024)
-        self.wake = asyncio.Event()
-        # Streams whose facts must say a new state once Redis answers: unresumable (given up on), or
-        # abandoned (nobody followed within the grace, note 19).
-        self.marks: dict[str, str] = {}
-        self.live_ttl = math.ceil(settings.REQUEST_TIMEOUT_S + settings.RESUME_TTL_S + 10)  # outlives any run
-        self.live_ttl_ms = self.live_ttl * 1000
-        self.finished_ttl_ms = max(1, int(settings.RESUME_TTL_S * 1000))
-        self.presence_ttl_ms = int(STORE_PRESENCE_TTL_S * 1000)
-        self.replica_key = f"chatsvc:replica:{secrets.token_hex(8)}"  # alive while this replica is (note 19)
-        self.bad_messages = 0  # malformed cancel messages since the last line about them
-        self.bad_message_logged = -math.inf
-        self.max_entries = settings.MAX_TOKENS + 16  # write batches: at most one per delta, meta, end
-        self.block_ms = max(1, int(self.timeout * 500))  # an XREAD BLOCK returns well within the timeout
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        self.tasks = [asyncio.create_task(task) for task in (self.write(), self.listen(), self.stay_alive())]
-
-    async def stop(self) -> None:
-        """After the producers: one last write of what is queued (bounded), then close."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.dirty:
-            await self.write_once()
-        await self.redis.aclose()
-
-    async def answers(self) -> bool:
-        try:
-            return bool(await self.ask(self.redis.ping()))
-        except ServiceError:
-            return False
-
-    async def ask(self, command: Awaitable[T]) -> T:
-        """One round trip outside the writer, bounded by RESUME_STORE_TIMEOUT_S; a store that does
-        not answer in time is 503 resume_unavailable."""
-        try:
-            with anyio.fail_after(self.timeout):
-                return await command
-        except self.errors:
-            raise store_unavailable("RESUME_STORE does not answer") from None
-
-    def write_expiring(
-        self, pipe: redis.asyncio.client.Pipeline, key: str, ttl_ms: int | None, *command: Any, existing: bool = False
-    ) -> None:
-        """Queue a write that sets the key's expiry in the same step (`ttl_ms`; None: the key's own),
-        or (`existing`) that creates no key: no key lives without an expiry (note 19)."""
-        pipe.eval(WRITE_EXPIRING, 1, key, "" if ttl_ms is None else ttl_ms, "XX" if existing else "", *command)
-
-    # Writing: the producing replica
-
-    async def stay_alive(self) -> None:
-        """Renew this replica's liveness key: followers elsewhere end when it lapses (note 19)."""
-        while True:
-            with suppress(ServiceError):  # `write` and `listen` log a lost Redis; a lapse means it
-                await self.ask(self.redis.set(self.replica_key, 1, px=self.presence_ttl_ms))
-            await asyncio.sleep(STORE_PRESENCE_S)
-
-    def announce(
+    async def start(self) -> None: ...  # the lifespan's start: its writer and listener begin
+    async def stop(self) -> None: ...  # after the producers: what is queued is written, then it closes
+    async def answers(self) -> bool: ...  # for /readyz
+    def announce(  # a new stream's facts, while its upstream opens; the task's result: the failure
         self,
         stream_id: str,
         owner: bytes | None,
         protocol: ChatProtocol,
         chat: ChatKey | None,
-        span: trace.Span,
+        span_context: trace.SpanContext,
         prompt_tokens: int,
-    ) -> asyncio.Task[BaseException | None]:
-        """Write a new stream's facts while its upstream opens: no client learns the stream's id
-        (from the response) before every replica can find it. The task's result is the failure, if any."""
-        pipe = self.redis.pipeline(transaction=False)
-        _, facts = store_keys(stream_id)
-        ids = span.get_span_context()
-        fields = {
-            "protocol": protocol.path,
-            "owner": owner.hex() if owner else "",  # a keyed digest, never a key
-            "trace": f"{ids.trace_id:032x}{ids.span_id:016x}" if ids.is_valid else "",
-            "state": "live",
-            "replica": self.replica_key,  # followers elsewhere end when it lapses (note 19)
-            "prompt_tokens": prompt_tokens,  # for the usage of a `stream_lost` event
-        }
-        self.write_expiring(pipe, facts, self.live_ttl_ms, "HSET", *(x for item in fields.items() for x in item))
-        if chat is not None:
-            pipe.set(chat_store_key(chat), stream_id, ex=self.live_ttl)
-        return asyncio.create_task(self.execute(pipe))
+    ) -> asyncio.Task[BaseException | None]: ...
+    def mirror(self, stream_log: StreamLog, entries: list[bytes], size: int) -> None: ...  # appended, or delivered
+    def give_up(self, stream_log: StreamLog, reason: str, exc: BaseException | None) -> None: ...  # unresumable
+    def mark(self, stream_id: str, state: str) -> None: ...  # a new state for its facts: "abandoned"
+    async def followed_elsewhere_ms(self, stream_id: str) -> int: ...  # presence elsewhere lasts (note 19)
+    async def find(self, stream_id: str, owner: bytes | None) -> RemoteStream | None: ...  # checked as ours
+    async def find_chat(self, chat: ChatKey) -> str | None: ...  # the chat's latest stream, on any replica
+    async def delivered(self, stream_id: str) -> bool: ...  # its terminal event sent, on any replica
+    async def cancel(self, stream_id: str) -> None: ...  # DELETE: the producing replica stops it
 
-    async def execute(self, pipe: redis.asyncio.client.Pipeline) -> BaseException | None:
-        """One round trip, bounded and counted; the failure, if any."""
-        metrics = self.service.metrics
-        started = time.monotonic()
-        try:
-            with anyio.fail_after(self.timeout):
-                await pipe.execute()
-        except self.errors as exc:
-            metrics.store_writes.labels("failed").inc()
-            return exc
-        metrics.store_writes.labels("ok").inc()
-        metrics.store_latency.observe(time.monotonic() - started)
+
+def open_store(service: Service) -> Store | None:
+    """The store that RESUME_STORE names, with what it needs from the core; redis-py is imported
+    only for a Redis store (note 15)."""
+    settings = service.settings
+    if settings.redis_url is None:
         return None
+    from redis_store import RedisStore
 
-    def mirror(self, stream_log: StreamLog, entries: list[bytes], size: int) -> None:
-        """Queue what was appended (or, with no entries, that the terminal event was delivered)."""
-        if stream_log.store_note is not None:
-            return
-        stream_log.unstored += entries
-        self.queued += size
-        self.dirty[stream_log] = None
-        self.wake.set()
-        while self.queued > self.queue_limit and self.dirty:  # the largest backlog goes first
-            self.give_up(max(self.dirty, key=lambda d: sum(map(len, d.unstored))), "behind", None)
-
-    def give_up(self, stream_log: StreamLog, reason: str, exc: BaseException | None) -> None:
-        """This stream's copy stays incomplete: resumable on this replica only, with a log line and a metric."""
-        if stream_log.store_note is not None:
-            return
-        stream_log.store_note = reason
-        self.queued -= sum(map(len, stream_log.unstored))
-        stream_log.unstored = []
-        self.dirty.pop(stream_log, None)
-        self.mark(stream_log.stream_id, "unresumable")
-        self.service.metrics.store_unresumable.labels(reason).inc()
-        token = correlation_id.set(stream_log.correlation_id)  # the writer's task serves every stream
-        try:
-            log.warning(
-                "store_behind" if reason == "behind" else "store_write_failed",
-                extra={"stream_id": stream_log.stream_id, "stored_seq": stream_log.stored - 1,
-                       "exception": type(exc).__name__ if exc else None},
-            )  # fmt: skip
-        finally:
-            correlation_id.reset(token)
-
-    def mark(self, stream_id: str, state: str) -> None:
-        """Write this state into the stream's facts with the next round trip."""
-        self.marks[stream_id] = state
-        self.wake.set()
-
-    async def write(self) -> None:
-        while True:
-            await self.wake.wait()
-            await asyncio.sleep(STORE_WRITE_INTERVAL_S)  # what comes meanwhile shares the round trip
-            self.wake.clear()
-            await self.write_once()
-
-    async def write_once(self) -> None:
-        """One pipelined round trip for everything queued; a failure gives up on the streams in it."""
-        batch, self.dirty = list(self.dirty), {}
-        marking, self.marks = self.marks, {}
-        pipe = self.redis.pipeline(transaction=False)
-        for stream_log in batch:
-            self.queue_writes(pipe, stream_log)
-        for stream_id, state in marking.items():
-            events, facts = store_keys(stream_id)
-            if state == "unresumable":  # given up on, perhaps before its facts went out: they may be new
-                self.write_expiring(pipe, facts, self.live_ttl_ms, "HSET", "state", state)
-            else:  # abandoned: gone everywhere once RESUME_TTL_S has passed, as a finished one
-                self.write_expiring(pipe, facts, self.finished_ttl_ms, "HSET", "state", state, existing=True)
-                pipe.pexpire(events, self.finished_ttl_ms)
-        if (failure := await self.execute(pipe)) is not None:
-            self.marks = {**marking, **self.marks}
-            for stream_log in batch:
-                self.give_up(stream_log, "failed", failure)
-
-    def queue_writes(self, pipe: redis.asyncio.client.Pipeline, stream_log: StreamLog) -> None:
-        """One XADD of the events not yet written, under the id of the first one's seq; the expiry
-        moved to RESUME_TTL_S with the terminal one (the facts went out with `announce`). Only the
-        first XADD creates the Redis Stream, with its expiry in the same step (note 19)."""
-        entries, first = stream_log.unstored, stream_log.stored
-        self.queued -= sum(map(len, entries))
-        stream_log.unstored = []
-        stream_log.stored += len(entries)
-        events, facts = store_keys(stream_log.stream_id)
-        if entries:
-            fields: dict[Any, Any] = {str(first + i): entry for i, entry in enumerate(entries)}
-            ended = stream_log.finished and stream_log.stored == len(stream_log)
-            if ended:
-                fields["end"] = b""
-            if first == 0:
-                flat = (x for item in fields.items() for x in item)
-                self.write_expiring(pipe, events, self.live_ttl_ms, "XADD", "MAXLEN", self.max_entries, "0-1", *flat)
-            else:
-                pipe.xadd(events, fields, id=f"{first}-1", maxlen=self.max_entries, approximate=False, nomkstream=True)
-            if ended:
-                self.write_expiring(pipe, facts, self.finished_ttl_ms, "HSET", "state", "finished", existing=True)
-                for key in (events, *([chat_store_key(stream_log.chat)] if stream_log.chat else [])):
-                    pipe.pexpire(key, self.finished_ttl_ms)
-        if stream_log.delivered:  # perhaps after the facts expired: then nothing is written
-            self.write_expiring(pipe, facts, None, "HSET", "delivered", "1", existing=True)
-
-    # Reading: any replica
-
-    async def find(self, stream_id: str, owner: bytes | None) -> RemoteLog:
-        """A stream from the store, its facts checked as find_stream checks a local one."""
-        events, facts_key = store_keys(stream_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(facts_key)
-        pipe.xrange(events)  # all so far, for the follower's replay: one round trip in all
-        facts, read = await self.ask(pipe.execute())
-        if not facts:
-            raise stream_not_found()
-        if b"owner" in facts and not _same_owner(bytes.fromhex(facts[b"owner"].decode()) or None, owner):
-            raise stream_not_found()
-        if facts.get(b"state") == b"abandoned":  # as its own replica answers (note 19)
-            raise stream_not_found()
-        if facts.get(b"state") == b"unresumable" or b"protocol" not in facts:  # given up on before its facts
-            raise store_unavailable("this stream's copy in RESUME_STORE is incomplete")
-        length, finished = 0, False
-        if read:
-            fields = read[-1][1]
-            length = max(int(key) for key in fields if key != b"end") + 1
-            finished = b"end" in fields
-        return RemoteLog(self, stream_id, facts, read, length, finished)
-
-    async def followed_elsewhere_ms(self, stream_id: str) -> int:
-        """How long the presence of followers on other replicas lasts yet (note 19), in ms; 0 for none."""
-        return max(0, await self.ask(self.redis.pttl(presence_key(stream_id))))
-
-    async def delivered(self, stream_id: str) -> bool:
-        return bool(await self.ask(self.redis.hget(store_keys(stream_id)[1], "delivered")))
-
-    async def find_chat(self, chat: ChatKey) -> str | None:
-        stream_id: bytes | None = await self.ask(self.redis.get(chat_store_key(chat)))  # type: ignore[arg-type]
-        return stream_id.decode() if stream_id else None
-
-    # Stopping: DELETE on any replica
-
-    async def cancel(self, stream_id: str) -> None:
-        """Tell every replica; the one producing the stream stops it (`listen`)."""
-        # With the DELETE's correlation id: the producing replica logs stream_cancelled with it.
-        listeners = await self.ask(self.redis.publish(CANCEL_CHANNEL, f"{stream_id} {correlation_id.get() or ''}"))
-        if not listeners:  # no replica hears: not even the one producing it
-            raise store_unavailable("no replica is listening on RESUME_STORE")
-
-    async def listen(self) -> None:
-        """Cancel the local producers that a DELETE on another replica names; resubscribe after a loss."""
-        lost = False
-        while True:
-            try:
-                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(CANCEL_CHANNEL)
-                    if lost:
-                        log.info("store_reconnected")
-                        lost = False
-                    while True:
-                        message = await pubsub.get_message(timeout=self.timeout / 2)
-                        if message is not None:
-                            self.cancel_named(message["data"])
-            except self.errors as exc:
-                if not lost:
-                    log.warning("store_unreachable", extra={"exception": type(exc).__name__})
-                    lost = True
-                await asyncio.sleep(self.timeout)
-
-    def cancel_named(self, data: bytes) -> None:
-        """Cancel the producer that a cancel message names, if it is here. Anyone who can publish to
-        Redis can send anything: what is not `<stream id> <correlation id>` is counted and ignored."""
-        try:
-            stream_id, _, request_id = data.decode().partition(" ")
-        except (AttributeError, UnicodeDecodeError):
-            self.bad_messages += 1
-            if time.monotonic() - self.bad_message_logged >= STORE_BAD_MESSAGE_LOG_S:  # a flood is one line
-                self.bad_message_logged = time.monotonic()
-                size = len(data) if isinstance(data, bytes) else None
-                log.warning("store_bad_message", extra={"bytes": size, "ignored": self.bad_messages})
-                self.bad_messages = 0
-            return
-        stream_log = self.service.streams.get(stream_id)
-        if stream_log is not None and stream_log.producer is not None:
-            correlation_id.set(request_id or None)
-            stream_log.producer.cancel()
+    return RedisStore(
+        settings.redis_url,
+        settings,
+        service.metrics,
+        PROTOCOLS,
+        error_body=lambda code, detail: ServiceError(code, detail).body(),
+        pieces=pieces,
+        on_cancel=service.cancel_here,
+    )
 
 
-class RemoteLog:
-    """A stream produced on another replica, read from the store (note 15), with the face that a
-    FollowerResponse and resume() know from a StreamLog."""
-
-    def __init__(
-        self, store: RedisStore, stream_id: str, facts: dict[bytes, bytes], read: Any, length: int, finished: bool
-    ) -> None:
-        self.store = store
-        self.read: Any = read  # the entries that `find` read: the replay's first batch
-        self.service = store.service
-        self.stream_id = stream_id
-        self.protocol = PROTOCOLS[facts[b"protocol"].decode()]
-        self.length = length
-        self.finished = finished
-        self.delivered = facts.get(b"delivered") == b"1"
-        self.producer: Producer | None = None  # on its own replica
-        self.replica_key = facts.get(b"replica", b"").decode()  # the producing replica's liveness (note 19)
-        self.prompt_tokens = int(facts.get(b"prompt_tokens", b"0"))
-        trace_ids = facts.get(b"trace", b"").decode()
-        self.span_context = (
-            trace.SpanContext(int(trace_ids[:32], 16), int(trace_ids[32:], 16), is_remote=True)
-            if trace_ids
-            else trace.INVALID_SPAN_CONTEXT
-        )
-
-    def __len__(self) -> int:
-        return self.length
-
-    def attach(self) -> None:
-        pass  # the grace is the producing replica's affair
-
-    def detach(self, *, too_slow: bool) -> None:
-        pass
-
-    async def follow(self, position: int) -> AsyncIterator[bytes]:
-        """The events from `position` on: the store's copy so far, then each write as XREAD BLOCK
-        returns it, to the terminal event. A gap, an incomplete copy or a lost store ends the
-        response without one: the client's reconnect then gets its answer (404 or 503). While it
-        follows, its presence keeps the producer's grace from running out; a producer that is gone
-        ends it with an `error` event `stream_lost` (note 19)."""
-        redis_client, events, facts = self.store.redis, *store_keys(self.stream_id)
-        last_id: Any = None  # the last entry read
-        expected = 0  # the seq that the next event must have
-        read: Any  # [(entry id, {seq: event, ..., maybe b"end": b""})], bytes all (no decoding)
-        present_until = 0.0  # when the presence key must be renewed
-        try:
-            while True:
-                if time.monotonic() >= present_until:  # one round trip every STORE_PRESENCE_S, not per read
-                    present_until = time.monotonic() + STORE_PRESENCE_S
-                    with anyio.fail_after(self.store.timeout):
-                        await redis_client.set(presence_key(self.stream_id), 1, px=self.store.presence_ttl_ms)
-                with anyio.fail_after(self.store.timeout):
-                    if last_id is None:
-                        read, self.read = self.read, None
-                    else:
-                        reply: Any = await redis_client.xread({events: last_id}, block=self.store.block_ms)
-                        read = reply[0][1] if reply else []  # RESP2: [[key, entries]]
-                if not read:
-                    pipe = redis_client.pipeline(transaction=False)
-                    pipe.hget(facts, "state")
-                    pipe.exists(self.replica_key or facts)  # facts: a copy by a replica that names none
-                    with anyio.fail_after(self.store.timeout):
-                        state, producing = await pipe.execute()
-                    if state in (None, b"unresumable"):
-                        log.warning("store_follow_ended", extra={"stream_id": self.stream_id, "seq": expected - 1})
-                        return
-                    if state == b"abandoned" or (state == b"live" and not producing):
-                        yield self.lost_event(expected, state.decode())
-                        return
-                    last_id = last_id or "0-0"
-                    continue
-                batch: list[bytes] = []
-                ended = False
-                for entry_id, fields in read:
-                    last_id = entry_id
-                    for key, value in fields.items():
-                        if key == b"end":
-                            ended = True
-                        elif int(key) != expected:  # trimmed or lost: never a stream with a hole
-                            log.warning("store_gap", extra={"stream_id": self.stream_id, "seq": expected})
-                            return
-                        else:
-                            expected += 1
-                            if expected > position:
-                                batch.append(value)
-                for piece in pieces(batch, 0, len(batch)):  # note 20
-                    yield piece
-                if ended:
-                    pipe = redis_client.pipeline(transaction=False)
-                    self.store.write_expiring(pipe, facts, None, "HSET", "delivered", "1", existing=True)
-                    with anyio.fail_after(self.store.timeout):
-                        await pipe.execute()
-                    return
-        except self.store.errors as exc:
-            log.warning("store_read_failed", extra={"stream_id": self.stream_id, "exception": type(exc).__name__})
-
-    def lost_event(self, seq: int, state: str) -> bytes:
-        """The terminal event for a follower whose producer is gone: its replica stopped (or, in a
-        race with the grace, it was abandoned) before the stream's end reached the store."""
-        log.warning("store_stream_lost", extra={"stream_id": self.stream_id, "seq": seq - 1, "state": state})
-        error = ServiceError("stream_lost", "the replica producing this stream stopped before its end")
-        completion = max(0, seq - 1)  # one entry a delta after the meta (an estimate, note 6)
-        usage = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-            "source": "estimated",
-        }
-        return self.protocol.event(self.stream_id, seq, "error", {**error.body(), "usage": usage})
+async def ask_store(store: Store, answer: Awaitable[T]) -> T:
+    """The store's answer; none in time is 503 `resume_unavailable` (note 15), here and nowhere else."""
+    try:
+        return await answer
+    except store.unavailable as exc:
+        raise ServiceError("resume_unavailable", str(exc), retry_after=2) from None
 
 
 def stream_not_found() -> ServiceError:
@@ -3079,17 +2279,12 @@ def check_store(settings: Settings) -> None:
     """RESUME_STORE=redis://...: that Redis answers before the service starts; exit 2 if not."""
     if settings.redis_url is None:
         return
-    import redis
+    from redis_store import StoreUnavailable, check_redis
 
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=settings.CONNECT_TIMEOUT_S, socket_timeout=settings.CONNECT_TIMEOUT_S
-    )
     try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        exit_misconfigured(f"RESUME_STORE: Redis does not answer ({type(exc).__name__})", "RESUME_STORE")
-    finally:
-        client.close()
+        check_redis(settings.redis_url, settings.CONNECT_TIMEOUT_S)
+    except StoreUnavailable as exc:
+        exit_misconfigured(f"RESUME_STORE: Redis does not answer ({exc})", "RESUME_STORE")
 
 
 # --- Endpoints --------------------------------------------------------------------------------------
@@ -3152,13 +2347,22 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     service.followers.check(None)  # its client is a follower: refused before the model is asked (note 20)
     await service.take_slot()
     model = chat_request.model or settings.OPENAI_MODEL
-    span = service.tracing.upstream_span(settings, chat_request, model)
+    span = service.tracing.upstream_span(
+        model,
+        max_tokens=int(chat_request.max_tokens or settings.MAX_TOKENS),
+        temperature=chat_request.temperature,
+        server_address=settings.upstream_host,
+    )
     token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
     stream_id = secrets.token_hex(16)  # note 11
     chat = None if chat_id is None else (owner, chat_id)
     # Note 15: every replica can find the stream before its id is out, at no cost to the live path.
     prompt_tokens = math.ceil(prompt_chars / 4)  # note 6: the estimate, should the stream be lost (note 19)
-    announced = service.store.announce(stream_id, owner, protocol, chat, span, prompt_tokens) if service.store else None
+    announced = (
+        service.store.announce(stream_id, owner, protocol, chat, span.get_span_context(), prompt_tokens)
+        if service.store
+        else None
+    )
     try:
         stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
     except BaseException as exc:
@@ -3193,7 +2397,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     )
     if store_failure is not None and service.store is not None:
         service.store.give_up(stream_log, "failed", store_failure)
-    response = FollowerResponse(stream_log, 0, settings, first=True)
+    response = FollowerResponse(service, stream_log, 0, first=True)
     if minted is not None:
         set_owner_cookie(response, request, minted)
     return response
@@ -3212,12 +2416,13 @@ async def delete_stream(request: Request) -> Response:
     return Response(status_code=204)
 
 
-async def stop_stream(service: Service, stream_log: StreamLog | RemoteLog) -> None:
+async def stop_stream(service: Service, stream_log: StreamLog | RemoteStream) -> None:
     """DELETE: the producer stops, here or (through the store) on the replica running it."""
-    if stream_log.producer is not None:
-        stream_log.producer.cancel()
-    elif isinstance(stream_log, RemoteLog) and not stream_log.finished and service.store is not None:
-        await service.store.cancel(stream_log.stream_id)
+    if isinstance(stream_log, StreamLog):
+        if stream_log.producer is not None:
+            stream_log.producer.cancel()
+    elif not stream_log.finished and service.store is not None:
+        await ask_store(service.store, service.store.cancel(stream_log.stream_id))
 
 
 async def ai_sdk_follow(request: Request) -> Response:
@@ -3241,7 +2446,7 @@ async def ai_sdk_follow(request: Request) -> Response:
     service.metrics.resumes.labels("resumed").inc()
     trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_log.stream_id, "from_seq": 0, "via": "ai-sdk"})
-    return FollowerResponse(stream_log, 0, service.settings)
+    return FollowerResponse(service, stream_log, 0)
 
 
 async def ai_sdk_delete(request: Request) -> Response:
@@ -3276,10 +2481,10 @@ async def resume(request: Request, stream_id: str, via: str) -> Response:
     metrics.resumes.labels("resumed").inc()
     trace.get_current_span().add_link(stream_log.span_context)  # note 14
     log.info("stream_resumed", extra={"stream_id": stream_id, "from_seq": position, "via": via})
-    return FollowerResponse(stream_log, position, service.settings)
+    return FollowerResponse(service, stream_log, position)
 
 
-def _resume_after(request: Request, stream_log: StreamLog | RemoteLog) -> int:
+def _resume_after(request: Request, stream_log: StreamLog | RemoteStream) -> int:
     """The last seq the client has: from Last-Event-ID, else ?after=, else -1 (replay from the start).
     An id of another stream or a seq not yet sent is malformed: 404, never a guess."""
     last_event_id = request.headers.get("last-event-id")
@@ -3296,7 +2501,7 @@ def _resume_after(request: Request, stream_log: StreamLog | RemoteLog) -> int:
     else:
         return -1
     # A live stream's copy in the store may be behind what its client has: the follower waits for it.
-    behind_is_possible = isinstance(stream_log, RemoteLog) and not stream_log.finished
+    behind_is_possible = not isinstance(stream_log, StreamLog) and not stream_log.finished
     if seq >= len(stream_log) and not behind_is_possible:
         raise ServiceError("stream_not_found", f"this stream has sent no event {seq} yet")
     return seq
@@ -3471,10 +2676,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Drain on the first signal (note 4), or when sse-starlette sees the server shutting down.
         restore_signals = drain_on_signals(service)
-        watcher = asyncio.create_task(_drain_when_told(service))
-        lag_probe = asyncio.create_task(service.metrics.watch_loop_lag())
-        # With several workers only (note 13): gauges read at a scrape are written every second.
-        live_gauges = asyncio.create_task(service.metrics.publish_live()) if service.metrics.live else None
         service.tracing.start(os.environ)
         if service.store is not None:
             await service.store.start()
@@ -3490,13 +2691,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             },
         )
         try:
-            yield
+            # The lifespan's own tasks, ended when it ends, before anything they use is closed.
+            async with anyio.create_task_group() as background:
+                background.start_soon(_drain_when_told, service)
+                background.start_soon(service.metrics.watch_loop_lag)
+                if service.worker_metrics is not None:  # note 13: scrape-time gauges, every second
+                    background.start_soon(service.worker_metrics.publish_live)
+                try:
+                    yield
+                finally:
+                    restore_signals()
+                    background.cancel_scope.cancel()
         finally:
-            restore_signals()
-            watcher.cancel()
-            lag_probe.cancel()
-            if live_gauges is not None:
-                live_gauges.cancel()
             tasks = list(service.producers.values())  # only those outliving the drain (note 4)
             for task in tasks:
                 task.cancel()
@@ -3728,6 +2934,40 @@ class HttpProtocol(HttpToolsProtocol):
 # --- Launcher ---------------------------------------------------------------------------------------
 
 
+def app_from_environment() -> Starlette:
+    """The app from the environment, with logging configured: what each worker of `python chatsvc.py`
+    runs (uvicorn calls it as the app's factory) and what `chatsvc:app` builds on its first call."""
+    settings = load_settings()
+    check_store(settings)
+    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
+    return create_app(settings)
+
+
+class LazyApp:
+    """`chatsvc:app`, for `uvicorn chatsvc:app` and any other ASGI server: the app from the environment,
+    built on the first call (the server's lifespan), so that importing this module reads no settings and
+    builds nothing (note 4 says what plain uvicorn changes for shutdown)."""
+
+    def __init__(self) -> None:
+        self.app: Starlette | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is None:
+            try:
+                self.app = app_from_environment()
+            except SystemExit as exc:  # a bad configuration, said on stderr
+                if scope["type"] != "lifespan":
+                    raise
+                # Raised, it would read to the server as a lifespan it need not run: it would serve on.
+                await receive()  # lifespan.startup
+                await send({"type": "lifespan.startup.failed", "message": f"invalid configuration (exit {exc})"})
+                return
+        await self.app(scope, receive, send)
+
+
+app = LazyApp()
+
+
 def main() -> None:
     """`python chatsvc.py`: one process, or with WORKERS > 1 uvicorn's supervisor and as many
     workers, each draining by itself (note 4). Exits 0 after a drain, 1 if the server did not start."""
@@ -3748,36 +2988,17 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     if settings.WORKERS > 1:
-        # Each worker imports `chatsvc:app` and configures itself from the same environment.
-        config = ServerConfig("chatsvc:app", settings, workers=settings.WORKERS, **options)
+        # Each worker builds the app from the same environment, and configures logging before uvicorn
+        # logs. Named by this module's own name: in a worker, multiprocessing has already loaded this
+        # script as `__main__`, and "chatsvc" would load it a second time.
+        factory = f"{__name__}:{app_from_environment.__name__}"
+        config = ServerConfig(factory, settings, factory=True, workers=settings.WORKERS, **options)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
     server = uvicorn.Server(ServerConfig(create_app(settings), settings, **options))
     server.run()
     if not server.started:
         raise SystemExit(1)
-
-
-def _module_app() -> Starlette:
-    """The app from the environment, with logging configured: for `python chatsvc.py` and `uvicorn`."""
-    settings = load_settings()
-    check_store(settings)
-    configure_logging(settings.LOG_LEVEL, settings.secrets, settings.log_format)
-    return create_app(settings)
-
-
-_app: Starlette | None = None
-
-
-def __getattr__(name: str) -> Starlette:
-    """`uvicorn chatsvc:app` builds the app on first use, so that importing this module has no side
-    effects (note 4 says what plain uvicorn changes for shutdown)."""
-    global _app
-    if name != "app":
-        raise AttributeError(f"module 'chatsvc' has no attribute {name!r}")
-    if _app is None:
-        _app = _module_app()
-    return _app
 
 
 if __name__ == "__main__":

@@ -6,23 +6,19 @@ one readable line for people.
 Both filters sit on the *handler*, not on our logger: a filter on a logger sees only that logger's
 own records, while uvicorn's, openai's and httpx's records reach the handler through propagation.
 
-Notes:
-1. Library loggers that can print request or response bodies at DEBUG (sse-starlette logs every
-   chunk of the answer; openai has logged request options, which hold the user's messages) stay at
-   INFO whatever LOG_LEVEL says, LOG_CONTENT=true included: their copies would be neither truncated
-   nor PII-masked. Content is logged only by our own `chat_request` line, as LOG_CONTENT specifies.
-2. Redaction masks, in the message, in every extra field at any nesting, and in tracebacks: the exact
-   configured secrets, anything shaped like an `sk-` key, bearer tokens, Authorization headers and
-   e-mail addresses. In logged content (LOG_CONTENT=true) phone numbers are masked as well.
-3. httpx's own INFO line per upstream request ("HTTP Request: POST ... 200 OK") is left out unless
-   LOG_LEVEL=DEBUG: our `upstream_opened` and `upstream_retry` lines say the same with the
-   correlation id, and every log line costs CPU on the event loop (README "Performance").
-   httpx's warnings still come through.
-4. No text costs the redaction more than time linear in its length: the filter runs on the event
-   loop, for lines that can hold what a client sent. E-mail addresses are found from each `@`
-   (`_mask_emails`), and every other pattern starts at a literal and takes its runs possessively,
-   so a failed attempt never rescans. chatsvc also logs a request's path as its route template or
-   a bounded prefix (chatsvc note 16), so that a line stays short whatever the request.
+Notes (docs/design.md, "Logging", explains each at length):
+1. Library loggers that can print bodies at DEBUG (sse-starlette's chunks, openai's request options)
+   stay at INFO whatever LOG_LEVEL says: their copies would be neither truncated nor PII-masked.
+   docs/design.md#logging-note-1-content-bearing-library-loggers-stay-at-info
+2. Redaction masks, in the message, every extra field and tracebacks: configured secrets, `sk-` keys,
+   bearer tokens, Authorization headers, e-mail addresses; in logged content phone numbers too.
+   docs/design.md#logging-note-2-what-redaction-masks
+3. httpx's INFO line per upstream request is left out unless LOG_LEVEL=DEBUG: our own lines say the
+   same with the correlation id, and each line costs CPU on the event loop.
+   docs/design.md#logging-note-3-httpxs-request-lines-only-at-debug
+4. No text costs the redaction more than time linear in its length (it runs on the event loop, on
+   what clients send): e-mails are found from each `@`, other patterns are possessive.
+   docs/design.md#logging-note-4-redaction-in-linear-time
 """
 
 from __future__ import annotations
@@ -74,6 +70,8 @@ _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asc
 
 # Loggers whose DEBUG records carry request or response bodies (note 1).
 CONTENT_BEARING_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "httpcore2", "sse_starlette")
+# Content-bearing too, and quieter still: their INFO line per request shows only at DEBUG (note 3).
+HTTPX_LOGGERS = ("httpx", "httpx2")
 
 
 class Redactor:
@@ -252,8 +250,8 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_form
                 "uvicorn": {"level": level, "handlers": [], "propagate": True},
                 "uvicorn.error": {"level": level, "handlers": [], "propagate": True},
                 "uvicorn.access": {"level": level, "handlers": [], "propagate": True},
-                **{name: {"level": library_level} for name in CONTENT_BEARING_LOGGERS},
-                **{name: {"level": _quiet_httpx(level)} for name in ("httpx", "httpx2")},  # note 3
+                **{name: {"level": library_level} for name in CONTENT_BEARING_LOGGERS if name not in HTTPX_LOGGERS},
+                **{name: {"level": _quiet_httpx(level)} for name in HTTPX_LOGGERS},  # notes 1 and 3
             },
         }
     )

@@ -151,7 +151,17 @@ def test_image_serves_streams_and_probes_as_non_root(engine: Engine, container: 
     assert engine("exec", container.name, "id", "-u").stdout.strip() == "10001"
     assert engine("exec", container.name, "id", "-g").stdout.strip() == "10001"
     app_files = engine("exec", container.name, "ls", "-A", "/app").stdout.split()
-    assert sorted(app_files) == ["chat.html", "chatsvc.py", "logging_conf.py", "openapi.yaml", "requirements.txt"]
+    assert sorted(app_files) == [
+        "ai_sdk.py",
+        "chat.html",
+        "chatsvc.py",
+        "logging_conf.py",
+        "openapi.yaml",
+        "redis_store.py",
+        "requirements.txt",
+        "tracing.py",
+        "worker_metrics.py",
+    ]
     pid1 = engine("exec", container.name, "cat", "/proc/1/cmdline").stdout.split("\0")
     assert pid1[:2] == ["python", "chatsvc.py"], pid1
 

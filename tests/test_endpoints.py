@@ -9,6 +9,7 @@ import httpx
 import pytest
 from starlette.routing import Route
 
+import ai_sdk
 import chatsvc
 from tests.conftest import Service, free_port, iter_sse
 from tests.fake_model import FakeModel
@@ -154,10 +155,10 @@ def test_spec_ui_request_schema_matches_the_models() -> None:
     assert request["required"] == [n for n, f in chatsvc.UIChatRequest.model_fields.items() if f.is_required()]
     assert request["properties"]["messages"]["maxItems"] == defaults.MAX_HISTORY + 1
     assert request["properties"]["id"]["pattern"] == chatsvc.CHAT_ID_PATTERN.pattern
-    assert set(schemas["UIMessage"]["properties"]) == set(chatsvc.UIMessage.model_fields)
-    assert set(schemas["UITextPart"]["properties"]) == set(chatsvc.UITextPart.model_fields)
+    assert set(schemas["UIMessage"]["properties"]) == set(ai_sdk.UIMessage.model_fields)
+    assert set(schemas["UITextPart"]["properties"]) == set(ai_sdk.UITextPart.model_fields)
     roles = schemas["UIMessage"]["properties"]["role"]["enum"]
-    assert roles == list(typing.get_args(chatsvc.UIMessage.model_fields["role"].annotation))
+    assert roles == list(typing.get_args(ai_sdk.UIMessage.model_fields["role"].annotation))
 
 
 def test_spec_request_schema_matches_the_model_and_defaults() -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import Event, Service, free_port, iter_sse
+from tests.conftest import ROOT, Event, Service, free_port, iter_sse
 from tests.cutting_proxy import CuttingProxy, at_marker
 from tests.fake_model import FakeModel, expected_text
 from tests.otlp_receiver import OTLPReceiver
@@ -364,6 +366,32 @@ def test_an_unreachable_store_at_start_exits_2_naming_it(tmp_path: Path, fake_mo
     assert set(message) == {"error", "detail", "action"}
     assert "RESUME_STORE" in message["detail"]
     assert "RESUME_STORE" in message["action"]
+
+
+REDIS_PROBE = """
+import sys
+import chatsvc
+imported = {"redis", "redis_store"} & set(sys.modules)
+chatsvc.create_app()  # builds the store, which connects only when the lifespan starts it
+print(sorted(imported), sorted({"redis", "redis_store"} & set(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(("store", "loaded"), [("memory", "[]"), ("redis://127.0.0.1:9/0", "['redis', 'redis_store']")])
+def test_redis_py_is_loaded_only_with_a_redis_store(store: str, loaded: str, tmp_path: Path) -> None:
+    """Note 15: redis-py loads OpenTelemetry's metrics SDK when that is installed (60 ms, and an SDK
+    that note 14 keeps out): importing chatsvc loads neither it nor redis_store, and only
+    RESUME_STORE=redis:// does."""
+    done = subprocess.run(
+        [sys.executable, "-c", REDIS_PROBE],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "RESUME_STORE": store},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == f"[] {loaded}"
 
 
 def test_redis_lost_mid_stream_then_back(

@@ -9,14 +9,13 @@ from hypothesis import strategies as st
 from sse_starlette import JSONServerSentEvent
 
 from chatsvc import (
+    AI_SDK,
     WRITE_BYTES,
     ServiceError,
     UpstreamFrames,
     encode_deltas,
     encode_event,
-    encode_ui_chunks,
     last_words_event,
-    last_words_ui,
     pieces,
 )
 
@@ -104,7 +103,7 @@ def test_the_last_resort_is_the_error_event_the_encoders_write(
     data = {**body, "usage": {**usage, "source": "estimated"}}
     fill = {b"seq": seq, b"prompt": prompt, b"completion": completion, b"total": prompt + completion}
     assert last_words_event(STREAM_ID, body) % fill == encode_event(STREAM_ID, seq, "error", data)
-    assert last_words_ui(STREAM_ID, body) % fill == encode_ui_chunks(STREAM_ID, seq, "error", data)
+    assert AI_SDK.last_words(STREAM_ID, body) % fill == AI_SDK.event(STREAM_ID, seq, "error", data)
 
 
 @settings(max_examples=200, deadline=None)

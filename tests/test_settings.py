@@ -56,6 +56,22 @@ def test_bad_value_exits_2_with_a_three_part_message(tmp_path: Path, name: str, 
     assert "sk-never-printed" not in result.stderr + result.stdout
 
 
+def test_bad_value_stops_uvicorn_chatsvc_app_with_the_message(tmp_path: Path) -> None:
+    """`uvicorn chatsvc:app` builds the app when the server starts its lifespan: a bad value stops the
+    server there with the same three-part message, as any app whose startup failed (uvicorn exits 3),
+    instead of serving on without the app."""
+    uvicorn = [sys.executable, "-m", "uvicorn", "chatsvc:app", "--app-dir", str(ROOT), "--port", "0"]
+    env = {"PATH": "/usr/bin:/bin", "MAX_TOKENS": "lots"}
+    result = subprocess.run(uvicorn, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False)
+
+    assert result.returncode == 3
+    messages = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [set(message) for message in messages] == [{"error", "detail", "action"}]
+    assert messages[0]["detail"].startswith("MAX_TOKENS")
+    assert "Application startup failed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_dotenv_file_in_the_working_directory_is_read(tmp_path: Path, fake_model: FakeModel) -> None:
     (tmp_path / ".env").write_text(f"OPENAI_MODEL=model-from-dotenv\nOPENAI_BASE_URL={fake_model.base_url}\n")
     svc = Service({}, tmp_path).start()
