@@ -397,6 +397,7 @@ class Bench:
             ("ai-sdk", "chatsvc", ("B", "C", "Bi", "Ci")),
             ("chatsvc-traced", "chatsvc", ("B", "C", "Bi", "Ci", "D mem")),
             ("chatsvc-redis", "chatsvc", ("B", "C", "Bi", "Ci", "D mem")),
+            ("chatsvc", "baseline", ("A", "B", "C", "Bi", "Ci", "D mem")),
         ]
         ratios = [r for r in ratios if r[0] in relays and r[1] in relays]
         header = [*targets, *(f"{a} / {b}" for a, b, _ in ratios)]
@@ -445,6 +446,12 @@ def main() -> int:
     )
     parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
     parser.add_argument("--json", type=Path, help="also write the figures there, for bench/plot.py")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout whose chatsvc.py runs as the relay `baseline` (add it to --relays), as `chatsvc`"
+        " does: what a change costs, in the same run (e.g. `git worktree add /tmp/before HEAD~1`)",
+    )
     args = parser.parse_args()
     size = (
         Sizes(20, (32, 50), (8, 10), (50, 4), 3, 10, (8, 10))
@@ -515,6 +522,10 @@ def main() -> int:
             [PY, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{port}", *GRANIAN],
             no_resume,
             has_metrics=True,
+        ),
+        # Another version of chatsvc, run as `chatsvc` is: the same run with a change and without it.
+        "baseline": replace(
+            chatsvc, name="baseline", command=[PY, str((args.baseline or ROOT) / "chatsvc.py")], resumes=False
         ),
         "obvious": Relay("obvious", [PY, str(ROOT / "bench/obvious_relay.py"), "--port", "{port}"], upstream_env),
     }
