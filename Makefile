@@ -1,10 +1,11 @@
-# The two commands of the README: `make run` and `make test`. Each sets up .venv from the pinned
-# requirement files first (again only when they change), so both work on a fresh clone.
+# The two commands of the README, `make run` and `make test`, and `make check`, the fast loop. Each
+# sets up .venv from the pinned requirement files first (again only when they change), so all work
+# on a fresh clone.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check lint typecheck unit
+.PHONY: run test check
 
 # With no OPENAI_API_KEY or OPENAI_BASE_URL, run.py also sets up and runs the embedded model.
 run: $(VENV)/.runtime
@@ -16,6 +17,16 @@ test: $(VENV)/.dev tests/js/node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# What `make test` runs but the slow tiers (tests marked `slow`: the browser, the container, the
+# embedded model, load, fuzzing, Redis, the JS clients, multi-worker launchers), stopping at the
+# first failure: a couple of minutes, for the loop of editing.
+check: $(VENV)/.dev
+	bash tests/install-debian.sh
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -m "not slow" -x
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)

@@ -20,7 +20,10 @@ says what departs from which default and why, and docs/design.md explains it at 
 3. One producer, a log, followers: one task per stream reads the upstream body, appends each event to
    the stream's log and decides the one outcome; each client connection is a follower that replays
    and tails that log. One cancel scope bounds the read; the producer reads ahead of slow clients,
-   within RESUME_BUFFER_MB. docs/design.md#3-one-producer-a-log-followers
+   within RESUME_BUFFER_MB. The read returns how it ended, and `record` logs, counts and marks the
+   span once. The slot, span, store announcement and upstream connection are each registered in an
+   AsyncExitStack as they are taken, and the producer takes the stack over when its task starts.
+   docs/design.md#3-one-producer-a-log-followers
 4. Shutdown drains before uvicorn stops listening: the lifespan puts its own SIGTERM/SIGINT handler
    in front of uvicorn's (which closes the socket at once), flips /readyz and new chats to 503, lets
    streams run SHUTDOWN_GRACE_S, ends the rest with `shutting_down`, then hands the signal on.
@@ -57,8 +60,9 @@ says what departs from which default and why, and docs/design.md explains it at 
     scrape-time gauges are written every second (worker_metrics.py, imported only in a worker of a
     supervisor or with PROMETHEUS_MULTIPROC_DIR set). docs/design.md#13-several-workers-one-metrics
 14. Traces are OpenTelemetry's, switched on by its own OTEL_* variables (else tracing.py does not
-    import the SDK, and the core's calls go to the API's no-op spans): a server span per request from W3C trace context (never baggage), and the producer's
-    upstream span, which carries the outcome; no stream id, text or key in a span.
+    import the SDK, and the core's calls go to the API's no-op spans): a server span per request
+    from W3C trace context (never baggage), and the producer's upstream span, which carries the
+    outcome; no stream id, text or key in a span.
     docs/design.md#14-tracing-with-opentelemetry
 15. Any replica resumes any stream with RESUME_STORE=redis://: the producing replica's log stays the
     live path and a writer copies it behind, batched every STORE_WRITE_INTERVAL_S (50 ms), never
@@ -75,7 +79,9 @@ says what departs from which default and why, and docs/design.md explains it at 
     docs/design.md#17-slow-clients-bounded-at-the-connection
 18. One terminal event, whatever the model server sends and whatever fails in us: each chunk checked
     in one place (`parse_chunk`); a malformed stream is `upstream_error`, our bug `internal_error` at
-    ERROR, and a last resort that cannot fail ends the stream. docs/design.md#18-one-terminal-event
+    ERROR, and a last resort that cannot fail ends the stream. The model server's failures are
+    mapped by `map_upstream_error` alone; anything else raised while opening or reading is ours.
+    docs/design.md#18-one-terminal-event
 19. A stream lives in the store as long as someone follows it anywhere: presence keys renewed every
     second, a liveness key per replica (its loss ends remote followers with `stream_lost`), and every
     key created with its expiry. docs/design.md#19-store-keys-live-as-long-as-someone-follows
@@ -92,6 +98,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import enum
 import functools
 import gc
 import hashlib
@@ -114,7 +121,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -439,11 +446,51 @@ class ServiceError(Exception):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
-def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> ServiceError:
-    """The one place where openai/httpx failures become our codes. `streaming`: the 200 is already
-    sent, so a broken connection is an `upstream_error` event, not an unreachable server."""
-    if isinstance(exc, ServiceError):
-        return exc
+class MalformedStream(Exception):
+    """The model server's body cannot be read (note 18): what is wrong with it, for map_upstream_error."""
+
+
+#: Every failure of the model server that map_upstream_error maps; anything else raised while the
+#: upstream is opened or read is a bug of ours (note 18).
+UPSTREAM_FAILURES = (openai.APIError, TimeoutError, MalformedStream)
+
+
+def map_upstream_error(
+    exc: Exception,
+    settings: Settings,
+    *,
+    streaming: bool = False,
+    deadline: float = math.inf,
+    drain_deadline: float = math.inf,
+) -> ServiceError:
+    """The one place where the model server's failures become our codes: openai's exceptions (what
+    it raises, and what the relay raises in its shape, note 9), our parser's MalformedStream, and
+    our own deadlines (the TimeoutError of anyio's fail_after or fail_at).
+    `streaming`: the 200 is already sent, so a broken connection is an `upstream_error` event, not an
+    unreachable server, and a deadline is the request's (`deadline`) or the drain's. Anything else
+    is re-raised: a bug of ours is never the model server's fault."""
+    if isinstance(exc, MalformedStream):
+        return ServiceError("upstream_error", f"the model server sent a malformed stream ({exc})")
+    if isinstance(exc, openai.APIError):
+        error = _openai_failure(exc, streaming)
+        error.__cause__ = exc  # what broke, for the span and the log (note 14)
+        return error
+    if isinstance(exc, TimeoutError):  # our own deadline (anyio.fail_after): which one
+        if not streaming:
+            detail = f"the model server did not accept the request within {settings.REQUEST_TIMEOUT_S} s"
+            return ServiceError("upstream_timeout", detail)
+        now = time.monotonic()  # anyio raises it at or after the deadline it was given
+        if now >= drain_deadline:
+            code = "shutting_down"
+        elif now >= deadline:
+            code = "deadline_exceeded"
+        else:
+            code = "upstream_timeout"  # the wait after a finish_reason (note 7)
+        return ServiceError(code, _TIMEOUT_DETAILS[code](settings))
+    raise exc
+
+
+def _openai_failure(exc: openai.APIError, streaming: bool) -> ServiceError:
     if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
         failure = _transport_failure(exc)
         name = type(failure).__name__
@@ -469,19 +516,21 @@ def map_upstream_error(exc: BaseException, *, streaming: bool = False) -> Servic
         if status in (401, 403):
             return ServiceError("upstream_auth", said)
         return ServiceError("upstream_error", said)
-    if isinstance(exc, openai.APIError):
-        # An in-band {"error": ...} chunk in the middle of the stream.
-        upstream_code = _upstream_error_code(exc.body)
-        return ServiceError(
-            "upstream_error",
-            "the model server sent an error in the stream" + (f" ({upstream_code})" if upstream_code else ""),
-        )
-    return ServiceError("internal_error", f"unexpected {type(exc).__name__}")  # a bug of ours, not theirs
+    # An in-band {"error": ...} chunk in the middle of the stream.
+    upstream_code = _upstream_error_code(exc.body)
+    return ServiceError(
+        "upstream_error",
+        "the model server sent an error in the stream" + (f" ({upstream_code})" if upstream_code else ""),
+    )
 
 
-def malformed(what: str) -> ServiceError:
-    """The model server's body cannot be read: its fault (note 18)."""
-    return ServiceError("upstream_error", f"the model server sent a malformed stream ({what})")
+_TIMEOUT_DETAILS: dict[str, Callable[[Settings], str]] = {
+    "upstream_timeout": lambda s: f"no data from the model server for {s.IDLE_TIMEOUT_S} s",
+    "deadline_exceeded": lambda s: f"the answer did not finish within REQUEST_TIMEOUT_S ({s.REQUEST_TIMEOUT_S} s)",
+    "shutting_down": lambda s: (
+        f"the service is shutting down and the stream outlived its grace ({s.SHUTDOWN_GRACE_S} s)"
+    ),
+}
 
 
 def _transport_failure(exc: openai.APIConnectionError) -> BaseException:
@@ -523,7 +572,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return None if when is None else max(0.0, when.timestamp() - time.time())
 
 
-def is_retryable(exc: openai.APIError) -> bool:
+def is_retryable(exc: Exception) -> bool:
     if isinstance(exc, openai.APIConnectionError):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -980,17 +1029,13 @@ async def open_upstream(
                 )
             _log_upstream_response(stream.response)
             return stream, retries
-        except TimeoutError:
-            raise ServiceError(
-                "upstream_timeout", f"the model server did not accept the request within {settings.REQUEST_TIMEOUT_S} s"
-            ) from None
-        except openai.APIError as exc:
+        except UPSTREAM_FAILURES as exc:
             if isinstance(exc, openai.APIStatusError):
                 _log_upstream_response(exc.response)
-            error = map_upstream_error(exc)
+            error = map_upstream_error(exc, settings)
             wait = _backoff(retries, exc)
             if not is_retryable(exc) or retries >= settings.UPSTREAM_MAX_RETRIES or time.monotonic() + wait >= deadline:
-                raise error from exc
+                raise error from error.__cause__
             log.info("upstream_retry", extra={"retry": retries + 1, "code": error.code, "wait_s": round(wait, 3)})
             await anyio.sleep(wait)
             retries += 1
@@ -1007,11 +1052,17 @@ def _log_upstream_response(response: httpx2.Response) -> None:
         )  # fmt: skip
 
 
-def _backoff(retries: int, exc: openai.APIError) -> float:
+def _backoff(retries: int, exc: Exception) -> float:
     """openai's own schedule: Retry-After when the server gives one, else 0.5 s doubling to 8 s, jittered."""
     if isinstance(exc, openai.APIStatusError) and (after := retry_after_seconds(exc.response.headers)) is not None:
         return after
     return min(0.5 * 2.0**retries, 8.0) * (1 - 0.25 * random.random())
+
+
+async def close_upstream(stream: openai.AsyncStream[ChatCompletionChunk]) -> None:
+    """Give the upstream connection back, cancelled or not, within 5 s."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        await stream.close()
 
 
 # --- Service state ----------------------------------------------------------------------------------
@@ -1259,7 +1310,7 @@ class Service:
             return False
         return response.is_success
 
-    async def take_slot(self) -> None:
+    async def take_slot(self) -> Slot:
         limit = self.settings.MAX_CONCURRENT_STREAMS
         if self.slots_in_use >= limit:
             await self.evict_detached()
@@ -1271,6 +1322,7 @@ class Service:
             raise ServiceError("overloaded", "the running streams fill RESUME_BUFFER_MB", retry_after=1)
         self.slots_in_use += 1
         self.metrics.active.inc()
+        return Slot(self)
 
     async def evict_detached(self) -> None:
         """Make room for a client that is here: stop the stream whose client left first (note 11).
@@ -1305,15 +1357,18 @@ class Service:
         protocol: ChatProtocol,
         chat: ChatKey | None,
         make_producer: Callable[[StreamLog], Producer],
+        resources: AsyncExitStack,
     ) -> StreamLog:
-        """A new stream's log, and its producer running in a task of its own: it outlives the request."""
+        """A new stream's log, and its producer running in a task of its own: it outlives the request.
+        The producer takes the stream's resources (slot, span, upstream connection) over from
+        `resources` as its task starts: until then they are the caller's to release."""
         stream_log = StreamLog(self, stream_id, owner, protocol, chat)
         self.streams[stream_log.stream_id] = stream_log
         if chat is not None:
             self.chats[chat] = stream_log
         producer = make_producer(stream_log)
         stream_log.producer = producer
-        task = asyncio.create_task(producer.run())  # copies the request's context: its correlation id
+        task = asyncio.create_task(producer.run(resources.pop_all()))  # with the request's context
         self.producers[producer] = task
         task.add_done_callback(lambda _: self.producers.pop(producer, None))
         return stream_log
@@ -1394,6 +1449,19 @@ class Service:
         return self.log_bytes
 
 
+class Slot:
+    """One of MAX_CONCURRENT_STREAMS, as Service.take_slot hands it out: released once, however often
+    release() is called (at a stream's end, or at once when it is evicted)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service: Service | None = service
+
+    def release(self) -> None:
+        if self.service is not None:
+            service, self.service = self.service, None
+            service.release_slot()
+
+
 ChatKey = tuple[bytes | None, str]  # (owner, chat id)
 
 
@@ -1434,12 +1502,12 @@ class UpstreamFrames:
                 self.pieces.append(data)
                 self.size += len(data)
             if self.size > self.MAX_EVENT_BYTES:
-                raise malformed("an event over MAX_EVENT_BYTES")
+                raise MalformedStream("an event over MAX_EVENT_BYTES")
             return []
         *blocks, rest = b"".join([*self.pieces, data]).split(b"\n\n")
         self.pieces, self.size = ([rest] if rest else []), len(rest)
         if self.size > self.MAX_EVENT_BYTES:
-            raise malformed("an event over MAX_EVENT_BYTES")
+            raise MalformedStream("an event over MAX_EVENT_BYTES")
         out: list[bytes] = []
         for block in blocks:
             if block.startswith(b"data:") and b"\n" not in block:  # what every server sends
@@ -1478,9 +1546,9 @@ def parse_chunk(data: bytes, request: httpx2.Request) -> UpstreamChunk:
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise malformed("an event that is not JSON") from None
+        raise MalformedStream("an event that is not JSON") from None
     if not isinstance(chunk, dict):
-        raise malformed("an event that is not a JSON object")
+        raise MalformedStream("an event that is not a JSON object")
     if error := chunk.get("error"):
         message = error.get("message") if isinstance(error, dict) else None
         raise openai.APIError(
@@ -1491,23 +1559,23 @@ def parse_chunk(data: bytes, request: httpx2.Request) -> UpstreamChunk:
     if choices is None or choices == []:  # the usage chunk has no choice
         return UpstreamChunk(None, None, usage)
     if not isinstance(choices, list):
-        raise malformed("choices is not a list")
+        raise MalformedStream("choices is not a list")
     choice = choices[0]
     if not isinstance(choice, dict):
-        raise malformed("a choice is not an object")
+        raise MalformedStream("a choice is not an object")
     finish_reason = choice.get("finish_reason") or None
     if finish_reason is not None and not (
         isinstance(finish_reason, str) and FINISH_REASON_PATTERN.fullmatch(finish_reason)
     ):
-        raise malformed("finish_reason is not a name")
+        raise MalformedStream("finish_reason is not a name")
     delta = choice.get("delta")
     if delta is None:
         return UpstreamChunk(None, finish_reason, usage)
     if not isinstance(delta, dict):
-        raise malformed("delta is not an object")
+        raise MalformedStream("delta is not an object")
     content = delta.get("content")
     if content is not None and not isinstance(content, str):
-        raise malformed("content is not a string")
+        raise MalformedStream("content is not a string")
     return UpstreamChunk(content or None, finish_reason, usage)
 
 
@@ -1710,6 +1778,53 @@ class StreamLog:
             self.producer.alone(too_slow=too_slow)
 
 
+class Stop(enum.Enum):
+    """Why a producer stops its read before the body ends: set once, by `Producer.stop`."""
+
+    CANCELLED = enum.auto()  # DELETE: `done` with finish_reason "cancelled"
+    ABANDONED = enum.auto()  # nobody came back within the grace (note 11)
+    TOO_SLOW = enum.auto()  # nobody came back, and the last follower was cut off for not reading (note 8)
+    EVICTED = enum.auto()  # its slot went to a client that is here (note 11)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The upstream body ended: with a finish_reason, or cut before one came (note 7)."""
+
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The read failed: the model server's fault or a deadline (map_upstream_error's code; its
+    `__cause__` is what broke, if something did)."""
+
+    error: ServiceError
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    reason: Stop
+
+
+Ending = Finished | Failed | Stopped  # how a read ends: `Producer.read` returns it
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A stream's one outcome, decided by `Producer.outcome_of` and acted on by `Producer.record` alone."""
+
+    code: str  # its label in chatsvc_requests_total and the span's chatsvc.outcome
+    line: str  # its log line: request_completed, request_failed or client_disconnected
+    level: int
+    fields: dict[str, Any]  # the line's own fields; the timings and the usage follow them
+    usage: dict[str, Any]
+    timings: dict[str, Any]
+    finish_reason: str | None = None  # the `done` event's; neither this nor `error`: no terminal event
+    error: ServiceError | None = None  # the `error` event's
+    exc: BaseException | None = None  # what failed, for the span (note 14)
+
+
 class Producer:
     """The one reader of a stream's upstream body (note 3). It appends every event to the stream's
     log, decides the one outcome and logs it, and releases the slot and the upstream connection.
@@ -1723,6 +1838,7 @@ class Producer:
         stream_log: StreamLog,
         stream: openai.AsyncStream[ChatCompletionChunk],
         span: trace.Span,
+        slot: Slot,
         model: str,
         prompt_chars: int,
         started: float,
@@ -1731,8 +1847,9 @@ class Producer:
         self.service = service
         self.settings = service.settings
         self.log = stream_log
-        self.stream = stream  # only its raw response is read (note 9); close() closes it
-        self.span = span  # the upstream span (note 14); close() ends it
+        self.stream = stream  # only its raw response is read (note 9)
+        self.span = span  # the upstream span (note 14)
+        self.slot = slot  # given back at the end, or at once when evicted
         stream_log.span_context = span.get_span_context()
         self.model = model
         self.prompt_chars = prompt_chars
@@ -1742,19 +1859,10 @@ class Producer:
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
         self.upstream_usage: tuple[int, int, int] | None = None  # prompt, completion, total
-        self.outcome: str | None = None  # once its line is logged (conclude or last_resort)
-        self.upstream_ended = False
-        self.failure: ServiceError | None = None  # how the upstream body ended, if not well
-        self.failure_exc: BaseException | None = None
-        self.timed_out = False
+        self.outcome: str | None = None  # its code, once record() has logged it
         self.read_scope: anyio.CancelScope | None = None
-        # Stops the read early: DELETE (`cancelled`), or nobody back within the grace (`abandoned`).
-        self.stop_scope = anyio.CancelScope()
-        self.cancelled = False
-        self.abandoned = False
-        self.too_slow = False  # the last follower was cut off for not reading (note 8)
-        self.evicted = False  # stopped while detached, to make room for a client that is here
-        self.holds_slot = True  # until release_slot(): at the end, or at once when evicted
+        self.stop_scope = anyio.CancelScope()  # cancelled by stop()
+        self.stopped: Stop | None = None  # why, once stop() has stopped the read
         self.grace_timer: asyncio.TimerHandle | None = None
         self.detached_at = 0.0  # when the last follower left: the first to leave is evicted first
         self.grace_check: asyncio.Task[None] | None = None  # asks the store whether others follow (note 19)
@@ -1766,24 +1874,19 @@ class Producer:
 
     # The stream's life
 
-    async def run(self) -> None:
-        """Meta, the deltas as they come, then exactly one terminal event; or, abandoned, nothing more."""
+    async def run(self, resources: AsyncExitStack) -> None:
+        """Meta, the deltas as they come, then exactly one terminal event; or, abandoned, nothing more.
+        Then `resources` (the slot, the span, the upstream connection) are released."""
         stream_log = self.log
         if self.span is not NO_SPAN:  # this task's own context: its log lines carry the span's ids
             otel_context.attach(trace.set_span_in_context(self.span))
         try:
             meta = {"correlation_id": correlation_id.get(), "model": self.model, "stream_id": stream_log.stream_id}
             stream_log.append([self.event("meta", meta)])
-            with self.stop_scope:
-                await self.read()
-            if self.abandoned:
-                self.abandon()
-            elif self.evicted:
-                stream_log.append([self.error_event(EVICTED, None, reason="evicted")], terminal=True)
-            elif self.cancelled:
-                stream_log.append([self.cancelled_event()], terminal=True)
-            else:
-                stream_log.append([self.terminal_event()], terminal=True)
+            outcome = self.outcome_of(await self.read())
+            self.record(outcome)
+            if (terminal := self.terminal_event(outcome)) is not None:
+                stream_log.append([terminal], terminal=True)
         except asyncio.CancelledError:  # shutdown, past its grace (note 4)
             self.last_resort("shutting_down")
             raise
@@ -1791,49 +1894,67 @@ class Producer:
             log.exception("producer_failed")
             self.last_resort("internal_error")
         finally:
-            await self.close()
+            self.keep()  # a grace still running ends with the stream
+            self.log.producer = None
+            await resources.aclose()
 
-    async def read(self) -> None:
-        """Read the upstream body until it ends or a deadline passes. How it ended is left in
-        `failure` for terminal_event(); the deltas go to the log as they arrive."""
+    async def read(self) -> Ending:
+        """Read the upstream body until it ends, a deadline passes or stop() stops it."""
+        with self.stop_scope:
+            ending = await self.read_body()
+        if self.stopped is not None:  # a stop wins, even over a read that ended meanwhile
+            return Stopped(self.stopped)
+        return ending
+
+    async def read_body(self) -> Ending:
+        """The deltas go to the log as they arrive; how the body ended is returned."""
         frames = UpstreamFrames()
         request = self.stream.response.request
+        ended = False  # [DONE] came: what breaks while the rest is drained changes nothing
         try:
-            # One scope for the whole read: the request budget and, while draining, the grace. The
+            # One deadline for the whole read: the request budget and, while draining, the grace. The
             # idle limit is the client's read timeout, applied to every read.
             debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every read
-            with anyio.CancelScope(deadline=min(self.deadline, self.service.drain_deadline)) as scope:
+            with anyio.fail_at(min(self.deadline, self.service.drain_deadline)) as scope:
                 self.read_scope = scope
-                async for data in self.stream.response.aiter_bytes():
-                    if debug:
-                        at_ms = round((time.monotonic() - self.started) * 1000, 1)
-                        log.debug("upstream_read", extra={"bytes": len(data), "at_ms": at_ms})
-                    if self.upstream_ended:  # after [DONE]: drain, so the connection can be reused
-                        continue
-                    self.take_frames(frames.feed(data), request)
-                if not self.upstream_ended:
+                try:
+                    async for data in self.stream.response.aiter_bytes():
+                        if debug:
+                            at_ms = round((time.monotonic() - self.started) * 1000, 1)
+                            log.debug("upstream_read", extra={"bytes": len(data), "at_ms": at_ms})
+                        if not ended:  # after [DONE]: drain, so the connection can be reused
+                            ended = self.take_frames(frames.feed(data), request)
+                except (httpx2.RequestError, anyio.EndOfStream) as exc:  # as openai's stream raises them (note 9)
+                    raise openai.APIConnectionError(request=request) from exc
+                if not ended:
                     self.take_frames(frames.end(), request)
-            if scope.cancelled_caught:
-                self.fail_on_deadline()
-        except (httpx2.RequestError, anyio.EndOfStream) as exc:  # the transport errors openai wraps
-            error = openai.APIConnectionError(request=request)
-            error.__cause__ = exc
-            mapped = map_upstream_error(error, streaming=True)
-            self.fail(mapped, error, timed_out=mapped.code == "upstream_timeout")  # the idle limit
-        except (ServiceError, openai.APIError) as exc:  # malformed frames and in-band errors (note 18)
-            self.fail(map_upstream_error(exc, streaming=True), exc, timed_out=False)
+        except UPSTREAM_FAILURES as exc:
+            if not ended:
+                deadlines = {"deadline": self.deadline, "drain_deadline": self.service.drain_deadline}
+                return self.cut(Failed(map_upstream_error(exc, self.settings, streaming=True, **deadlines)))
         finally:
             self.read_scope = None
+        return Finished(self.finish_reason)
 
-    def take_frames(self, frames: list[bytes], request: httpx2.Request) -> None:
-        """Append the deltas of these frames to the log; note usage, finish_reason and [DONE]. The
-        deltas before a bad frame are kept: the error comes after them, as it did upstream."""
+    def cut(self, failed: Failed) -> Ending:
+        """A read cut by a deadline (or the idle limit) once a finish_reason has come still has the
+        whole answer (note 7)."""
+        if failed.error.code in _TIMEOUT_DETAILS and self.finish_reason is not None:
+            log.warning(
+                "upstream_no_done", extra={"finish_reason": self.finish_reason, "waited_for": failed.error.code}
+            )
+            return Finished(self.finish_reason)
+        return failed
+
+    def take_frames(self, frames: list[bytes], request: httpx2.Request) -> bool:
+        """Append the deltas of these frames to the log; note usage and finish_reason. True once
+        [DONE] came. The deltas before a bad frame are kept: the error comes after them, as it did
+        upstream."""
         contents: list[str] = []
         try:
             for data in frames:
                 if data.startswith(b"[DONE]"):
-                    self.upstream_ended = True
-                    break
+                    return True
                 content, finish_reason, usage = parse_chunk(data, request)
                 if usage is not None:
                     self.upstream_usage = usage
@@ -1848,13 +1969,7 @@ class Producer:
                     self.on_first_token()
                 self.log.append(self.log.protocol.deltas(self.log.stream_id, len(self.log.entries), contents))
                 self.deltas += len(contents)
-
-    def fail(self, error: ServiceError, exc: BaseException | None, *, timed_out: bool) -> None:
-        """Record how the read ended; `timed_out`: a deadline, not a fault (note 7 ends those with done
-        once a finish_reason has come)."""
-        if self.upstream_ended:  # [DONE] came: what breaks while the rest is drained changes nothing
-            return
-        self.failure, self.failure_exc, self.timed_out = error, exc, timed_out
+        return False
 
     def expect_end(self) -> None:
         """A finish_reason came: the answer is whole, wait at most FINISH_WAIT_S more (note 7)."""
@@ -1862,23 +1977,19 @@ class Producer:
             wait = min(FINISH_WAIT_S, self.settings.IDLE_TIMEOUT_S)
             self.read_scope.deadline = min(self.read_scope.deadline, time.monotonic() + wait)
 
-    def fail_on_deadline(self) -> None:
-        """Name the deadline that cut the read, reading the drain deadline afresh (draining may have
-        begun during the read), with asyncio's leeway: its timers may fire a clock tick early."""
-        now = time.monotonic() + 0.01
-        if now >= self.service.drain_deadline:
-            code = "shutting_down"
-        elif now >= self.deadline:
-            code = "deadline_exceeded"
-        else:
-            code = "upstream_timeout"
-        self.fail(ServiceError(code, _TIMEOUT_DETAILS[code](self.settings)), None, timed_out=True)
-
     def tighten_deadline(self) -> None:
         if self.read_scope is not None:
             self.read_scope.deadline = min(self.read_scope.deadline, self.service.drain_deadline)
 
     # Followers come and go; DELETE stops (note 11)
+
+    def stop(self, reason: Stop) -> bool:
+        """Stop the read, for this one reason. False if the stream has ended or was stopped already."""
+        if self.stopped is not None or self.log.finished:
+            return False
+        self.stopped = reason
+        self.stop_scope.cancel()
+        return True
 
     def keep(self) -> bool:
         """A follower is attached, or the stream ended: no grace runs. True if one was running."""
@@ -1892,37 +2003,37 @@ class Producer:
         """The last follower left before the end: wait RESUME_GRACE_S for a resume."""
         if self.log.finished:
             return
-        self.too_slow = too_slow
         self.detached_at = time.monotonic()
         grace = self.settings.RESUME_GRACE_S
         log.info(
             "stream_detached",
             extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1, "grace_s": grace},
         )
-        self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over)
+        reason = Stop.TOO_SLOW if too_slow else Stop.ABANDONED  # note 8
+        self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over, reason)
 
-    def grace_over(self) -> None:
+    def grace_over(self, reason: Stop) -> None:
         """Nobody came back here within the grace: stop, unless (note 19) others follow elsewhere."""
         self.grace_timer = None
-        if self.log.finished or self.cancelled:
+        if self.log.finished or self.stopped is not None:
             return
         if self.service.store is None:
-            self.stop_abandoned()
+            self.abandon(reason)
         else:
-            self.grace_check = asyncio.create_task(self.wait_for_followers_elsewhere())
+            self.grace_check = asyncio.create_task(self.wait_for_followers_elsewhere(reason))
 
-    async def wait_for_followers_elsewhere(self) -> None:
+    async def wait_for_followers_elsewhere(self, reason: Stop) -> None:
         """Followers on other replicas keep the stream's presence key alive in the store: while it
         lives, the grace starts again from its lapse (note 19)."""
         assert self.service.store is not None
         remaining_ms = await self.service.store.followed_elsewhere_ms(self.log.stream_id)
-        if self.log.followers or self.grace_timer or self.log.finished or self.cancelled:
+        if self.log.followers or self.grace_timer or self.log.finished or self.stopped is not None:
             return  # resumed here meanwhile (perhaps left again: a new grace runs), or ended
         if remaining_ms:
             grace = remaining_ms / 1000 + self.settings.RESUME_GRACE_S
-            self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over)
+            self.grace_timer = asyncio.get_running_loop().call_later(grace, self.grace_over, reason)
         else:
-            self.stop_abandoned()
+            self.abandon(reason)
 
     async def followed_anywhere(self) -> bool:
         """Whether a client follows this stream, on this replica or (with a store) on another: one
@@ -1932,93 +2043,106 @@ class Producer:
         store = self.service.store
         return store is not None and await store.followed_elsewhere_ms(self.log.stream_id) > 0
 
-    def stop_abandoned(self) -> None:
-        if not (self.log.finished or self.cancelled):
-            self.abandoned = True
+    def abandon(self, reason: Stop) -> None:
+        if self.stop(reason):
             self.service.drop(self.log)  # from now on a resume finds nothing: no follower can attach
             if self.service.store is not None:  # nor on another replica, and a follower there ends
                 self.service.store.mark(self.log.stream_id, "abandoned")
-            self.stop_scope.cancel()
 
     def evict(self) -> None:
         """A new chat needs the slot of this detached stream: stop it and give the slot up now (the
         read ends at its next await). Its log ends with an `overloaded` error, kept for RESUME_TTL_S,
         so that a client that comes back learns how it ended (note 11)."""
         self.keep()
-        self.evicted = True
-        self.release_slot()
-        self.stop_scope.cancel()
-
-    def release_slot(self) -> None:
-        if self.holds_slot:
-            self.holds_slot = False
-            self.service.release_slot()
+        self.stop(Stop.EVICTED)
+        self.slot.release()
 
     def cancel(self) -> None:
         """DELETE: stop the generation; followers get `done` with finish_reason "cancelled"."""
-        if not (self.cancelled or self.abandoned):
-            self.cancelled = True
+        if self.stop(Stop.CANCELLED):
             log.info("stream_cancelled", extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1})
-            self.stop_scope.cancel()
 
-    # Events and the outcome
+    # The outcome, and the events that carry it
+
+    def outcome_of(self, ending: Ending) -> Outcome:
+        """What a stream that ended so comes to: its code, its log line and its terminal event's parts."""
+        usage, timings = self.usage(), self.timings()
+        path = self.log.protocol.path
+
+        def done(finish_reason: str, code: str) -> Outcome:
+            fields = {"status": 200, "finish_reason": finish_reason, "path": path}
+            return Outcome(code, "request_completed", logging.INFO, fields, usage, timings, finish_reason=finish_reason)
+
+        def failed(error: ServiceError, exc: BaseException | None, **extra: Any) -> Outcome:
+            exception = type(exc).__name__ if exc else None
+            fields = {"code": error.code, "status": 200, "exception": exception, "path": path, **extra}
+            level = logging.ERROR if error.code == "internal_error" else logging.WARNING
+            return Outcome(error.code, "request_failed", level, fields, usage, timings, error=error, exc=exc)
+
+        match ending:
+            case Finished(None):  # note 7
+                return failed(
+                    ServiceError("upstream_error", "the model server ended the stream before the answer was finished"),
+                    None,
+                )
+            case Finished(str(finish_reason)):
+                return done(finish_reason, "ok")
+            case Failed(error):
+                return failed(error, error.__cause__ or error)
+            case Stopped(Stop.CANCELLED):
+                return done("cancelled", "cancelled")
+            case Stopped(Stop.EVICTED):
+                return failed(EVICTED, None, reason="evicted")
+            case Stopped(Stop.TOO_SLOW):  # note 8; nobody is left to send an event to
+                fields = {
+                    "code": "client_too_slow", "status": 200, "exception": "SendTimeoutError", "path": path,
+                    "send_timeout_s": self.settings.SEND_TIMEOUT_S,
+                }  # fmt: skip
+                return Outcome("client_too_slow", "request_failed", logging.WARNING, fields, usage, timings)
+            case _:  # abandoned: the answer so far is lost, as a client's leaving says
+                return Outcome("client_disconnected", "client_disconnected", logging.INFO, {}, usage, timings)
+
+    def record(self, outcome: Outcome) -> None:
+        """The one place where a stream's outcome is logged, counted and put on its span."""
+        usage = outcome.usage
+        if outcome.error is not None:
+            mark_failed(self.span, outcome.code, outcome.exc)
+        if self.span.is_recording():
+            self.span.set_attributes(
+                {
+                    "chatsvc.outcome": outcome.code,
+                    "gen_ai.usage.input_tokens": usage["prompt_tokens"],
+                    "gen_ai.usage.output_tokens": usage["completion_tokens"],
+                    "chatsvc.usage.source": usage["source"],
+                }
+            )
+            if outcome.finish_reason is not None:
+                self.span.set_attribute("gen_ai.response.finish_reasons", [outcome.finish_reason])
+        metrics = self.service.metrics
+        metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
+        metrics.tokens.labels("completion").inc(usage["completion_tokens"])
+        metrics.requests.labels(outcome.code).inc()
+        metrics.duration.observe(time.monotonic() - self.started)
+        extra = {**outcome.fields, **outcome.timings, **_flat_usage(usage), "stream_id": self.log.stream_id}
+        log.log(outcome.level, outcome.line, extra=extra)
+        self.outcome = outcome.code
+
+    def terminal_event(self, outcome: Outcome) -> bytes | None:
+        """The event that ends the log, carrying the outcome: None for a stream nobody follows any more."""
+        if outcome.finish_reason is not None:
+            data = {
+                "finish_reason": outcome.finish_reason,
+                "usage": outcome.usage,
+                **outcome.timings,
+                "correlation_id": correlation_id.get(),
+            }
+            return self.event("done", data)
+        if outcome.error is not None:
+            return self.event("error", {**outcome.error.body(), "usage": outcome.usage})
+        return None
 
     def event(self, name: str, data: dict[str, Any]) -> bytes:
         return self.log.protocol.event(self.log.stream_id, len(self.log.entries), name, data)
-
-    def terminal_event(self) -> bytes:
-        if self.failure is not None:
-            if self.timed_out and self.finish_reason is not None:  # note 7: the answer is whole already
-                log.warning(
-                    "upstream_no_done", extra={"finish_reason": self.finish_reason, "waited_for": self.failure.code}
-                )
-            else:
-                return self.error_event(self.failure, self.failure_exc or self.failure)
-        if self.finish_reason is None:  # note 7
-            error = ServiceError("upstream_error", "the model server ended the stream before the answer was finished")
-            return self.error_event(error, None)
-        return self.done_event(self.finish_reason, "ok")
-
-    def cancelled_event(self) -> bytes:
-        return self.done_event("cancelled", "cancelled")
-
-    def done_event(self, finish_reason: str, outcome: str) -> bytes:
-        usage, timings = self.conclude(
-            outcome,
-            logging.INFO,
-            "request_completed",
-            status=200,
-            finish_reason=finish_reason,
-            path=self.log.protocol.path,
-        )
-        data = {"finish_reason": finish_reason, "usage": usage, **timings, "correlation_id": correlation_id.get()}
-        return self.event("done", data)
-
-    def error_event(self, error: ServiceError, exc: BaseException | None, **fields: Any) -> bytes:
-        exception = type(exc).__name__ if exc else None
-        mark_failed(self.span, error.code, exc)
-        level = logging.ERROR if error.code == "internal_error" else logging.WARNING
-        usage, _ = self.conclude(
-            error.code,
-            level,
-            "request_failed",
-            code=error.code,
-            status=200,
-            exception=exception,
-            path=self.log.protocol.path,
-            **fields,
-        )
-        return self.event("error", {**error.body(), "usage": usage})
-
-    def abandon(self) -> None:
-        """Nobody came back within the grace: the answer so far is lost, as a client's leaving says."""
-        if self.too_slow:  # note 8
-            self.conclude(
-                "client_too_slow", logging.WARNING, "request_failed", code="client_too_slow", status=200,
-                exception="SendTimeoutError", path=self.log.protocol.path, send_timeout_s=self.settings.SEND_TIMEOUT_S,
-            )  # fmt: skip
-        else:
-            self.conclude("client_disconnected", logging.INFO, "client_disconnected")
 
     def on_first_token(self) -> None:
         self.first_token_at = time.monotonic()
@@ -2037,72 +2161,37 @@ class Producer:
                 "total_tokens": counts[2],
                 "source": "upstream",
             }
-        prompt = math.ceil(self.prompt_chars / 4)  # note 6
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": self.deltas,
-            "total_tokens": prompt + self.deltas,
-            "source": "estimated",
-        }
+        return estimated_usage(self.prompt_chars, self.deltas)
 
     def timings(self) -> dict[str, Any]:
         end = time.monotonic()
         ttft = None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000, 1)
         return {"ttft_ms": ttft, "duration_ms": round((end - self.started) * 1000, 1)}
 
-    def conclude(self, outcome: str, level: int, event: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Record the one outcome of this stream: its tokens in the metrics and its log line, with the
-        timings and usage. Returns the usage and timings, for the terminal event to carry."""
-        usage, timings = self.usage(), self.timings()
-        if self.span.is_recording():
-            self.span.set_attributes(
-                {
-                    "chatsvc.outcome": outcome,
-                    "gen_ai.usage.input_tokens": usage["prompt_tokens"],
-                    "gen_ai.usage.output_tokens": usage["completion_tokens"],
-                    "chatsvc.usage.source": usage["source"],
-                }
-            )
-            if (finish_reason := fields.get("finish_reason")) is not None:
-                self.span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
-        metrics = self.service.metrics
-        metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
-        metrics.tokens.labels("completion").inc(usage["completion_tokens"])
-        log.log(level, event, extra={**fields, **timings, **_flat_usage(usage), "stream_id": self.log.stream_id})
-        self.outcome = outcome
-        return usage, timings
-
     def last_resort(self, code: str) -> None:
         """End the stream when its ordinary end failed (a bug of ours) or was cut (shutdown): the
-        outcome line, unless one was logged, and the error event encoded at the start, filled with
-        ints alone, unless the log has its terminal event. Nothing here can raise (note 18)."""
-        prompt = math.ceil(self.prompt_chars / 4)  # note 6
+        error event encoded at the start, filled with ints alone, unless the log has its terminal
+        event, and the outcome, unless one was recorded. Nothing here can raise (note 18)."""
+        usage = estimated_usage(self.prompt_chars, self.deltas)
+        if not (self.log.finished or self.stopped in (Stop.ABANDONED, Stop.TOO_SLOW)):
+            fill = {b"seq": len(self.log.entries), b"prompt": usage["prompt_tokens"], b"completion": self.deltas}
+            self.log.append([self.last_words[code] % {**fill, b"total": usage["total_tokens"]}], terminal=True)
         if self.outcome is None:
-            self.outcome = code
             level = logging.ERROR if code == "internal_error" else logging.WARNING
-            log.log(
-                level, "request_failed",
-                extra={"code": code, "status": 200, "path": self.log.protocol.path, "stream_id": self.log.stream_id,
-                       "prompt_tokens": prompt, "completion_tokens": self.deltas,
-                       "total_tokens": prompt + self.deltas, "usage_source": "estimated"},
-            )  # fmt: skip
-        if not (self.log.finished or self.abandoned):
-            fill = {b"seq": len(self.log.entries), b"prompt": prompt, b"completion": self.deltas}
-            self.log.append([self.last_words[code] % {**fill, b"total": prompt + self.deltas}], terminal=True)
+            fields = {"code": code, "status": 200, "path": self.log.protocol.path}
+            error = ServiceError(code, LAST_WORDS[code])
+            self.record(Outcome(code, "request_failed", level, fields, usage, {}, error=error))
 
-    async def close(self) -> None:
-        """Release the upstream connection and the slot, whatever happened."""
-        self.keep()  # a grace still running ends with the stream
-        try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self.stream.close()
-        finally:
-            self.span.end()
-            metrics = self.service.metrics
-            metrics.requests.labels(self.outcome or "internal_error").inc()
-            metrics.duration.observe(time.monotonic() - self.started)
-            self.log.producer = None
-            self.release_slot()
+
+def estimated_usage(prompt_chars: int, deltas: int) -> dict[str, Any]:
+    """Note 6: four characters a prompt token, one token a delta."""
+    prompt = math.ceil(prompt_chars / 4)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": deltas,
+        "total_tokens": prompt + deltas,
+        "source": "estimated",
+    }
 
 
 EVICTED = ServiceError(
@@ -2113,14 +2202,6 @@ EVICTED = ServiceError(
 LAST_WORDS = {
     "internal_error": "the stream failed unexpectedly",
     "shutting_down": "the service stopped before the stream ended",
-}
-
-_TIMEOUT_DETAILS: dict[str, Callable[[Settings], str]] = {
-    "upstream_timeout": lambda s: f"no data from the model server for {s.IDLE_TIMEOUT_S} s",
-    "deadline_exceeded": lambda s: f"the answer did not finish within REQUEST_TIMEOUT_S ({s.REQUEST_TIMEOUT_S} s)",
-    "shutting_down": lambda s: (
-        f"the service is shutting down and the stream outlived its grace ({s.SHUTDOWN_GRACE_S} s)"
-    ),
 }
 
 
@@ -2345,56 +2426,62 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     log.info("chat_request", extra=extra)
 
     service.followers.check(None)  # its client is a follower: refused before the model is asked (note 20)
-    await service.take_slot()
     model = chat_request.model or settings.OPENAI_MODEL
-    span = service.tracing.upstream_span(
-        model,
-        max_tokens=int(chat_request.max_tokens or settings.MAX_TOKENS),
-        temperature=chat_request.temperature,
-        server_address=settings.upstream_host,
-    )
-    token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
     stream_id = secrets.token_hex(16)  # note 11
     chat = None if chat_id is None else (owner, chat_id)
-    # Note 15: every replica can find the stream before its id is out, at no cost to the live path.
-    prompt_tokens = math.ceil(prompt_chars / 4)  # note 6: the estimate, should the stream be lost (note 19)
-    announced = (
-        service.store.announce(stream_id, owner, protocol, chat, span.get_span_context(), prompt_tokens)
-        if service.store
-        else None
-    )
-    try:
-        stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
-    except BaseException as exc:
-        service.release_slot()
-        mark_failed(span, exc.code if isinstance(exc, ServiceError) else "internal_error", exc)
-        span.end()
-        if announced is not None:
-            announced.cancel()
-        raise
-    finally:
-        if token is not None:
-            otel_context.detach(token)
-    span.set_attribute("chatsvc.upstream.retries", retries)
-    log.info(
-        "upstream_opened",
-        extra={
-            "retries": retries,
-            "upstream_request_id": (stream.response.headers.get("x-request-id") or "")[:128] or None,
-            "upstream_status": stream.response.status_code,
-            "model": model,
-            "open_ms": round((time.monotonic() - started) * 1000, 1),
-        },
-    )
-    store_failure = await announced if announced is not None else None
-    # The slot and the span are the producer's to release and end from here on.
-    stream_log = service.start_stream(
-        stream_id,
-        owner,
-        protocol,
-        chat,
-        lambda stream_log: Producer(service, stream_log, stream, span, model, prompt_chars, started, deadline),
-    )
+    # Each resource is released from the moment it is taken, however the opening ends; the producer
+    # takes them over when the stream starts.
+    async with AsyncExitStack() as resources:
+        slot = await service.take_slot()
+        resources.callback(slot.release)
+        span = service.tracing.upstream_span(
+            model,
+            max_tokens=int(chat_request.max_tokens or settings.MAX_TOKENS),
+            temperature=chat_request.temperature,
+            server_address=settings.upstream_host,
+        )
+        resources.callback(span.end)
+        try:
+            announced = None
+            if service.store is not None:
+                # Note 15: every replica can find the stream before its id is out, at no cost to the live path.
+                prompt_tokens = math.ceil(prompt_chars / 4)  # note 6: the estimate, should the stream be lost (note 19)
+                announced = service.store.announce(
+                    stream_id, owner, protocol, chat, span.get_span_context(), prompt_tokens
+                )
+                resources.callback(announced.cancel)
+            token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
+            try:
+                stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            resources.push_async_callback(close_upstream, stream)
+            span.set_attribute("chatsvc.upstream.retries", retries)
+            log.info(
+                "upstream_opened",
+                extra={
+                    "retries": retries,
+                    "upstream_request_id": (stream.response.headers.get("x-request-id") or "")[:128] or None,
+                    "upstream_status": stream.response.status_code,
+                    "model": model,
+                    "open_ms": round((time.monotonic() - started) * 1000, 1),
+                },
+            )
+            store_failure = await announced if announced is not None else None
+        except BaseException as exc:
+            mark_failed(span, exc.code if isinstance(exc, ServiceError) else "internal_error", exc)
+            raise
+        stream_log = service.start_stream(
+            stream_id,
+            owner,
+            protocol,
+            chat,
+            lambda stream_log: Producer(
+                service, stream_log, stream, span, slot, model, prompt_chars, started, deadline
+            ),
+            resources,
+        )
     if store_failure is not None and service.store is not None:
         service.store.give_up(stream_log, "failed", store_failure)
     response = FollowerResponse(service, stream_log, 0, first=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import ROOT, Service
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, Service
 
 FOLLOWERS = 10
 WATCH_S = 10.0

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import ROOT, Service
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, Service
 
 DECLARED = 262_144
 SENT = 262_000

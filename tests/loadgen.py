@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tests.helpers import SSEParser
+
 Behaviour = Literal["read_all", "leave_before_first_token", "leave_mid_stream", "slow_reader"]
 SLOW_READ_BYTES = 4096  # per read, with SLOW_READ_PAUSE_S between reads: 400 KB/s at most
 SLOW_READ_PAUSE_S = 0.01
@@ -121,20 +123,13 @@ async def _chunks(reader: asyncio.StreamReader, slow: bool) -> Any:
 
 
 class _SseParser:
+    """The tests' SSE parser, fed the body in the pieces it arrives in: whole lines go to it."""
+
     def __init__(self) -> None:
         self.buffer = b""
+        self.parser = SSEParser()
 
     def feed(self, data: bytes) -> list[tuple[str, Any]]:
-        self.buffer += data.replace(b"\r\n", b"\n")
-        events = []
-        while b"\n\n" in self.buffer:
-            block, self.buffer = self.buffer.split(b"\n\n", 1)
-            name, lines = "message", []
-            for line in block.decode().split("\n"):
-                if line.startswith("event: "):
-                    name = line[len("event: ") :]
-                elif line.startswith("data: "):
-                    lines.append(line[len("data: ") :])
-            if lines:
-                events.append((name, json.loads("\n".join(lines))))
-        return events
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        events = [self.parser.line(line.removesuffix(b"\r").decode()) for line in lines]
+        return [(e.event or "message", e.data) for e in events if e is not None and e.comment is None]

@@ -14,25 +14,29 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Service
 from tests.cutting_proxy import CuttingProxy, at_marker
 from tests.fake_model import FakeModel, expected_text
+from tests.helpers import UI_STREAM_END, Service, StartService, iter_ui_chunks, ui_chunks, ui_text_of
 from tests.spec import assert_error, assert_error_response, validate
 from tests.test_js_clients import node
+
+pytestmark = pytest.mark.slow
 
 SYSTEM = "You are terse."
 
 
 @pytest.fixture(scope="module")
-def chatsvc(start_service: Any) -> Service:
-    svc: Service = start_service(RESUME_GRACE_S="30", SYSTEM_PROMPT=SYSTEM, ALLOWED_MODELS="gpt-4o-mini,other-model")
+def chatsvc(start_module_service: StartService) -> Service:
+    svc: Service = start_module_service(
+        RESUME_GRACE_S="30", SYSTEM_PROMPT=SYSTEM, ALLOWED_MODELS="gpt-4o-mini,other-model"
+    )
     return svc
 
 
 @pytest.fixture(scope="module")
-def small(start_service: Any) -> Service:
+def small(start_module_service: StartService) -> Service:
     """Small limits and two keys, so that the limits are cheap to cross."""
-    svc: Service = start_service(MAX_MESSAGE_CHARS="100", MAX_HISTORY="2", SERVICE_API_KEYS="key-one,key-two")
+    svc: Service = start_module_service(MAX_MESSAGE_CHARS="100", MAX_HISTORY="2", SERVICE_API_KEYS="key-one,key-two")
     return svc
 
 
@@ -52,16 +56,10 @@ def sdk(url: str, chat_id: str, messages: list[dict[str, Any]], **options: Any) 
     return node("ai_sdk.mjs", f"{url}/api/chat", json.dumps({"chatId": chat_id, "messages": messages, **options}))
 
 
-def text_of(message: dict[str, Any]) -> str:
+def message_text(message: dict[str, Any]) -> str:
     assert [part["type"] for part in message["parts"]] == ["text"]
     text: str = message["parts"][0]["text"]
     return text
-
-
-def ui_chunks(response: httpx.Response) -> list[Any]:
-    """The `data:` of each event: JSON chunks, then the end marker."""
-    lines = [line for line in response.text.split("\n") if line.startswith("data: ")]
-    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
 
 
 def test_the_transport_builds_the_assistant_message(chatsvc: Service) -> None:
@@ -69,7 +67,7 @@ def test_the_transport_builds_the_assistant_message(chatsvc: Service) -> None:
     result = sdk(chatsvc.url, "chat-basic", [user(message)])
 
     assert result["errors"] == []
-    assert text_of(result["message"]) == expected_text(message)
+    assert message_text(result["message"]) == expected_text(message)
     assert result["reads"] == [["start", "text-start", *["text-delta"] * 12, "text-end", "finish"]]
     metadata = result["message"]["metadata"]
     assert result["message"]["id"] == metadata["stream_id"]
@@ -95,7 +93,7 @@ def test_the_stream_is_the_protocol_exactly(chatsvc: Service) -> None:
     assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
     assert response.headers["cache-control"] == "no-cache"
     assert response.headers["x-accel-buffering"] == "no"
-    chunks = ui_chunks(response)
+    chunks = ui_chunks(response.text)
     assert chunks[-1] == "[DONE]"
     for chunk in chunks[:-1]:
         validate("UIChunk", chunk)
@@ -114,7 +112,7 @@ def test_a_multi_turn_conversation_sends_its_history(chatsvc: Service, fake_mode
     messages = [user("first", "u1"), assistant("second", "a1"), user("fake:deltas=3", "u2")]
     result = sdk(chatsvc.url, "chat-turns", messages, body={"model": "other-model", "max_tokens": 9})
 
-    assert text_of(result["message"]) == expected_text("fake:deltas=3")
+    assert message_text(result["message"]) == expected_text("fake:deltas=3")
     sent = fake_model.last().body
     assert sent["messages"] == [
         {"role": "system", "content": SYSTEM},
@@ -143,7 +141,7 @@ def test_a_refused_request_surfaces_its_error(chatsvc: Service, fake_model: Fake
 def test_a_mid_stream_failure_surfaces_the_error_chunk_with_the_correlation_id(chatsvc: Service) -> None:
     result = sdk(chatsvc.url, "chat-failing", [user("fake:deltas=4,error_after=2")])
 
-    assert text_of(result["message"]) == "w0 w1 "  # what came before the failure stays
+    assert message_text(result["message"]) == "w0 w1 "  # what came before the failure stays
     [types] = result["reads"]
     assert types[-3:] == ["text-end", "message-metadata", "error"]
     assert "finish" not in types
@@ -175,7 +173,7 @@ def test_a_dropped_connection_is_resumed_by_reconnect_to_stream(
     assert list(result["cookies"]) == ["chatsvc_owner"]  # set by the POST, sent with each reconnect (note 21)
     replay = result["reads"][1]
     assert replay == ["start", "text-start", *["text-delta"] * 40, "text-end", "finish"]
-    assert text_of(result["message"]) == expected_text(message)  # exactly the model's, once
+    assert message_text(result["message"]) == expected_text(message)  # exactly the model's, once
     assert len(fake_model.requests) == seen + 1  # one generation
     resumed = [r for r in chatsvc.logs() if r["event"] == "stream_resumed"]
     assert [r["via"] for r in resumed if r["stream_id"] == result["message"]["metadata"]["stream_id"]] == ["ai-sdk"]
@@ -194,11 +192,11 @@ def test_delete_stops_the_chats_stream(chatsvc: Service, fake_model: FakeModel) 
         httpx.Client(timeout=30) as client,
         client.stream("POST", f"{chatsvc.url}/api/chat", json=body) as response,
     ):
-        lines = response.iter_lines()
-        assert next(line for line in lines if "text-delta" in line)
+        chunks = iter_ui_chunks(response)
+        assert next(c for c in chunks if c["type"] == "text-delta")
         upstream = fake_model.last()
         assert client.delete(f"{chatsvc.url}/api/chat/chat-stopped/stream").status_code == 204
-        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        rest = [c for c in chunks if c != UI_STREAM_END]
     assert upstream.closed.wait(5)
     assert [c["type"] for c in rest][-3:] == ["text-end", "message-metadata", "abort"]
     assert rest[-1]["reason"] == "cancelled"
@@ -207,14 +205,14 @@ def test_delete_stops_the_chats_stream(chatsvc: Service, fake_model: FakeModel) 
 
 
 def test_stop_is_the_sdks_abort_and_ends_the_generation_after_the_grace(
-    start_service: Any, fake_model: FakeModel
+    start_service: StartService, fake_model: FakeModel
 ) -> None:
     """useChat's stop() aborts the request: the stream is detached, and with RESUME_GRACE_S=0 (at
     once, as here) the model server's connection is closed and `client_disconnected` logged."""
     svc: Service = start_service(RESUME_GRACE_S="0")
     result = sdk(svc.url, "chat-aborted", [user("fake:deltas=200,delay=0.05")], abortAfter=3)
 
-    assert text_of(result["message"]).startswith("w0 w1 w2 ")
+    assert message_text(result["message"]).startswith("w0 w1 w2 ")
     assert "finish" not in result["reads"][0]
     assert fake_model.last().closed.wait(5)
     record = svc.wait_for_log("client_disconnected", result["message"]["metadata"]["correlation_id"])
@@ -266,7 +264,7 @@ def test_the_limits_are_the_chat_limits(small: Service) -> None:
     body = {"id": "chat-1", "messages": messages, "trigger": "regenerate-message", "messageId": "a2"}
     response = httpx.post(f"{small.url}/api/chat", json=body, headers=AUTH, timeout=30)
     assert response.status_code == 200
-    assert ui_chunks(response)[-2]["type"] == "finish"
+    assert ui_chunks(response.text)[-2]["type"] == "finish"
 
 
 def test_the_key_binds_the_chat(small: Service) -> None:
@@ -283,7 +281,7 @@ def test_the_key_binds_the_chat(small: Service) -> None:
         assert client.delete(url, headers={"Authorization": "Bearer key-two"}).status_code == 204
         assert_error_response(client.get(url), 401, "unauthorized")
         assert client.delete(url, headers=AUTH).status_code == 204
-        types = [json.loads(line[6:])["type"] for line in response.iter_lines() if line.startswith("data: {")]
+        types = [c["type"] for c in iter_ui_chunks(response) if c != UI_STREAM_END]
     assert types[-1] == "abort"  # stopped by its own key only
 
 
@@ -296,10 +294,6 @@ STRANGERS = [{}, {OWNER_COOKIE: "0" * 32}, {OWNER_COOKIE: "x"}]  # none, a well-
 
 def chat_body(chat_id: str, text: str) -> dict[str, Any]:
     return {"id": chat_id, "messages": [user(text)], "trigger": "submit-message"}
-
-
-def text_of_chunks(chunks: list[Any]) -> str:
-    return "".join(c["delta"] for c in chunks if isinstance(c, dict) and c["type"] == "text-delta")
 
 
 def owner_cookie(response: httpx.Response) -> tuple[str, str, set[str]]:
@@ -346,15 +340,15 @@ def test_a_stranger_with_the_chat_id_reads_nothing_and_stops_nothing(chatsvc: Se
         assert has_chatted.post(f"{chatsvc.url}/api/chat", json=chat_body("chat-other", "fake:deltas=1")).is_success
         owner = clients.enter_context(httpx.Client(timeout=30))
         response = clients.enter_context(owner.stream("POST", f"{chatsvc.url}/api/chat", json=chat_body(CHAT, message)))
-        lines = response.iter_lines()
-        first = json.loads(next(line for line in lines if "text-delta" in line)[6:])
+        chunks = iter_ui_chunks(response)
+        first = next(c for c in chunks if c["type"] == "text-delta")
         for stranger in [*strangers, has_chatted]:
             read = stranger.get(stream_url)
             assert (read.status_code, read.content) == (204, b""), stranger.cookies
             assert stranger.delete(stream_url).status_code == 204
-        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        rest = [c for c in chunks if c != UI_STREAM_END]
     assert rest[-1]["type"] == "finish"  # not stopped by any of them
-    assert text_of_chunks([first, *rest]) == expected_text(message)  # the owner's, whole and once
+    assert ui_text_of([first, *rest]) == expected_text(message)  # the owner's, whole and once
 
 
 def test_a_strangers_post_with_the_same_id_starts_its_own_chat(chatsvc: Service, fake_model: FakeModel) -> None:
@@ -364,16 +358,16 @@ def test_a_strangers_post_with_the_same_id_starts_its_own_chat(chatsvc: Service,
     url, stream_url = f"{chatsvc.url}/api/chat", f"{chatsvc.url}/api/chat/chat-taken/stream"
     with httpx.Client(timeout=30) as owner:
         with owner.stream("POST", url, json=chat_body("chat-taken", message)) as response:
-            assert next(line for line in response.iter_lines() if "text-delta" in line)  # then the page goes away
+            assert next(c for c in iter_ui_chunks(response) if c["type"] == "text-delta")  # then the page goes away
         with httpx.Client(timeout=30) as stranger:
             theirs = stranger.post(url, json=chat_body("chat-taken", "fake:deltas=3"))
-            assert text_of_chunks(ui_chunks(theirs)) == expected_text("fake:deltas=3")
+            assert ui_text_of(ui_chunks(theirs.text)) == expected_text("fake:deltas=3")
             assert stranger.get(stream_url).status_code == 204  # theirs, delivered whole
         seen = len(fake_model.requests)
         replay = owner.get(stream_url)
         assert replay.status_code == 200
-        chunks = ui_chunks(replay)
-        assert text_of_chunks(chunks) == expected_text(message)  # the owner's answer, whole
+        chunks = ui_chunks(replay.text)
+        assert ui_text_of(chunks) == expected_text(message)  # the owner's answer, whole
         assert chunks[-2]["type"] == "finish"
         assert owner.get(stream_url).status_code == 204  # exactly once
     assert len(fake_model.requests) == seen  # replayed, not generated again

@@ -8,9 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(360)  # every relay and scenario, small: about a minute, several on a busy machine
 def test_benchmark_smoke_run_completes_with_intact_streams(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     result = subprocess.run(
@@ -52,6 +57,7 @@ def test_benchmark_smoke_run_completes_with_intact_streams(tmp_path: Path) -> No
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(360)
 def test_cost_measurements_run() -> None:
     """bench/run.py --costs, bench/client_cost.py and bench/protocols.py, in their smoke mode: each
     prints its rows."""

@@ -4,7 +4,6 @@ there by tests/install-debian.sh) against chatsvc and the fake model."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import shutil
@@ -22,8 +21,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import ROOT, Service
 from tests.fake_model import FakeModel, expected_text
+from tests.helpers import ROOT, UI_STREAM_END, Service, StartService, ui_chunks, ui_text_of
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCREENSHOT = ROOT / "docs" / "chat-page.png"
@@ -226,9 +227,8 @@ def test_a_same_origin_ai_sdk_chat_resumes_with_its_owner_cookie(page: WebDriver
     assert (stranger.status_code, stranger.content) == (204, b"")
     resumed = page.execute_async_script(RECONNECT)
     assert resumed["status"] == 200, resumed
-    lines = [line[6:] for line in resumed["text"].split("\n") if line.startswith("data: {")]
-    chunks = [json.loads(line) for line in lines]
-    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == expected_text(message)
+    chunks = [c for c in ui_chunks(resumed["text"]) if c != UI_STREAM_END]
+    assert ui_text_of(chunks) == expected_text(message)
     assert chunks[-1]["type"] == "finish"
 
 
@@ -262,7 +262,7 @@ def test_page_is_served_with_a_strict_csp(service: Service) -> None:
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=", response.text)  # nothing fetched at all
 
 
-def test_page_can_be_turned_off(start_service: Any) -> None:
+def test_page_can_be_turned_off(start_service: StartService) -> None:
     svc: Service = start_service(SERVE_PAGE="false")
     response = httpx.get(f"{svc.url}/")
     assert response.status_code == 404

@@ -27,9 +27,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Event, free_port, iter_sse, wait_until_answers
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, Event, free_port, iter_sse, wait_until_answers
 from tests.spec import validate
+
+pytestmark = pytest.mark.slow
 
 ENGINE_TOOL = ROOT.parent / "shared" / "tools" / "container-engine.sh"
 GRACE_S = 2

@@ -13,8 +13,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import chatsvc
-from tests.conftest import Service
 from tests.fake_model import FakeModel
+from tests.helpers import Service, StartService
 from tests.spec import assert_error
 
 
@@ -56,7 +56,7 @@ def test_id_is_forwarded_to_the_model_server(service: Service, fake_model: FakeM
     assert fake_model.last().headers["x-client-request-id"] == "fwd-1"
 
 
-def test_every_log_line_of_a_request_carries_its_id(start_service: Any) -> None:
+def test_every_log_line_of_a_request_carries_its_id(start_service: StartService) -> None:
     svc: Service = start_service(LOG_LEVEL="DEBUG")
     svc.chat({"message": "hi"}, {"X-Request-ID": "lines-1"})
     svc.wait_for_log("request_completed", "lines-1")

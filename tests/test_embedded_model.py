@@ -20,8 +20,10 @@ import httpx
 import pytest
 
 import run
-from tests.conftest import ROOT, free_port, iter_sse, wait_until_answers
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, free_port, iter_sse, wait_until_answers
+
+pytestmark = pytest.mark.slow
 
 SETUP_LIMIT_S = 1500  # a first build from source, with room to spare on a busy machine
 

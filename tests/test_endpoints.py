@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typing
-from typing import Any
 
 import httpx
 import pytest
@@ -11,9 +10,23 @@ from starlette.routing import Route
 
 import ai_sdk
 import chatsvc
-from tests.conftest import Service, free_port, iter_sse
 from tests.fake_model import FakeModel
+from tests.helpers import Metrics, Service, StartService, free_port, iter_sse, scrape, text_of
 from tests.spec import assert_error_response, spec, validate
+
+
+@pytest.fixture(scope="module")
+def configured(start_module_service: StartService, fake_model: FakeModel) -> Service:
+    """One service for the cases that need settings of their own but no process of their own: small
+    limits and two models (in /openapi.json), an allowed origin (CORS), a health URL that answers."""
+    return start_module_service(
+        ALLOWED_MODELS="m1,m2",
+        MAX_MESSAGE_CHARS="100",
+        MAX_HISTORY="3",
+        MAX_TOKENS="9",
+        CORS_ALLOW_ORIGINS="https://app.example",
+        UPSTREAM_HEALTH_URL=f"{fake_model.base_url}/models",
+    )
 
 
 def test_healthz_is_ok_and_never_calls_the_model(service: Service, fake_model: FakeModel) -> None:
@@ -31,7 +44,7 @@ def test_readyz_when_configured(service: Service) -> None:
     assert response.json()["status"] == "ready"
 
 
-def test_not_configured_service_says_so(start_service: Any) -> None:
+def test_not_configured_service_says_so(start_service: StartService) -> None:
     bare: Service = start_service(OPENAI_BASE_URL="<unset>", OPENAI_API_KEY="<unset>")
 
     ready = httpx.get(f"{bare.url}/readyz")
@@ -42,49 +55,44 @@ def test_not_configured_service_says_so(start_service: Any) -> None:
     assert httpx.get(f"{bare.url}/healthz").status_code == 200
 
 
-def test_readyz_asks_the_health_url_when_one_is_set(start_service: Any, fake_model: FakeModel) -> None:
+def test_readyz_asks_the_health_url_when_one_is_set(
+    start_service: StartService, configured: Service, fake_model: FakeModel
+) -> None:
     dead: Service = start_service(UPSTREAM_HEALTH_URL=f"http://127.0.0.1:{free_port()}/v1/models")
     ready = httpx.get(f"{dead.url}/readyz")
     assert_error_response(ready, 503, "upstream_unreachable")
     assert "UPSTREAM_HEALTH_URL" in ready.json()["detail"]
 
-    alive: Service = start_service(UPSTREAM_HEALTH_URL=f"{fake_model.base_url}/models")
-    assert httpx.get(f"{alive.url}/readyz").status_code == 200
+    assert httpx.get(f"{configured.url}/readyz").status_code == 200  # its health URL answers
     wrong: Service = start_service(UPSTREAM_HEALTH_URL=f"{fake_model.base_url}/no-such-thing")
     assert_error_response(httpx.get(f"{wrong.url}/readyz"), 503, "upstream_unreachable")
 
 
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_metrics_count_outcomes_tokens_and_timings(service: Service) -> None:
-    before = httpx.get(f"{service.url}/metrics").text
+    before = scrape(service)
     service.chat({"message": "fake:deltas=4"})
     service.chat({"message": "fake:deltas=4,die_after=1"})
-    after = httpx.get(f"{service.url}/metrics")
+    response = httpx.get(f"{service.url}/metrics")
 
-    assert after.status_code == 200
-    assert after.headers["content-type"].startswith("text/plain")
-    text = after.text
-    for name, grew_by in [
-        ('chatsvc_requests_total{code="ok"}', 1),
-        ('chatsvc_requests_total{code="upstream_error"}', 1),
-        ('chatsvc_tokens_total{kind="completion"}', 5),
-        ("chatsvc_time_to_first_token_seconds_count", 2),
-        ("chatsvc_stream_duration_seconds_count", 2),
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    after = Metrics.parse(response.text)
+    for name, labels, grew_by in [
+        ("chatsvc_requests_total", {"code": "ok"}, 1),
+        ("chatsvc_requests_total", {"code": "upstream_error"}, 1),
+        ("chatsvc_tokens_total", {"kind": "completion"}, 5),
+        ("chatsvc_time_to_first_token_seconds_count", {}, 2),
+        ("chatsvc_stream_duration_seconds_count", {}, 2),
     ]:
-        assert metric(text, name) - metric(before, name) == grew_by, name
-    assert metric(text, 'chatsvc_tokens_total{kind="prompt"}') > metric(before, 'chatsvc_tokens_total{kind="prompt"}')
-    assert metric(text, "chatsvc_active_streams") == 0
+        grew = after.value(name, default=0, **labels) - before.value(name, default=0, **labels)
+        assert grew == grew_by, (name, labels)
+    prompt = [m.value("chatsvc_tokens_total", default=0, kind="prompt") for m in (before, after)]
+    assert prompt[1] > prompt[0]
+    assert after.value("chatsvc_active_streams") == 0
 
 
-def test_openapi_json_is_the_yaml_with_this_deployments_values(start_service: Any) -> None:
-    svc: Service = start_service(ALLOWED_MODELS="m1,m2", MAX_MESSAGE_CHARS="100", MAX_HISTORY="3", MAX_TOKENS="9")
-    served = httpx.get(f"{svc.url}/openapi.json").json()
+def test_openapi_json_is_the_yaml_with_this_deployments_values(configured: Service) -> None:
+    served = httpx.get(f"{configured.url}/openapi.json").json()
     fields = served["components"]["schemas"]["ChatRequest"]["properties"]
 
     assert fields["model"]["enum"] == ["m1", "m2", None]
@@ -234,11 +242,11 @@ def test_head_leaves_a_live_stream_running(service: Service) -> None:
         rest = list(events)
     assert rest[-1].event == "done"
     assert rest[-1].data["finish_reason"] == "stop"
-    assert "".join(e.data["content"] for e in rest if e.event == "delta") == "".join(f"w{i} " for i in range(6))
+    assert text_of(rest) == "".join(f"w{i} " for i in range(6))
 
 
-def test_cors_preflight_still_answers_for_every_documented_method(start_service: Any) -> None:
-    svc: Service = start_service(CORS_ALLOW_ORIGINS="https://app.example")
+def test_cors_preflight_still_answers_for_every_documented_method(configured: Service) -> None:
+    svc = configured
     for method, path in (("POST", "/chat"), ("DELETE", "/chat/streams/x"), ("GET", "/chat/streams/x")):
         preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": method}
         response = httpx.options(f"{svc.url}{path}", headers=preflight)

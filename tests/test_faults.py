@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
-import httpx
 import pytest
 
 from tests import loadgen
-from tests.conftest import Service, free_port
 from tests.fake_model import FakeModel
+from tests.helpers import Service, StartService, free_port, scrape
 from tests.spec import assert_error, validate
+
+pytestmark = pytest.mark.slow  # a matrix of some 60 cells, each waiting for the service to settle
 
 OUTCOMES = ("request_completed", "request_failed", "client_disconnected")
 
@@ -61,26 +61,21 @@ SETTINGS = {"IDLE_TIMEOUT_S": "1", "REQUEST_TIMEOUT_S": "20", "UPSTREAM_MAX_RETR
 
 
 @pytest.fixture(scope="module")
-def matrix(start_service: Any) -> Service:
-    svc: Service = start_service(**SETTINGS)
+def matrix(start_module_service: StartService) -> Service:
+    svc: Service = start_module_service(**SETTINGS)
     return svc
 
 
 @pytest.fixture(scope="module")
-def refused(start_service: Any) -> Service:
-    svc: Service = start_service(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", **SETTINGS)
+def refused(start_module_service: StartService) -> Service:
+    svc: Service = start_module_service(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", **SETTINGS)
     return svc
 
 
 def resources(service: Service) -> tuple[float, float]:
     """Open descriptors and event-loop tasks of the service, read from its /metrics."""
-    text = httpx.get(f"{service.url}/metrics").text
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("process_open_fds", "chatsvc_event_loop_tasks"):
-            values[name] = float(value)
-    return values["process_open_fds"], values["chatsvc_event_loop_tasks"]
+    metrics = scrape(service)
+    return metrics.value("process_open_fds"), metrics.value("chatsvc_event_loop_tasks")
 
 
 def settle(service: Service, baseline: tuple[float, float], limit: float = 10) -> tuple[float, float]:

@@ -14,15 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Event, Service, iter_sse
+from tests.helpers import Event, Service, StartService, iter_sse, scrape
 from tests.spec import assert_error_response
 
 LIVE = "fake:deltas=2,stall_after=2"  # a stream that stays live until its upstream is closed
 
 
 @pytest.fixture(scope="module")
-def bounded(start_service: Any) -> Service:
-    svc: Service = start_service(
+def bounded(start_module_service: StartService) -> Service:
+    svc: Service = start_module_service(
         MAX_FOLLOWERS_PER_STREAM="2",
         MAX_FOLLOWERS="3",
         MAX_CONCURRENT_STREAMS="2",
@@ -36,7 +36,7 @@ def idle(service: Service) -> None:
     """Until the streams of an earlier test have ended: their clients' hang-ups reach the service
     asynchronously, and the producers end a moment later (polled: nothing to await from here)."""
     deadline = time.monotonic() + 10
-    while "chatsvc_active_streams 0.0" not in httpx.get(f"{service.url}/metrics").text:
+    while scrape(service).value("chatsvc_active_streams") != 0:
         assert time.monotonic() < deadline, "streams of an earlier test are still running"
         time.sleep(0.05)
 
@@ -155,8 +155,8 @@ ANSWER_CHARS = max(6_000_000, 2 * KERNEL_SEND_BUFFER)
 
 
 @pytest.fixture(scope="module")
-def impatient(start_service: Any) -> Service:
-    svc: Service = start_service(
+def impatient(start_module_service: StartService) -> Service:
+    svc: Service = start_module_service(
         SEND_TIMEOUT_S="1", RESUME_GRACE_S="0", REQUEST_TIMEOUT_S="60", MAX_FOLLOWERS_PER_STREAM="10"
     )
     return svc

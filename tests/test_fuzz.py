@@ -7,18 +7,19 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Service
+from tests.helpers import ROOT, Service, StartService
+
+pytestmark = pytest.mark.slow
 
 BIN = ROOT / ".venv" / "bin"
 EXAMPLES = 300
 
 
 @pytest.mark.timeout(600)  # ten operations, 300 examples each, and the stateful links: some 3 minutes
-def test_schemathesis_finds_nothing(start_service: Any) -> None:
+def test_schemathesis_finds_nothing(start_service: StartService) -> None:
     svc: Service = start_service(LOG_LEVEL="WARNING", ALLOWED_MODELS="gpt-4o-mini,other-model")
     schemathesis = Path(BIN / "schemathesis")
     # use_after_free expects a DELETEd resource to answer 404. DELETE /chat/streams/{id} stops a

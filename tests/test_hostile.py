@@ -13,16 +13,18 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Service, iter_sse
 from tests.fake_model import FakeModel
+from tests.helpers import Service, StartService, iter_sse, scrape
 from tests.spec import assert_error_response
 from tests.test_faults import resources, settle
 
 
 @pytest.fixture(scope="module")
-def guarded(start_service: Any) -> Service:
+def guarded(start_module_service: StartService) -> Service:
     # RESUME_GRACE_S=0: a client cut off ends its stream at once (the grace is tested in test_resume).
-    svc: Service = start_service(SEND_TIMEOUT_S="1", IDLE_TIMEOUT_S="5", REQUEST_TIMEOUT_S="60", RESUME_GRACE_S="0")
+    svc: Service = start_module_service(
+        SEND_TIMEOUT_S="1", IDLE_TIMEOUT_S="5", REQUEST_TIMEOUT_S="60", RESUME_GRACE_S="0"
+    )
     return svc
 
 
@@ -81,7 +83,7 @@ def test_client_that_stops_reading_is_cut_and_logged(guarded: Service, fake_mode
     assert record["completion_tokens"] < 200000
     assert upstream.closed.wait(5), "the model server's connection stayed open"
     assert settle(guarded, baseline) == baseline
-    assert "chatsvc_active_streams 0.0" in httpx.get(f"{guarded.url}/metrics").text
+    assert scrape(guarded).value("chatsvc_active_streams") == 0
     assert not [r for r in guarded.logs() if "without completing response" in r["event"]]
     assert_well(guarded)
 
@@ -148,7 +150,7 @@ def test_body_shorter_than_declared_is_no_500(guarded: Service, fake_model: Fake
     assert_well(guarded)
 
 
-def test_chunked_body_over_the_limit_is_413(start_service: Any) -> None:
+def test_chunked_body_over_the_limit_is_413(start_service: StartService) -> None:
     svc: Service = start_service(MAX_BODY_BYTES="2048")
 
     def chunks() -> Any:

@@ -19,9 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Service, iter_sse
 from tests.cutting_proxy import CutAt, CuttingProxy, at_marker
 from tests.fake_model import FakeModel, expected_text
+from tests.helpers import ROOT, Service, StartService, iter_sse
+
+pytestmark = pytest.mark.slow
 
 JS = ROOT / "tests" / "js"
 ANSWER = "fake:deltas=40,delay=0.05"  # 2 s: the cut falls while the model still talks
@@ -45,8 +47,8 @@ def node(script: str, *args: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def chatsvc(start_service: Any) -> Service:
-    svc: Service = start_service(RESUME_GRACE_S="30", PING_INTERVAL_S="0.2")  # pings between events too
+def chatsvc(start_module_service: StartService) -> Service:
+    svc: Service = start_module_service(RESUME_GRACE_S="30", PING_INTERVAL_S="0.2")  # pings between events too
     return svc
 
 

@@ -7,7 +7,6 @@ worker answers) counts them all (note 13), and the shared metrics directory is g
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import tempfile
@@ -18,10 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Service
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, Service, scrape
 from tests.spec import assert_error_response, validate
 from tests.test_lifecycle import open_stream
+
+pytestmark = pytest.mark.slow  # each launcher started and drained: 15-20 s apiece on a busy machine
 
 UVICORN = [sys.executable, "-m", "uvicorn", "chatsvc:app", "--app-dir", str(ROOT), "--port", "{port}"]
 #: command, settings, worker processes, exit status after the drain (negative: killed by that signal)
@@ -58,16 +59,11 @@ def assert_counted(svc: Service, sent: int) -> None:
     A stream is counted just after its last event is sent: the first scrapes may come before."""
     deadline = time.monotonic() + 10
     while True:
-        counted = [requests_ok(httpx.get(f"{svc.url}/metrics").text) for _ in range(6)]
+        counted = [scrape(svc).value("chatsvc_requests_total", default=0, code="ok") for _ in range(6)]
         if counted == [sent] * 6 or time.monotonic() > deadline:
             break
         time.sleep(0.05)  # a count in another process: there is no event to await
     assert counted == [sent] * 6
-
-
-def requests_ok(metrics: str) -> float:
-    found = re.findall(r'^chatsvc_requests_total\{code="ok"\} (\S+)$', metrics, re.M)
-    return sum(map(float, found))
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
@@ -103,8 +99,7 @@ def test_sigterm_drains_under_every_launcher(launcher: str, fake_model: FakeMode
             assert_error_response(refused, 503, "shutting_down")
             assert "retry-after" in refused.headers
             if workers == 1:  # with several, the drain's age is published once a second (note 13)
-                drain = re.findall(r"^chatsvc_drain_seconds (\S+)$", httpx.get(f"{svc.url}/metrics").text, re.M)
-                assert float(drain[0]) > 0
+                assert scrape(svc).value("chatsvc_drain_seconds") > 0
             rest = list(events)
         print(f"\n{launcher}: /readyz 503 {ready_after * 1000:.0f} ms after SIGTERM")
         assert {r["pid"] for r in draining} == pids  # every worker drained

@@ -7,13 +7,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Event, Service, iter_sse
 from tests.fake_model import FakeModel
+from tests.helpers import Event, Service, StartService, iter_sse, scrape
 from tests.spec import assert_error_response, validate
 
 
@@ -27,9 +26,9 @@ def open_stream(service: Service, message: str, rid: str) -> Iterator[tuple[http
 
 
 @pytest.fixture(scope="module")
-def no_grace(start_service: Any) -> Service:
+def no_grace(start_module_service: StartService) -> Service:
     """RESUME_GRACE_S=0: a disconnect closes the upstream at once, as before resuming existed."""
-    svc: Service = start_service(RESUME_GRACE_S="0")
+    svc: Service = start_module_service(RESUME_GRACE_S="0")
     return svc
 
 
@@ -51,7 +50,7 @@ def test_client_disconnect_closes_upstream_within_a_second(
     assert not [r for r in service.logs_for(rid) if r["event"] in ("request_completed", "request_failed")]
 
 
-def test_streams_over_the_limit_get_503_overloaded(start_service: Any, fake_model: FakeModel) -> None:
+def test_streams_over_the_limit_get_503_overloaded(start_service: StartService, fake_model: FakeModel) -> None:
     svc: Service = start_service(MAX_CONCURRENT_STREAMS="2", RESUME_GRACE_S="0")
     with (
         open_stream(svc, "fake:stall_after=0", "slot-1") as (_, first),
@@ -59,7 +58,7 @@ def test_streams_over_the_limit_get_503_overloaded(start_service: Any, fake_mode
     ):
         assert next(first).event == "meta"
         assert next(second).event == "meta"
-        assert "chatsvc_active_streams 2.0" in httpx.get(f"{svc.url}/metrics").text
+        assert scrape(svc).value("chatsvc_active_streams") == 2
 
         refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
         assert_error_response(refused, 503, "overloaded")
@@ -72,7 +71,7 @@ def test_streams_over_the_limit_get_503_overloaded(start_service: Any, fake_mode
     assert events[-1].event == "done"
 
 
-def test_sigterm_drains_then_exits(start_service: Any, fake_model: FakeModel) -> None:
+def test_sigterm_drains_then_exits(start_service: StartService, fake_model: FakeModel) -> None:
     """readyz turns 503 and new chats get 503 shutting_down while streams continue; a stream that
     outlives SHUTDOWN_GRACE_S ends with an error event shutting_down; a short one finishes with done;
     then the process exits 0."""
@@ -124,7 +123,7 @@ def test_sigterm_drains_then_exits(start_service: Any, fake_model: FakeModel) ->
     assert svc.proc.wait(timeout=10) == 0
 
 
-def test_sigterm_with_nothing_in_flight_exits_at_once(start_service: Any) -> None:
+def test_sigterm_with_nothing_in_flight_exits_at_once(start_service: StartService) -> None:
     svc: Service = start_service(SHUTDOWN_GRACE_S="25")
     svc.signal(signal.SIGTERM)
     assert svc.proc is not None

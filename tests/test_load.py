@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from typing import Any
 
-import httpx
 import pytest
 
 from tests import loadgen
-from tests.conftest import Service
+from tests.helpers import Metrics, Service, StartService, scrape
 from tests.test_faults import settle
+
+pytestmark = pytest.mark.slow
 
 STREAMS = 1000
 DELTAS = 20
@@ -24,27 +24,18 @@ MESSAGE = f"fake:deltas={DELTAS},delay=0.05"
 EXPECTED = "".join(f"w{i} " for i in range(DELTAS))
 
 
-def metrics(service: Service) -> dict[str, float]:
-    values = {}
-    for line in httpx.get(f"{service.url}/metrics").text.splitlines():
-        if not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
 async def round_of(service: Service, streams: int) -> list[loadgen.Result]:
     return await asyncio.gather(*(loadgen.chat(service.port, {"message": MESSAGE}) for _ in range(streams)))
 
 
 @pytest.mark.timeout(600)
-def test_1000_concurrent_streams_twice_lose_nothing_and_leak_nothing(start_service: Any) -> None:
+def test_1000_concurrent_streams_twice_lose_nothing_and_leak_nothing(start_service: StartService) -> None:
     svc: Service = start_service(MAX_CONCURRENT_STREAMS="1100", LOG_LEVEL="WARNING")
     svc.chat({"message": "warm-up"})
-    before = metrics(svc)
-    baseline = settle(svc, (before["process_open_fds"], before["chatsvc_event_loop_tasks"]), limit=2)
+    before = scrape(svc)
+    baseline = settle(svc, (before.value("process_open_fds"), before.value("chatsvc_event_loop_tasks")), limit=2)
 
-    after: list[dict[str, float]] = []
+    after: list[Metrics] = []
     for n in (1, 2):
         started = time.monotonic()
         results = asyncio.run(round_of(svc, STREAMS))
@@ -54,20 +45,21 @@ def test_1000_concurrent_streams_twice_lose_nothing_and_leak_nothing(start_servi
         assert not failed, f"{len(failed)} streams failed, e.g. {failed[0]}"
         assert all(r.events[-1][0] == "done" and r.text == EXPECTED for r in results)
         assert settle(svc, baseline) == baseline, "descriptors or tasks left behind"
-        after.append(metrics(svc))
-        rss = after[-1]["process_resident_memory_bytes"] / 1e6
+        after.append(scrape(svc))
+        rss = after[-1].value("process_resident_memory_bytes") / 1e6
         print(f"\nround {n}: {STREAMS} streams x {DELTAS} deltas in {took:.1f} s, all intact; RSS {rss:.0f} MB")
 
-    grew = after[1]["process_resident_memory_bytes"] - after[0]["process_resident_memory_bytes"]
-    rss_before = before["process_resident_memory_bytes"] / 1e6
+    grew = after[1].value("process_resident_memory_bytes") - after[0].value("process_resident_memory_bytes")
+    rss_before = before.value("process_resident_memory_bytes") / 1e6
     print(f"RSS before load {rss_before:.0f} MB; round 2 grew it by {grew / 1e6:.1f} MB")
-    assert grew < 0.1 * after[0]["process_resident_memory_bytes"], "memory kept growing: a leak"
-    assert after[1]['chatsvc_requests_total{code="ok"}'] - before['chatsvc_requests_total{code="ok"}'] == 2 * STREAMS
-    assert after[1]["chatsvc_active_streams"] == 0
+    assert grew < 0.1 * after[0].value("process_resident_memory_bytes"), "memory kept growing: a leak"
+    ok = [m.value("chatsvc_requests_total", code="ok") for m in (before, after[1])]
+    assert ok[1] - ok[0] == 2 * STREAMS
+    assert after[1].value("chatsvc_active_streams") == 0
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_with_200_streams_in_flight(start_service: Any) -> None:
+def test_sigterm_with_200_streams_in_flight(start_service: StartService) -> None:
     """100 short streams (done within the grace) and 100 stalled ones (outliving it): every one ends
     with exactly one terminal event, the short ones with done, and the process exits 0 in time."""
     grace = 3.0

@@ -21,7 +21,7 @@ import pytest
 from pythonjsonlogger.json import JsonFormatter
 
 from logging_conf import MASK, ConsoleFormatter, RedactionFilter, Redactor, configure_logging, correlation_id
-from tests.conftest import ROOT, Service, free_port, wait_until_answers
+from tests.helpers import ROOT, Service, StartService, free_port, wait_until_answers
 
 PRIVATE_MESSAGE = "my private words about the merger, call +1 415 555 0100 or mail jane.doe@example.com"
 
@@ -86,7 +86,7 @@ def test_user_text_is_not_logged_by_default(service: Service) -> None:
     assert "merger" not in service.output()
 
 
-def test_log_content_logs_truncated_masked_text(start_service: Any) -> None:
+def test_log_content_logs_truncated_masked_text(start_service: StartService) -> None:
     svc: Service = start_service(LOG_CONTENT="true")
     svc.chat({"message": PRIVATE_MESSAGE + " token sk-abcdef123456789 " + "x" * 500}, {"X-Request-ID": "content-1"})
     logged = svc.wait_for_log("chat_request", "content-1")["content"]
@@ -102,7 +102,7 @@ PASTED_SECRETS = "my key is sk-usertyped0123456789abc and my token Bearer eyJpYX
 
 
 @pytest.mark.parametrize("log_content", ["false", "true"])
-def test_debug_run_never_prints_a_key_or_token(start_service: Any, log_content: str) -> None:
+def test_debug_run_never_prints_a_key_or_token(start_service: StartService, log_content: str) -> None:
     """At DEBUG, and with LOG_CONTENT=true (which lets the libraries log request bodies and logs the
     user's text), no configured key, no pasted key and no token reaches stdout or stderr."""
     key = "sk-unique-test-key-3f9a8b7c6d5e4f3a2b1c"

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Service, free_port, wait_until_answers
+from tests.helpers import ROOT, Service, StartService, free_port, scrape, wait_until_answers
 
 RULES_DIR = ROOT / "deploy" / "prometheus"
 
@@ -47,13 +47,13 @@ def test_every_rule_has_a_unit_test() -> None:
 
 def test_the_rules_name_only_metrics_that_chatsvc_exports(service: Service) -> None:
     service.chat({"message": "hi"})  # so that the labelled series exist
-    exported = set(re.findall(r"^(chatsvc_\w+)[{ ]", httpx.get(f"{service.url}/metrics").text, re.M))
+    exported = {name for name in scrape(service).names if name.startswith("chatsvc_")}
     named = set(re.findall(r"\bchatsvc_\w+", (RULES_DIR / "rules.yml").read_text()))
     assert named <= exported, named - exported
 
 
 @pytest.fixture
-def prometheus(start_service: Any, tmp_path: Path) -> Iterator[tuple[str, Service]]:
+def prometheus(start_service: StartService, tmp_path: Path) -> Iterator[tuple[str, Service]]:
     """A chatsvc of its own (so that its counts are exactly this test's) and a Prometheus that
     scrapes it every second, with the rules loaded."""
     assert shutil.which("prometheus"), "prometheus is missing: bash tests/install-debian.sh (make test runs it)"
@@ -96,6 +96,7 @@ def query_until(prometheus_url: str, expr: str, done: Any, limit: float = 30) ->
     return result
 
 
+@pytest.mark.slow
 def test_a_real_prometheus_scrapes_chatsvc(prometheus: tuple[str, Service]) -> None:
     url, svc = prometheus
     sent = 12

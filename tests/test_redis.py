@@ -26,13 +26,27 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, Event, Service, free_port, iter_sse
 from tests.cutting_proxy import CuttingProxy, at_marker
 from tests.fake_model import FakeModel, expected_text
+from tests.helpers import (
+    ROOT,
+    UI_STREAM_END,
+    Event,
+    Service,
+    StartService,
+    free_port,
+    iter_sse,
+    parse_sse,
+    scrape,
+    text_of,
+    ui_chunks,
+    ui_text_of,
+)
 from tests.otlp_receiver import OTLPReceiver
 from tests.spec import assert_error_response
 from tests.test_js_clients import ANSWER, assert_whole_once, node
-from tests.test_resume import text_of
+
+pytestmark = pytest.mark.slow
 
 SLOW = "fake:deltas=30,delay=0.05"  # 1.5 s of answer
 KEY, OTHER_KEY = "redis-test-key-0123456789", "redis-test-key-other-98765"
@@ -88,15 +102,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.kill()
 
 
-def replica(start_service: Any, store: str, **env: str) -> Service:
+def replica(start_service: StartService, store: str, **env: str) -> Service:
     settings = {"RESUME_GRACE_S": "30", "SERVICE_API_KEYS": f"{KEY},{OTHER_KEY}", "PING_INTERVAL_S": "0.2", **env}
     svc: Service = start_service(RESUME_STORE=store, **settings)
     return svc
 
 
 @pytest.fixture(scope="module")
-def pair(start_service: Any, redis_server: RedisServer) -> tuple[Service, Service]:
-    return replica(start_service, redis_server.url), replica(start_service, redis_server.url)
+def pair(start_module_service: StartService, redis_server: RedisServer) -> tuple[Service, Service]:
+    return replica(start_module_service, redis_server.url), replica(start_module_service, redis_server.url)
 
 
 def post(svc: Service, message: str, rid: str, headers: dict[str, str] | None = None) -> Any:
@@ -118,24 +132,10 @@ def start_and_leave(svc: Service, message: str, rid: str, count: int) -> tuple[s
     return stream_id, got
 
 
-def follow(svc: Service, stream_id: str, headers: dict[str, str] | None = None, **params: str) -> httpx.Response:
+def get_stream(svc: Service, stream_id: str, headers: dict[str, str] | None = None, **params: str) -> httpx.Response:
+    """GET /chat/streams/{id} with the key, read whole, whatever its status."""
     with httpx.Client(timeout=30) as client:
         return client.get(f"{svc.url}/chat/streams/{stream_id}", headers={**AUTH, **(headers or {})}, params=params)
-
-
-def events_of(response: httpx.Response) -> list[Event]:
-    return [e for e in iter_sse(response) if e.comment is None]
-
-
-def metric(svc: Service, name: str) -> float:
-    return metrics(svc, name)[0]
-
-
-def metrics(svc: Service, *names: str) -> list[float]:
-    """These samples from one scrape: the writer counts a round trip's outcome and its latency together,
-    and another write may land between two scrapes."""
-    text = httpx.get(f"{svc.url}/metrics").text
-    return [sum(float(m) for m in re.findall(rf"^{re.escape(n)} (\S+)$", text, flags=re.MULTILINE)) for n in names]
 
 
 def wait_for_state(redis_server: RedisServer, stream_id: str, state: bytes | None) -> None:
@@ -157,10 +157,10 @@ def test_a_stream_cut_on_a_is_resumed_on_b_exactly_once(pair: tuple[Service, Ser
     a, b = pair
     seen = len(fake_model.requests)
     stream_id, got = start_and_leave(a, SLOW, "r-ab-1", 4)
-    response = follow(b, stream_id, {"Last-Event-ID": got[-1].id or ""})
+    response = get_stream(b, stream_id, {"Last-Event-ID": got[-1].id or ""})
     assert response.status_code == 200
     assert response.headers["x-stream-id"] == stream_id
-    rest = events_of(response)
+    rest = parse_sse(response.text)
     events = got + rest
     assert [e.id for e in events] == [f"{stream_id}:{i}" for i in range(len(events))]
     assert text_of(events) == expected_text(SLOW)
@@ -175,10 +175,12 @@ def test_b_replays_from_every_position_what_a_sent(pair: tuple[Service, Service]
     response, whole = a.chat({"message": "fake:deltas=6"}, headers=AUTH)
     stream_id = response.headers["x-stream-id"]
     for after in range(-1, len(whole) - 1):
-        assert [e.id for e in events_of(follow(b, stream_id, after=str(after)))] == [e.id for e in whole[after + 1 :]]
-    assert [(e.event, e.data) for e in events_of(follow(b, stream_id))] == [(e.event, e.data) for e in whole]
+        assert [e.id for e in parse_sse(get_stream(b, stream_id, after=str(after)).text)] == [
+            e.id for e in whole[after + 1 :]
+        ]
+    assert [(e.event, e.data) for e in parse_sse(get_stream(b, stream_id).text)] == [(e.event, e.data) for e in whole]
     # Nothing left after the terminal event: 204, which stops an EventSource.
-    finished = follow(b, stream_id, {"Last-Event-ID": whole[-1].id or ""})
+    finished = get_stream(b, stream_id, {"Last-Event-ID": whole[-1].id or ""})
     assert finished.status_code == 204
 
 
@@ -187,8 +189,8 @@ def test_b_follows_a_live_stream_as_a_writes_it(pair: tuple[Service, Service]) -
     client, stream = post(a, "fake:deltas=20,delay=0.05", "r-live")
     with client, stream as response:
         stream_id = response.headers["x-stream-id"]
-        on_b = events_of(follow(b, stream_id))  # starts while A is at the first events
-        on_a = events_of(response)
+        on_b = parse_sse(get_stream(b, stream_id).text)  # starts while A is at the first events
+        on_a = [e for e in iter_sse(response) if e.comment is None]
     assert [(e.id, e.event, e.data) for e in on_b] == [(e.id, e.event, e.data) for e in on_a]
     assert on_b[-1].event == "done"
     assert b.logs_for("r-live") == []  # B only followed: the stream is A's
@@ -225,7 +227,7 @@ def test_the_key_binding_holds_across_replicas(pair: tuple[Service, Service]) ->
     for method in ("GET", "DELETE"):
         refused = httpx.request(method, f"{b.url}/chat/streams/{stream_id}", headers=other, timeout=30)
         assert_error_response(refused, 404, "stream_not_found")
-    assert follow(b, stream_id).status_code == 200
+    assert get_stream(b, stream_id).status_code == 200
 
 
 def test_the_store_holds_no_key_and_no_text_beyond_the_events(
@@ -261,18 +263,18 @@ def test_an_ai_sdk_chat_started_on_a_is_replayed_on_b(pair: tuple[Service, Servi
             next(response.iter_lines())  # the start, then hang up
         replayed = client.get(f"{b.url}/api/chat/chat-across/stream", headers=AUTH)
     assert replayed.status_code == 200
-    chunks = [json.loads(line[6:]) for line in replayed.text.splitlines() if line.startswith("data: {")]
-    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == expected_text(SLOW)
+    chunks = [c for c in ui_chunks(replayed.text) if c != UI_STREAM_END]
+    assert ui_text_of(chunks) == expected_text(SLOW)
     assert chunks[-1]["type"] == "finish"
     with httpx.Client(timeout=30) as client:  # delivered whole (on B): nothing in progress any more
         assert client.get(f"{a.url}/api/chat/chat-across/stream", headers=AUTH).status_code == 204
 
 
 @pytest.fixture(scope="module")
-def keyless_pair(start_service: Any, redis_server: RedisServer) -> tuple[Service, Service]:
+def keyless_pair(start_module_service: StartService, redis_server: RedisServer) -> tuple[Service, Service]:
     """Two replicas without SERVICE_API_KEYS: an AI SDK chat is its owner cookie's (note 21)."""
-    a: Service = start_service(RESUME_STORE=redis_server.url, RESUME_GRACE_S="30")
-    b: Service = start_service(RESUME_STORE=redis_server.url, RESUME_GRACE_S="30")
+    a: Service = start_module_service(RESUME_STORE=redis_server.url, RESUME_GRACE_S="30")
+    b: Service = start_module_service(RESUME_STORE=redis_server.url, RESUME_GRACE_S="30")
     return a, b
 
 
@@ -298,8 +300,8 @@ def test_without_keys_an_ai_sdk_chat_is_its_owners_on_every_replica(
                 assert stranger.post(f"{b.url}/api/chat", json=theirs).status_code == 200  # a chat of its own
         replayed = owner.get(f"{b.url}/api/chat/chat-owned-across/stream")  # the cookie A set, sent to B
         assert replayed.status_code == 200
-        chunks = [json.loads(line[6:]) for line in replayed.text.splitlines() if line.startswith("data: {")]
-        assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == expected_text(SLOW)
+        chunks = [c for c in ui_chunks(replayed.text) if c != UI_STREAM_END]
+        assert ui_text_of(chunks) == expected_text(SLOW)
         assert chunks[-1]["type"] == "finish"
         assert owner.get(f"{a.url}/api/chat/chat-owned-across/stream").status_code == 204  # once
         token = owner.cookies["chatsvc_owner"]
@@ -395,7 +397,7 @@ def test_redis_py_is_loaded_only_with_a_redis_store(store: str, loaded: str, tmp
 
 
 def test_redis_lost_mid_stream_then_back(
-    start_service: Any, tmp_path_factory: pytest.TempPathFactory, fake_model: FakeModel
+    start_service: StartService, tmp_path_factory: pytest.TempPathFactory, fake_model: FakeModel
 ) -> None:
     server = RedisServer(tmp_path_factory.mktemp("redis-lost")).start()
     a, b = replica(start_service, server.url), replica(start_service, server.url)
@@ -410,27 +412,27 @@ def test_redis_lost_mid_stream_then_back(
         assert text_of(got) == expected_text("fake:deltas=30,delay=0.05")
         assert got[-1].event == "done"
         a.wait_for_log("store_write_failed", "r-lost")
-        assert metric(a, 'chatsvc_store_unresumable_streams_total{reason="failed"}') >= 1
-        assert metric(a, 'chatsvc_store_writes_total{result="failed"}') >= 1
+        assert scrape(a).value("chatsvc_store_unresumable_streams_total", reason="failed") >= 1
+        assert scrape(a).value("chatsvc_store_writes_total", result="failed") >= 1
 
-        unavailable = follow(b, stream_id)
+        unavailable = get_stream(b, stream_id)
         assert_error_response(unavailable, 503, "resume_unavailable")
         assert int(unavailable.headers["retry-after"]) >= 1
         assert_error_response(httpx.get(f"{b.url}/readyz"), 503, "resume_unavailable")
-        assert follow(a, stream_id).status_code == 200  # A still has it, in memory
+        assert get_stream(a, stream_id).status_code == 200  # A still has it, in memory
 
         port, server = server.port, RedisServer(server.workdir)
         server.port = port  # Redis back where the replicas look for it
         server.start()
         assert httpx.get(f"{b.url}/readyz").status_code == 200
         stream_id, got = start_and_leave(a, SLOW, "r-back", 3)  # new streams are stored again
-        rest = events_of(follow(b, stream_id, {"Last-Event-ID": got[-1].id or ""}))
+        rest = parse_sse(get_stream(b, stream_id, {"Last-Event-ID": got[-1].id or ""}).text)
         assert text_of(got + rest) == expected_text(SLOW)
     finally:
         server.kill()
 
 
-def test_a_slow_store_never_holds_up_the_live_stream(start_service: Any, redis_server: RedisServer) -> None:
+def test_a_slow_store_never_holds_up_the_live_stream(start_service: StartService, redis_server: RedisServer) -> None:
     a = replica(start_service, redis_server.url, RESUME_STORE_TIMEOUT_S="0.3")
     finished_while_redis_slept = threading.Event()
     slept = threading.Event()
@@ -457,22 +459,22 @@ def test_a_slow_store_never_holds_up_the_live_stream(start_service: Any, redis_s
 
 
 def test_a_backlog_over_the_queue_bound_marks_the_stream_unresumable_elsewhere(
-    start_service: Any, redis_server: RedisServer, pair: tuple[Service, Service]
+    start_service: StartService, redis_server: RedisServer, pair: tuple[Service, Service]
 ) -> None:
     _, b = pair
     a = replica(start_service, redis_server.url, RESUME_STORE_QUEUE_MB="0.01")  # 10 KiB
     response, events = a.chat({"message": "fake:huge=20000"}, headers={**AUTH, "X-Request-ID": "r-big"})
     assert events[-1].event == "done"  # the live stream is whole
     assert a.wait_for_log("store_behind", "r-big")["stream_id"] == response.headers["x-stream-id"]
-    assert metric(a, 'chatsvc_store_unresumable_streams_total{reason="behind"}') == 1
+    assert scrape(a).value("chatsvc_store_unresumable_streams_total", reason="behind") == 1
     wait_for_state(redis_server, response.headers["x-stream-id"], b"unresumable")
-    refused = follow(b, response.headers["x-stream-id"])
+    refused = get_stream(b, response.headers["x-stream-id"])
     assert_error_response(refused, 503, "resume_unavailable")
-    assert follow(a, response.headers["x-stream-id"]).status_code == 200  # A has it whole
+    assert get_stream(a, response.headers["x-stream-id"]).status_code == 200  # A has it whole
 
 
 def test_replica_b_restarted_during_a_follow(
-    start_service: Any, redis_server: RedisServer, pair: tuple[Service, Service]
+    start_service: StartService, redis_server: RedisServer, pair: tuple[Service, Service]
 ) -> None:
     a, _ = pair
     b = replica(start_service, redis_server.url)
@@ -490,7 +492,7 @@ def test_replica_b_restarted_during_a_follow(
             got += list(events)
     b.proc.wait()  # type: ignore[union-attr]
     b2 = replica(start_service, redis_server.url)  # B again, after its restart
-    got += events_of(follow(b2, stream_id, {"Last-Event-ID": got[-1].id or ""}))
+    got += parse_sse(get_stream(b2, stream_id, {"Last-Event-ID": got[-1].id or ""}).text)
     assert [e.id for e in got] == [f"{stream_id}:{i}" for i in range(len(got))]
     assert text_of(got) == expected_text("fake:deltas=40,delay=0.05")
     assert got[-1].event == "done"
@@ -498,21 +500,27 @@ def test_replica_b_restarted_during_a_follow(
 
 def test_the_store_metrics_count_writes_and_their_latency(pair: tuple[Service, Service]) -> None:
     a, _ = pair
-    before = metric(a, 'chatsvc_store_writes_total{result="ok"}')
+    before = scrape(a).value("chatsvc_store_writes_total", result="ok")
     a.chat({"message": "fake:deltas=3"}, headers=AUTH)
-    assert metric(a, 'chatsvc_store_writes_total{result="ok"}') > before
-    observed, ok = metrics(a, "chatsvc_store_write_seconds_count", 'chatsvc_store_writes_total{result="ok"}')
+    assert scrape(a).value("chatsvc_store_writes_total", result="ok") > before
+    # One scrape: the writer counts a round trip's outcome and its latency together, and another
+    # write may land between two scrapes.
+    metrics = scrape(a)
+    observed, ok = (
+        metrics.value("chatsvc_store_write_seconds_count"),
+        metrics.value("chatsvc_store_writes_total", result="ok"),
+    )
     assert observed == ok  # every successful round trip's latency is observed
 
 
-def test_a_resume_on_b_links_to_the_upstream_span_on_a(start_service: Any, redis_server: RedisServer) -> None:
+def test_a_resume_on_b_links_to_the_upstream_span_on_a(start_service: StartService, redis_server: RedisServer) -> None:
     """Traces across replicas (note 14): the producer's span ids travel in the stream's facts."""
     receiver = OTLPReceiver().start()
     try:
         otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
         a, b = replica(start_service, redis_server.url, **otel), replica(start_service, redis_server.url, **otel)
         stream_id, got = start_and_leave(a, SLOW, "r-link", 3)
-        resumed = follow(b, stream_id, {"Last-Event-ID": got[-1].id or "", "X-Request-ID": "r-link-b"})
+        resumed = get_stream(b, stream_id, {"Last-Event-ID": got[-1].id or "", "X-Request-ID": "r-link-b"})
         assert resumed.status_code == 200
         trace_id = a.wait_for_log("request_completed", "r-link")["trace_id"]
         upstream = receiver.wait_for(lambda spans: next((s for s in spans if s.name.startswith("chat ")), None))
@@ -531,11 +539,11 @@ def test_a_resume_on_b_links_to_the_upstream_span_on_a(start_service: Any, redis
 
 
 @pytest.fixture(scope="module")
-def short_grace(start_service: Any, redis_server: RedisServer) -> tuple[Service, Service]:
+def short_grace(start_module_service: StartService, redis_server: RedisServer) -> tuple[Service, Service]:
     """Two replicas whose grace (1 s) is far shorter than the streams that the tests cut, and whose
     finished streams expire at once (RESUME_TTL_S 0.5 s)."""
     env = {"RESUME_GRACE_S": "1", "RESUME_TTL_S": "0.5"}
-    return tuple(replica(start_service, redis_server.url, **env) for _ in range(2))  # type: ignore[return-value]
+    return tuple(replica(start_module_service, redis_server.url, **env) for _ in range(2))  # type: ignore[return-value]
 
 
 def until_terminal(sse: Iterator[Event], bound_s: float = 20) -> list[Event]:
@@ -577,7 +585,7 @@ def test_a_stream_followed_only_on_b_outlives_the_grace_on_a(
 
 
 def test_a_follower_on_b_of_a_killed_replica_ends_with_a_retryable_error(
-    start_service: Any, redis_server: RedisServer, short_grace: tuple[Service, Service]
+    start_service: StartService, redis_server: RedisServer, short_grace: tuple[Service, Service]
 ) -> None:
     """Bug: when the producing replica died, a follower on another replica got pings for as long as
     the stream's facts lived, then a silent close. Fix: each replica keeps a liveness key alive; a
@@ -615,7 +623,7 @@ def assert_every_key_expires(redis_server: RedisServer) -> list[str]:
 
 
 def test_every_key_in_the_store_expires(
-    start_service: Any, redis_server: RedisServer, short_grace: tuple[Service, Service], fake_model: FakeModel
+    start_service: StartService, redis_server: RedisServer, short_grace: tuple[Service, Service], fake_model: FakeModel
 ) -> None:
     """Bug: a client that took its answer after RESUME_TTL_S left a facts key holding only
     `delivered`, with no expiry. Fix: every write that can create a key sets its expiry with it."""
@@ -661,7 +669,7 @@ def test_every_key_in_the_store_expires(
         start = sock.recv(4096)
         stream_id = re.search(rb"x-stream-id: ([0-9a-f]{32})", start, flags=re.IGNORECASE)[1].decode()  # type: ignore[index]
         wait_for_state(redis_server, stream_id, None)  # expired, the answer's end still unsent
-        writes = metric(a, 'chatsvc_store_writes_total{result="ok"}')
+        writes = scrape(a).value("chatsvc_store_writes_total", result="ok")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)  # now read it all, quickly
         received = start
         while not received.endswith(b"\r\n0\r\n\r\n"):  # the body's last chunk: after `delivered`
@@ -669,7 +677,7 @@ def test_every_key_in_the_store_expires(
             assert chunk, received[-200:]
             received += chunk
     deadline = time.monotonic() + 10
-    while metric(a, 'chatsvc_store_writes_total{result="ok"}') == writes:  # `delivered` written
+    while scrape(a).value("chatsvc_store_writes_total", result="ok") == writes:  # `delivered` written
         assert time.monotonic() < deadline
         time.sleep(0.02)  # polling the metrics: there is no event to await from here
     assert_every_key_expires(redis_server)
@@ -708,7 +716,7 @@ def test_a_malformed_cancel_message_leaves_the_listener_alive(
 
 
 def test_a_full_replica_never_evicts_a_stream_followed_on_another(
-    start_service: Any, redis_server: RedisServer, pair: tuple[Service, Service]
+    start_service: StartService, redis_server: RedisServer, pair: tuple[Service, Service]
 ) -> None:
     """Bug: with every slot full, a new chat stopped the oldest stream detached on this replica, even
     one that a client followed on another replica (its grace runs here all the same, note 19). Fix:

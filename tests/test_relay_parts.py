@@ -11,11 +11,14 @@ from sse_starlette import JSONServerSentEvent
 from chatsvc import (
     AI_SDK,
     WRITE_BYTES,
+    MalformedStream,
     ServiceError,
+    Settings,
     UpstreamFrames,
     encode_deltas,
     encode_event,
     last_words_event,
+    map_upstream_error,
     pieces,
 )
 
@@ -86,9 +89,10 @@ def test_only_data_lines_count_and_several_make_one_frame() -> None:
 def test_an_event_without_end_beyond_the_limit_is_refused() -> None:
     parser = UpstreamFrames()
     parser.feed(b"data: " + b"x" * (UpstreamFrames.MAX_EVENT_BYTES - 6))
-    with pytest.raises(ServiceError, match="MAX_EVENT_BYTES") as refused:
+    with pytest.raises(MalformedStream, match="MAX_EVENT_BYTES") as refused:
         parser.feed(b"x")
-    assert refused.value.code == "upstream_error"  # the model server's malformed stream (note 18)
+    error = map_upstream_error(refused.value, Settings(), streaming=True)
+    assert error.code == "upstream_error"  # the model server's malformed stream (note 18)
 
 
 @settings(max_examples=100, deadline=None)

@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Service
 from tests.fake_model import FakeModel
+from tests.helpers import Service, StartService
 from tests.spec import assert_error, assert_error_response
 
 
@@ -18,9 +18,9 @@ def post(service: Service, body: Any = None, **kwargs: Any) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def small(start_service: Any) -> Service:
+def small(start_module_service: StartService) -> Service:
     """A service with small limits, so that the limits are cheap to cross."""
-    svc: Service = start_service(
+    svc: Service = start_module_service(
         MAX_MESSAGE_CHARS="100",
         MAX_HISTORY="2",
         MAX_TOKENS="50",

@@ -9,21 +9,16 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Event, Service, iter_sse
 from tests.fake_model import FakeModel, expected_text
+from tests.helpers import Event, Service, StartService, follow, iter_sse, scrape, text_of
 from tests.spec import assert_error_response, validate
 
 OUTCOMES = ("request_completed", "request_failed", "client_disconnected")
 SLOW = "fake:deltas=30,delay=0.05"  # 1.5 s of answer: long enough to leave and come back
-
-
-def text_of(events: list[Event]) -> str:
-    return "".join(e.data["content"] for e in events if e.event == "delta")
 
 
 def seqs(events: list[Event]) -> list[int]:
@@ -44,16 +39,6 @@ def opened(
         yield response, (e for e in iter_sse(response) if e.comment is None)
 
 
-def follow(service: Service, stream_id: str, headers: dict[str, str] | None = None, **params: str) -> list[Event]:
-    """GET /chat/streams/{id} to its end: the events (no pings); [] for a 204."""
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream("GET", f"{service.url}/chat/streams/{stream_id}", headers=headers or {}, params=params) as resp,
-    ):
-        assert resp.status_code in (200, 204), resp.read()
-        return [e for e in iter_sse(resp) if e.comment is None]
-
-
 def leave_after(service: Service, message: str, rid: str, count: int) -> tuple[str, list[Event]]:
     """Start a stream, read `count` events, hang up, and wait until the service has seen it."""
     with opened(service, message, rid) as (response, events):
@@ -70,8 +55,8 @@ def finished_stream(service: Service, message: str = "hello") -> tuple[str, list
 
 
 @pytest.fixture(scope="module")
-def resumable(start_service: Any) -> Service:
-    svc: Service = start_service(RESUME_GRACE_S="30", RESUME_TTL_S="60")
+def resumable(start_module_service: StartService) -> Service:
+    svc: Service = start_module_service(RESUME_GRACE_S="30", RESUME_TTL_S="60")
     return svc
 
 
@@ -183,7 +168,7 @@ def test_two_followers_at_once_see_the_same_stream(resumable: Service) -> None:
 
 
 def test_past_the_grace_the_upstream_is_closed_and_the_stream_is_gone(
-    start_service: Any, fake_model: FakeModel
+    start_service: StartService, fake_model: FakeModel
 ) -> None:
     svc: Service = start_service(RESUME_GRACE_S="0.3")
     stream_id, _ = leave_after(svc, "fake:deltas=3,stall_after=1", "gone-1", 2)
@@ -195,7 +180,7 @@ def test_past_the_grace_the_upstream_is_closed_and_the_stream_is_gone(
 
 
 def test_with_no_grace_a_disconnect_closes_at_once_and_nothing_resumes(
-    start_service: Any, fake_model: FakeModel
+    start_service: StartService, fake_model: FakeModel
 ) -> None:
     svc: Service = start_service(RESUME_GRACE_S="0")
     stream_id, _ = leave_after(svc, "fake:deltas=3,stall_after=1", "nograce-1", 2)
@@ -207,7 +192,7 @@ def test_with_no_grace_a_disconnect_closes_at_once_and_nothing_resumes(
 # After the end: TTL and the buffer bound -----------------------------------------------------------
 
 
-def test_a_finished_stream_is_kept_for_the_ttl_then_dropped(start_service: Any) -> None:
+def test_a_finished_stream_is_kept_for_the_ttl_then_dropped(start_service: StartService) -> None:
     svc: Service = start_service(RESUME_TTL_S="1")
     # The service ends the stream after this and before the client has read it: from here on, the
     # TTL has surely not run out before 1 s (the client's own end would be a few ms late for that).
@@ -221,20 +206,15 @@ def test_a_finished_stream_is_kept_for_the_ttl_then_dropped(start_service: Any) 
     assert time.monotonic() - asked_at >= 1
 
 
-def test_finished_logs_are_dropped_oldest_first_beyond_the_buffer(start_service: Any) -> None:
+def test_finished_logs_are_dropped_oldest_first_beyond_the_buffer(start_service: StartService) -> None:
     svc: Service = start_service(RESUME_BUFFER_MB="0.05")  # 52,428 bytes: two 20,000-character answers
     ids = [finished_stream(svc, "fake:huge=20000")[0] for _ in range(3)]
     statuses = [httpx.get(f"{svc.url}/chat/streams/{i}", params={"after": "0"}).status_code for i in ids]
     assert statuses == [404, 200, 200]
-    held = [
-        line
-        for line in httpx.get(f"{svc.url}/metrics").text.splitlines()
-        if line.startswith("chatsvc_stream_log_bytes")
-    ]
-    assert 40_000 < float(held[0].split()[1]) <= 0.05 * 1024 * 1024
+    assert 40_000 < scrape(svc).value("chatsvc_stream_log_bytes") <= 0.05 * 1024 * 1024
 
 
-def test_live_streams_alone_over_the_buffer_make_new_chats_503(start_service: Any) -> None:
+def test_live_streams_alone_over_the_buffer_make_new_chats_503(start_service: StartService) -> None:
     svc: Service = start_service(RESUME_BUFFER_MB="0.05")
     with opened(svc, "fake:huge=60000,stall_after=1", "full-1") as (_, events):
         assert [next(events).event for _ in range(2)] == ["meta", "delta"]
@@ -244,14 +224,14 @@ def test_live_streams_alone_over_the_buffer_make_new_chats_503(start_service: An
         assert int(refused.headers["retry-after"]) >= 1
 
 
-def test_a_live_client_is_never_refused_for_streams_whose_clients_left(start_service: Any) -> None:
+def test_a_live_client_is_never_refused_for_streams_whose_clients_left(start_service: StartService) -> None:
     """Bug: MAX_CONCURRENT_STREAMS clients that POST and hang up at once held every slot for
     RESUME_GRACE_S: every other caller got 503 overloaded, and anyone could do it again at will.
     Fix: with every slot taken, a new chat stops the stream whose client left first (its log ends
     with an `overloaded` error, kept for a resume to find) and takes its slot (note 11)."""
     svc: Service = start_service(MAX_CONCURRENT_STREAMS="3", RESUME_GRACE_S="300")
     left = [leave_after(svc, "fake:deltas=3,stall_after=1", f"evict-{i}", 2)[0] for i in range(3)]
-    assert "chatsvc_detached_streams 3.0" in httpx.get(f"{svc.url}/metrics").text
+    assert scrape(svc).value("chatsvc_detached_streams") == 3
 
     response, events = svc.chat({"message": "hi"}, {"X-Request-ID": "evict-new"})
 
@@ -272,7 +252,7 @@ def test_a_live_client_is_never_refused_for_streams_whose_clients_left(start_ser
         assert len([r for r in svc.logs_for(f"evict-{i}") if r["event"] in OUTCOMES]) == 1
 
 
-def test_with_every_slot_attached_a_new_chat_is_refused(start_service: Any) -> None:
+def test_with_every_slot_attached_a_new_chat_is_refused(start_service: StartService) -> None:
     """Only streams whose clients left make room: an attached one is never stopped for a newcomer."""
     svc: Service = start_service(MAX_CONCURRENT_STREAMS="1", RESUME_GRACE_S="300")
     with opened(svc, "fake:deltas=3,stall_after=1", "full-here") as (response, events):
@@ -286,7 +266,7 @@ def test_with_every_slot_attached_a_new_chat_is_refused(start_service: Any) -> N
 # The key binding ---------------------------------------------------------------------------------
 
 
-def test_only_the_key_that_started_a_stream_can_resume_or_stop_it(start_service: Any) -> None:
+def test_only_the_key_that_started_a_stream_can_resume_or_stop_it(start_service: StartService) -> None:
     svc: Service = start_service(SERVICE_API_KEYS="key-one,key-two")
     one, two = {"Authorization": "Bearer key-one"}, {"Authorization": "Bearer key-two"}
     response, events = svc.chat({"message": "hello"}, one)
@@ -356,7 +336,7 @@ def test_delete_while_detached_stops_the_upstream(resumable: Service, fake_model
 # Draining, logs and metrics ----------------------------------------------------------------------
 
 
-def test_while_draining_resumes_are_served_and_new_chats_refused(start_service: Any) -> None:
+def test_while_draining_resumes_are_served_and_new_chats_refused(start_service: StartService) -> None:
     svc: Service = start_service(SHUTDOWN_GRACE_S="20", RESUME_GRACE_S="30")
     stream_id, got = leave_after(svc, "fake:deltas=20,delay=0.1", "drain-r", 3)
     svc.signal(signal.SIGTERM)
@@ -369,13 +349,13 @@ def test_while_draining_resumes_are_served_and_new_chats_refused(start_service: 
     assert svc.proc.wait(timeout=30) == 0
 
 
-def test_resume_metrics_count_by_outcome(start_service: Any) -> None:
+def test_resume_metrics_count_by_outcome(start_service: StartService) -> None:
     svc: Service = start_service()
     stream_id, events = finished_stream(svc)
     follow(svc, stream_id, after="2")
     follow(svc, stream_id, after=str(len(events) - 1))
     httpx.get(f"{svc.url}/chat/streams/{'0' * 32}")
-    text = httpx.get(f"{svc.url}/metrics").text
+    metrics = scrape(svc)
     for outcome in ("resumed", "finished", "not_found"):
-        assert f'chatsvc_resumes_total{{outcome="{outcome}"}} 1.0' in text
-    assert "chatsvc_detached_streams 0.0" in text
+        assert metrics.value("chatsvc_resumes_total", outcome=outcome) == 1
+    assert metrics.value("chatsvc_detached_streams") == 0

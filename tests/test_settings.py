@@ -13,47 +13,59 @@ import httpx
 import pytest
 
 import chatsvc
-from tests.conftest import ROOT, Service
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, Service, StartService
+
+BAD_VALUES = [
+    ("MAX_TOKENS", "lots"),
+    ("MAX_TOKENS", "0"),
+    ("LOG_LEVEL", "LOUD"),
+    ("PORT", "70000"),
+    ("REQUEST_TIMEOUT_S", "-1"),
+    ("LOG_CONTENT", "perhaps"),
+    ("MAX_BODY_BYTES", "10"),
+    ("MAX_FOLLOWERS", "255"),  # fewer than MAX_CONCURRENT_STREAMS (256): a stream's own client is one
+    ("MAX_FOLLOWERS_PER_STREAM", "0"),
+    ("HEADERS_TIMEOUT_S", "0"),
+    ("BODY_TIMEOUT_S", "-5"),
+]
 
 
-def start_with(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "chatsvc.py")],
-        env={"PATH": "/usr/bin:/bin", **env},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+@pytest.fixture(scope="module")
+def bad_starts(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[int, str, str]]:
+    """`python chatsvc.py` with each bad value, all started at once (each exits as soon as it has
+    read its settings): the exit status, stdout and stderr of each."""
+    cwd = tmp_path_factory.mktemp("bad-values")
+    started = {
+        (name, value): subprocess.Popen(
+            [sys.executable, str(ROOT / "chatsvc.py")],
+            env={"PATH": "/usr/bin:/bin", name: value, "OPENAI_API_KEY": "sk-never-printed-123456"},
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, value in BAD_VALUES
+    }
+    results = {}
+    for case, proc in started.items():
+        stdout, stderr = proc.communicate(timeout=60)
+        results[case] = (proc.returncode, stdout, stderr)
+    return results
 
 
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("MAX_TOKENS", "lots"),
-        ("MAX_TOKENS", "0"),
-        ("LOG_LEVEL", "LOUD"),
-        ("PORT", "70000"),
-        ("REQUEST_TIMEOUT_S", "-1"),
-        ("LOG_CONTENT", "perhaps"),
-        ("MAX_BODY_BYTES", "10"),
-        ("MAX_FOLLOWERS", "255"),  # fewer than MAX_CONCURRENT_STREAMS (256): a stream's own client is one
-        ("MAX_FOLLOWERS_PER_STREAM", "0"),
-        ("HEADERS_TIMEOUT_S", "0"),
-        ("BODY_TIMEOUT_S", "-5"),
-    ],
-)
-def test_bad_value_exits_2_with_a_three_part_message(tmp_path: Path, name: str, value: str) -> None:
-    result = start_with({name: value, "OPENAI_API_KEY": "sk-never-printed-123456"}, tmp_path)
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_bad_value_exits_2_with_a_three_part_message(
+    bad_starts: dict[tuple[str, str], tuple[int, str, str]], name: str, value: str
+) -> None:
+    returncode, stdout, stderr = bad_starts[name, value]
 
-    assert result.returncode == 2
-    message = json.loads(result.stderr)
+    assert returncode == 2
+    message = json.loads(stderr)
     assert set(message) == {"error", "detail", "action"}
     assert message["detail"].startswith(name)
-    assert "Traceback" not in result.stderr
-    assert "sk-never-printed" not in result.stderr + result.stdout
+    assert "Traceback" not in stderr
+    assert "sk-never-printed" not in stderr + stdout
 
 
 def test_bad_value_stops_uvicorn_chatsvc_app_with_the_message(tmp_path: Path) -> None:
@@ -114,11 +126,11 @@ def test_env_example_lists_exactly_the_settings() -> None:
         assert str(getattr(defaults, name)).lower().removesuffix(".0") == value.lower(), name
 
 
-def test_cors_is_off_by_default_and_on_when_configured(service: Service, start_service: object) -> None:
+def test_cors_is_off_by_default_and_on_when_configured(service: Service, start_service: StartService) -> None:
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in httpx.options(f"{service.url}/chat", headers=preflight).headers
 
-    svc: Service = start_service(CORS_ALLOW_ORIGINS="https://app.example")  # type: ignore[operator]
+    svc: Service = start_service(CORS_ALLOW_ORIGINS="https://app.example")
     response = httpx.options(f"{svc.url}/chat", headers=preflight)
     assert response.headers["access-control-allow-origin"] == "https://app.example"
     chat = httpx.post(f"{svc.url}/chat", json={"message": "hi"}, headers={"Origin": "https://app.example"})

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Service
+from tests.helpers import Service, StartService
 from tests.spec import assert_error
 
 #: The service's deadlines in these tests, in seconds; every wait below is bounded well beyond them.
@@ -23,9 +23,9 @@ LIMIT_S = 8
 
 
 @pytest.fixture(scope="module")
-def strict(start_service: Any) -> Service:
+def strict(start_module_service: StartService) -> Service:
     # RESUME_GRACE_S=0: a follower cut off ends its stream at once (the grace is tested in test_resume).
-    svc: Service = start_service(
+    svc: Service = start_module_service(
         HEADERS_TIMEOUT_S=str(DEADLINE_S),
         BODY_TIMEOUT_S=str(DEADLINE_S),
         SEND_TIMEOUT_S=str(DEADLINE_S),
@@ -238,7 +238,8 @@ def test_follower_that_stops_reading_is_aborted(strict: Service, message: str, s
 # --- Launchers ---------------------------------------------------------------------------------------
 
 
-def test_deadlines_hold_with_several_workers(start_service: Any) -> None:
+@pytest.mark.slow
+def test_deadlines_hold_with_several_workers(start_service: StartService) -> None:
     svc: Service = start_service(WORKERS="2", HEADERS_TIMEOUT_S=str(DEADLINE_S))
     with connect(svc.port) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")

@@ -7,12 +7,8 @@ import re
 
 import httpx
 
-from tests.conftest import Event, Service, iter_sse
 from tests.fake_model import UTF8_DELTAS, FakeModel, expected_text
-
-
-def text_of(events: list[Event]) -> str:
-    return "".join(e.data["content"] for e in events if e.event == "delta")
+from tests.helpers import Event, Service, StartService, iter_sse, text_of
 
 
 def assert_one_terminal(events: list[Event], kind: str) -> Event:
@@ -94,8 +90,8 @@ def test_delta_is_forwarded_while_upstream_is_silent(service: Service, fake_mode
         assert not fake_model.last().closed.is_set()
 
 
-def test_pings_flow_before_the_first_token(start_service: object, fake_model: FakeModel) -> None:
-    svc: Service = start_service(PING_INTERVAL_S="0.2", IDLE_TIMEOUT_S="30")  # type: ignore[operator]
+def test_pings_flow_before_the_first_token(start_service: StartService, fake_model: FakeModel) -> None:
+    svc: Service = start_service(PING_INTERVAL_S="0.2", IDLE_TIMEOUT_S="30")
     with (
         httpx.Client(timeout=10) as client,
         client.stream("POST", f"{svc.url}/chat", json={"message": "fake:stall_after=0"}) as response,

@@ -14,16 +14,17 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import pytest
 
-from chatsvc import CHATSVC, NO_SPAN, Producer, Settings, StreamLog, open_upstream, parse_chat
+from chatsvc import CHATSVC, NO_SPAN, Producer, Settings, StreamLog, close_upstream, open_upstream, parse_chat
 from chatsvc import Service as ChatService
 from logging_conf import correlation_id
-from tests.conftest import Event, Service, iter_sse
 from tests.fake_model import FakeModel
+from tests.helpers import UI_STREAM_END, Event, Service, StartService, iter_sse, parse_sse, scrape
 from tests.spec import validate
 
 OUTCOMES = ("request_completed", "request_failed", "client_disconnected")
@@ -106,9 +107,9 @@ CASES = [(f, v) for f in FIELDS for v in VALUES]
 
 
 @pytest.fixture(scope="module")
-def single(start_service: Any) -> Service:
+def single(start_module_service: StartService) -> Service:
     """One slot: a stream that keeps it refuses the next case."""
-    svc: Service = start_service(MAX_CONCURRENT_STREAMS="1", UPSTREAM_MAX_RETRIES="0", RESUME_GRACE_S="0")
+    svc: Service = start_module_service(MAX_CONCURRENT_STREAMS="1", UPSTREAM_MAX_RETRIES="0", RESUME_GRACE_S="0")
     return svc
 
 
@@ -138,10 +139,7 @@ class Logs:
 
 
 def active_streams(svc: Service, client: httpx.Client) -> float:
-    for line in client.get(f"{svc.url}/metrics").text.splitlines():
-        if line.startswith("chatsvc_active_streams "):
-            return float(line.split()[1])
-    raise AssertionError("no chatsvc_active_streams")
+    return scrape(svc, client).value("chatsvc_active_streams")
 
 
 def wait_released(svc: Service, client: httpx.Client) -> None:
@@ -158,7 +156,7 @@ def read_events(svc: Service, client: httpx.Client, path: str, body: dict[str, A
         assert response.status_code == 200, response.read()
         if path == "/chat":
             return [e for e in iter_sse(response) if e.comment is None]
-        return [Event(data=json.loads(line[6:])) for line in response.iter_lines() if line.startswith("data: {")]
+        return [e for e in iter_sse(response) if e.comment is None and e.data != UI_STREAM_END]
 
 
 def scripted(fake_model: FakeModel, key: str, chunks: list[dict[str, Any]]) -> str:
@@ -166,6 +164,7 @@ def scripted(fake_model: FakeModel, key: str, chunks: list[dict[str, Any]]) -> s
     return f"fake:script={key}"
 
 
+@pytest.mark.slow  # a matrix of some 150 streams
 @pytest.mark.parametrize(("field", "kind"), CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_any_json_in_any_field_ends_with_one_terminal_event(
     single: Service, client: httpx.Client, fake_model: FakeModel, field: str, kind: str
@@ -245,15 +244,18 @@ async def run_broken(fake_model: FakeModel, failing: str) -> tuple[ChatService, 
         messages = chat.messages(None)
         started = time.monotonic()
         deadline = started + settings.REQUEST_TIMEOUT_S
-        await service.take_slot()
+        resources = AsyncExitStack()  # as start_chat hands them to the producer
+        slot = await service.take_slot()
+        resources.callback(slot.release)
         stream, _ = await open_upstream(service.client, settings, chat, messages, deadline)
+        resources.push_async_callback(close_upstream, stream)
 
         def producer(stream_log: StreamLog) -> Producer:
-            broken = Broken(service, stream_log, stream, NO_SPAN, "m", 2, started, deadline)
+            broken = Broken(service, stream_log, stream, NO_SPAN, slot, "m", 2, started, deadline)
             broken.failing = failing
             return broken
 
-        stream_log = service.start_stream("ab" * 16, None, CHATSVC, None, producer)
+        stream_log = service.start_stream("ab" * 16, None, CHATSVC, None, producer, resources)
         await asyncio.gather(*service.producers.values())
         return service, stream_log
     finally:
@@ -278,7 +280,8 @@ def test_a_bug_where_the_stream_ends_still_ends_it_once(
     ends = [e for e in stream_log.entries if e.startswith((b"event: done", b"event: error"))]
     assert len(ends) == 1
     assert stream_log.entries[-1] is ends[0]
-    data = json.loads(ends[0].split(b"\r\n")[1].removeprefix(b"data: "))
+    [end] = parse_sse(ends[0])
+    data = end.data
     validate("ErrorEvent", data)
     assert data["code"] == "internal_error"
     assert data["correlation_id"] == f"broken-{failing}"

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Service, iter_sse
 from tests.fake_model import FakeModel
+from tests.helpers import ROOT, Service, StartService, iter_sse
 from tests.otlp_receiver import OTLPReceiver, Span
 
 SERVICE_KEY = "svc-key-for-tracing-0123456789"
@@ -33,8 +33,8 @@ def receiver() -> Iterator[OTLPReceiver]:
 
 
 @pytest.fixture(scope="module")
-def traced(start_service: Any, receiver: OTLPReceiver) -> Service:
-    svc: Service = start_service(
+def traced(start_module_service: StartService, receiver: OTLPReceiver) -> Service:
+    svc: Service = start_module_service(
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="50",  # export within 50 ms, not the default 5 s
         OTEL_SERVICE_NAME="chatsvc-under-test",
@@ -246,6 +246,7 @@ with TestClient(chatsvc.create_app()) as client:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter per case
 @pytest.mark.parametrize(
     ("env", "loaded"),
     [

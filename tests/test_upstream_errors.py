@@ -5,25 +5,24 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from tests.conftest import Service, free_port
 from tests.fake_model import FakeModel
+from tests.helpers import Service, StartService, free_port
 from tests.spec import assert_error, assert_error_response, validate
 
 
 @pytest.fixture(scope="module")
-def no_retry(start_service: Any) -> Service:
-    svc: Service = start_service(UPSTREAM_MAX_RETRIES="0")
+def no_retry(start_module_service: StartService) -> Service:
+    svc: Service = start_module_service(UPSTREAM_MAX_RETRIES="0")
     return svc
 
 
 @pytest.fixture(scope="module")
-def quick(start_service: Any) -> Service:
+def quick(start_module_service: StartService) -> Service:
     """Short clocks: 0.5 s of silence is too long, 2 s is the whole budget."""
-    svc: Service = start_service(IDLE_TIMEOUT_S="0.5", REQUEST_TIMEOUT_S="2", UPSTREAM_MAX_RETRIES="0")
+    svc: Service = start_module_service(IDLE_TIMEOUT_S="0.5", REQUEST_TIMEOUT_S="2", UPSTREAM_MAX_RETRIES="0")
     return svc
 
 
@@ -99,7 +98,7 @@ def test_no_retry_when_the_wait_would_break_the_budget(service: Service, fake_mo
     assert len(fake_model.requests) - before == 1
 
 
-def test_unreachable_upstream_is_504(start_service: Any) -> None:
+def test_unreachable_upstream_is_504(start_service: StartService) -> None:
     dead = start_service(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", UPSTREAM_MAX_RETRIES="0")
     response, _ = dead.chat({"message": "hi"})
 
@@ -136,7 +135,7 @@ def black_hole() -> Iterator[int]:
         sock.close()
 
 
-def test_connect_that_hangs_is_cut_at_connect_timeout(start_service: Any, black_hole: int) -> None:
+def test_connect_that_hangs_is_cut_at_connect_timeout(start_service: StartService, black_hole: int) -> None:
     svc: Service = start_service(
         OPENAI_BASE_URL=f"http://127.0.0.1:{black_hole}/v1", CONNECT_TIMEOUT_S="0.5", UPSTREAM_MAX_RETRIES="0"
     )
