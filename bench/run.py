@@ -3,6 +3,7 @@ and the fake upstream directly, in one run.
 
     .venv/bin/python bench/run.py           # the full scenarios (about three minutes)
     .venv/bin/python bench/run.py --smoke   # a small run, to see that it works (the tests run this)
+    .venv/bin/python bench/run.py --json bench/results.json   # also the figures, for bench/plot.py
 
 Each relay in turn is pinned to core 0 with taskset; the fake upstream and the load generator (each
 its own process) share core 1. Relays: `floor` (bench/floor_relay.py: the fixed stack, no checks),
@@ -359,6 +360,17 @@ class Bench:
                 self.put(row, name, text + (f" ({missing} never closed)" if missing else ""))
                 get(f"http://127.0.0.1:{self.up_port}/closes?reset")
 
+    def record(self, relays: list[str]) -> dict[str, Any]:
+        """The run's figures as bench/plot.py reads them: per scenario, per relay, the number that
+        its table cell shows (seconds added to the first delta for A, CPU seconds per 10,000 deltas
+        for B and C), and when and where they were measured."""
+        return {
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
+            "relays": relays,
+            "figures": self.figures,
+        }
+
     def table(self, relays: list[str]) -> str:
         rows = {
             "A": "A. time to first delta, p50, c=1",
@@ -385,6 +397,7 @@ class Bench:
             ("ai-sdk", "chatsvc", ("B", "C", "Bi", "Ci")),
             ("chatsvc-traced", "chatsvc", ("B", "C", "Bi", "Ci", "D mem")),
             ("chatsvc-redis", "chatsvc", ("B", "C", "Bi", "Ci", "D mem")),
+            ("chatsvc", "baseline", ("A", "B", "C", "Bi", "Ci", "D mem")),
         ]
         ratios = [r for r in ratios if r[0] in relays and r[1] in relays]
         header = [*targets, *(f"{a} / {b}" for a, b, _ in ratios)]
@@ -432,6 +445,13 @@ def main() -> int:
         " chatsvc-granian (after `pip install granian`)",
     )
     parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
+    parser.add_argument("--json", type=Path, help="also write the figures there, for bench/plot.py")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout whose chatsvc.py runs as the relay `baseline` (add it to --relays), as `chatsvc`"
+        " does: what a change costs, in the same run (e.g. `git worktree add /tmp/before HEAD~1`)",
+    )
     args = parser.parse_args()
     size = (
         Sizes(20, (32, 50), (8, 10), (50, 4), 3, 10, (8, 10))
@@ -503,6 +523,10 @@ def main() -> int:
             no_resume,
             has_metrics=True,
         ),
+        # Another version of chatsvc, run as `chatsvc` is: the same run with a change and without it.
+        "baseline": replace(
+            chatsvc, name="baseline", command=[PY, str((args.baseline or ROOT) / "chatsvc.py")], resumes=False
+        ),
         "obvious": Relay("obvious", [PY, str(ROOT / "bench/obvious_relay.py"), "--port", "{port}"], upstream_env),
     }
     relays = [available[name] for name in args.relays.split(",")]
@@ -543,6 +567,8 @@ def main() -> int:
         exported = int(get(f"http://127.0.0.1:{otlp_port}/spans")) if traced else 0
         bench.failures += traced and exported == 0  # tracing that exports nothing would measure nothing
     print(bench.table([r.name for r in relays]))
+    if args.json:
+        args.json.write_text(json.dumps(bench.record([r.name for r in relays]), indent=1) + "\n")
     if traced:
         print(f"spans the OTLP receiver decoded: {exported}")
     print(f"streams failed or not intact: {bench.failures}")
