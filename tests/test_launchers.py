@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,19 @@ def assert_counted(svc: Service, sent: int) -> None:
     assert counted == [sent] * 6
 
 
+def answered(request: Callable[[], httpx.Response]) -> httpx.Response:
+    """A request during a drain with several workers: the worker that had no stream exits at once,
+    and a connection it accepted just before it stopped listening is closed unanswered (uvicorn
+    closes a connection whose request it has not begun), as a load balancer would see and retry.
+    Retried on that alone, a few times; the answer, when one comes, is what is checked."""
+    for _ in range(4):
+        try:
+            return request()
+        except httpx.RemoteProtocolError:
+            continue
+    return request()
+
+
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_sigterm_drains_under_every_launcher(launcher: str, fake_model: FakeModel, tmp_path: Path) -> None:
     command, settings, workers, exit_status = LAUNCHERS[launcher]
@@ -92,10 +106,10 @@ def test_sigterm_drains_under_every_launcher(launcher: str, fake_model: FakeMode
             signalled = time.monotonic()
             svc.signal(signal.SIGTERM)
             draining = wait_for_records(svc, "draining", workers)
-            ready = httpx.get(f"{svc.url}/readyz")
+            ready = answered(lambda: httpx.get(f"{svc.url}/readyz"))
             ready_after = time.monotonic() - signalled
             assert_error_response(ready, 503, "shutting_down")
-            refused = httpx.post(f"{svc.url}/chat", json={"message": "hi"})
+            refused = answered(lambda: httpx.post(f"{svc.url}/chat", json={"message": "hi"}))
             assert_error_response(refused, 503, "shutting_down")
             assert "retry-after" in refused.headers
             if workers == 1:  # with several, the drain's age is published once a second (note 13)
