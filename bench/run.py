@@ -159,6 +159,7 @@ class Sizes:
     e: int
     r: int
     interleaved: tuple[int, int] = (32, 100)  # Bi and Ci: streams (all at once), chunks each
+    rounds: int = A_ROUNDS  # of A, Bi and Ci
 
 
 @dataclass
@@ -229,12 +230,12 @@ class Bench:
                 pids[relay.name] = stack.enter_context(running(command, env, f"http://127.0.0.1:{port}/healthz")).pid
                 self.count(load(port, relay.target, 20, 5, "bench:chunks=5"))  # warm-up
                 targets.append((relay.name, port, relay.target))
-            for round_number in range(A_ROUNDS):
+            for round_number in range(self.size.rounds):
                 # A new order each round (the same in every run), so that no relay always follows the
                 # same one: in trials with a fixed order, near-identical variants came out 0.3 ms
                 # apart; shuffled, two copies of the same code measured alike.
                 for name, port, target in random.Random(round_number).sample(targets, len(targets)):
-                    result = load(port, target, max(5, self.size.a // A_ROUNDS), 1, "bench:chunks=5")
+                    result = load(port, target, max(5, self.size.a // self.size.rounds), 1, "bench:chunks=5")
                     self.count(result)
                     samples[name] += result["ttfb"]
             self.interleaved_cpu(targets[1:], pids)
@@ -249,7 +250,7 @@ class Bench:
         """B and C again, smaller, in interleaved rounds over the relays that A started: the
         machine's drift, which moves single B and C runs by 30 % and more, falls on all alike.
         Each relay's figure is the median of its rounds."""
-        (streams, chunks), rounds = self.size.interleaved, A_ROUNDS
+        (streams, chunks), rounds = self.size.interleaved, self.size.rounds
         per_round: dict[str, dict[str, list[float]]] = {"Bi": {}, "Ci": {}}
         for _ in range(rounds):
             for row, delay in (("Bi", 0.0), ("Ci", 0.02)):
@@ -377,8 +378,8 @@ class Bench:
             "B": "B. CPU per 10,000 deltas, c=32, back to back",
             "C": "C. CPU per 10,000 deltas, c=32, a chunk every 20 ms",
             "Bi": f"B, interleaved: {self.size.interleaved[0]} streams of {self.size.interleaved[1]} chunks,"
-            f" median of {A_ROUNDS} rounds",
-            "Ci": f"C, interleaved: the same, a chunk every 20 ms, median of {A_ROUNDS} rounds",
+            f" median of {self.size.rounds} rounds",
+            "Ci": f"C, interleaved: the same, a chunk every 20 ms, median of {self.size.rounds} rounds",
             "D": f"D. {self.size.d[0]} streams, a chunk every 500 ms: p99 first delta / p99 stream"
             f" (ideal {(self.size.d[1] - 1) * 0.5:.1f} s)",
             "D mem": "D. memory per open stream",
@@ -454,7 +455,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     size = (
-        Sizes(20, (32, 50), (8, 10), (50, 4), 3, 10, (8, 10))
+        Sizes(20, (32, 50), (8, 10), (50, 4), 3, 10, (8, 10), rounds=2)
         if args.smoke
         else Sizes(300, (320, 500), (64, 50), (1000, 20), 20, 100)
     )
