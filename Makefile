@@ -16,7 +16,7 @@ test: $(VENV)/.dev tests/js/node_modules/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # What `make test` runs but the slow tiers (tests marked `slow`: the browser, the container, the
 # embedded model, load, fuzzing, Redis, the JS clients, multi-worker launchers), stopping at the
@@ -26,7 +26,7 @@ check: $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not slow" -x
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow" -x
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
