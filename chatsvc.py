@@ -1100,7 +1100,7 @@ class UpstreamFrames:
             if self.size > self.MAX_EVENT_BYTES:
                 raise MalformedStream("an event over MAX_EVENT_BYTES")
             return []
-        *blocks, rest = b"".join([*self.pieces, data]).split(b"\n\n")
+        *blocks, rest = (b"".join([*self.pieces, data]) if self.pieces else data).split(b"\n\n")
         self.pieces, self.size = ([rest] if rest else []), len(rest)
         if self.size > self.MAX_EVENT_BYTES:
             raise MalformedStream("an event over MAX_EVENT_BYTES")
@@ -1150,7 +1150,7 @@ def parse_chunk(data: bytes, request: httpx2.Request) -> UpstreamChunk:
         raise openai.APIError(
             message if isinstance(message, str) else "An error occurred during streaming", request, body=error
         )
-    usage = _upstream_usage(chunk.get("usage"))
+    usage = None if (reported := chunk.get("usage")) is None else _upstream_usage(reported)
     choices = chunk.get("choices")
     if choices is None or choices == []:  # the usage chunk has no choice
         return UpstreamChunk(None, None, usage)
@@ -1351,10 +1351,13 @@ class StreamLog:
             entries = self.entries  # appended to in place: entries[:end] stay as they are
             if position < (end := len(entries)):
                 whole = self.finished
-                for piece in pieces(entries, position, end):
-                    if debug:
-                        log.debug("client_write", extra={"bytes": len(piece), "events": end - position})
-                    yield piece
+                if end - position == 1 and len(entries[position]) <= WRITE_BYTES and not debug:
+                    yield entries[position]  # a live delta, most writes: no generator of pieces for it
+                else:
+                    for piece in pieces(entries, position, end):
+                        if debug:
+                            log.debug("client_write", extra={"bytes": len(piece), "events": end - position})
+                        yield piece
                 position = end
                 if whole:  # sent: the next call comes once the transport took the last write
                     self.delivered = True
