@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -277,3 +278,18 @@ def follow(service: Service, stream_id: str, headers: dict[str, str] | None = No
     ):
         assert resp.status_code in (200, 204), resp.read()
         return [e for e in iter_sse(resp) if e.comment is None]
+
+
+@contextmanager
+def chat_not_read(service: Service, message: str, request_id: str) -> Iterator[socket.socket]:
+    """POST /chat from a client that reads nothing of the answer: a 4 KiB receive window, so that
+    a long answer fills the buffers and the service's sends block."""
+    body = json.dumps({"message": message}).encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(
+            b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"X-Request-ID: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        yield sock

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.fake_model import FakeModel
-from tests.helpers import Service, StartService, iter_sse, scrape
+from tests.helpers import Service, StartService, chat_not_read, iter_sse, scrape
 from tests.spec import assert_error_response
 from tests.test_faults import resources, settle
 
@@ -68,14 +68,7 @@ def test_client_that_stops_reading_is_cut_and_logged(guarded: Service, fake_mode
     "returned without completing response", which it did when it could not end such a response."""
     guarded.chat({"message": "warm-up"})  # once-per-process tasks (sse-starlette's watcher) first
     baseline = settle(guarded, resources(guarded), limit=2)
-    body = json.dumps({"message": "fake:deltas=200000"}).encode()
-    with socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(
-            b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: sloth-1\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+    with chat_not_read(guarded, "fake:deltas=200000", "sloth-1"):
         record = guarded.wait_for_log("request_failed", "sloth-1", timeout=30)
         upstream = fake_model.last()
 

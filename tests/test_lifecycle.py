@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +12,7 @@ import httpx
 import pytest
 
 from tests.fake_model import FakeModel
-from tests.helpers import Event, Service, StartService, iter_sse, scrape
+from tests.helpers import Event, Service, StartService, chat_not_read, iter_sse, scrape
 from tests.spec import assert_error_response, validate
 
 
@@ -142,14 +140,7 @@ def test_no_idle_collection_while_a_client_is_still_served(start_service: StartS
     Fix: it runs only once no stream and no follower is in flight, a moment after the last."""
     service = start_service(SEND_TIMEOUT_S="2", RESUME_GRACE_S="0")
     before = idle_collections(service)
-    body = json.dumps({"message": "fake:huge=100000,deltas=60"}).encode()  # 6 MB: more than the buffers hold
-    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(
-            b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: idle-gc\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+    with chat_not_read(service, "fake:huge=100000,deltas=60", "idle-gc"):  # 6 MB: more than the buffers hold
         service.wait_for_log("request_completed", "idle-gc")  # the answer is whole: its slot is free
         during = idle_collections(service)  # the client, reading nothing, is still being sent it
         service.wait_for_log("follower_cut_off", "idle-gc")
