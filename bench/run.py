@@ -446,6 +446,11 @@ def main() -> int:
         " chatsvc-granian (after `pip install granian`)",
     )
     parser.add_argument("--costs", action="store_true", help="only chatsvc's CPU per stream and per delta")
+    parser.add_argument(
+        "--interleaved-chunks",
+        type=int,
+        help="chunks a stream in Bi and Ci (default 100): more make each round's CPU finer than /proc's ticks",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures there, for bench/plot.py")
     parser.add_argument(
         "--baseline",
@@ -459,6 +464,8 @@ def main() -> int:
         if args.smoke
         else Sizes(300, (320, 500), (64, 50), (1000, 20), 20, 100)
     )
+    if args.interleaved_chunks:
+        size = replace(size, interleaved=(size.interleaved[0], args.interleaved_chunks))
     up_port, otlp_port, redis_port = free_port(), free_port(), free_port()
     upstream_env = {
         "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
