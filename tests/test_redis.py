@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,18 @@ def post(svc: Service, message: str, rid: str, headers: dict[str, str] | None = 
     return client, client.stream(
         "POST", f"{svc.url}/chat", json={"message": message}, headers={"X-Request-ID": rid, **AUTH, **(headers or {})}
     )
+
+
+@contextmanager
+def resume_after(svc: Service, stream_id: str, last: Event) -> Iterator[httpx.Response]:
+    """GET the stream on `svc` from after `last`, as a client that was cut off reconnects there."""
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "GET", f"{svc.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": last.id or ""}
+        ) as response,
+    ):
+        yield response
 
 
 def start_and_leave(svc: Service, message: str, rid: str, count: int) -> tuple[str, list[Event]]:
@@ -479,12 +492,7 @@ def test_replica_b_restarted_during_a_follow(
     a, _ = pair
     b = replica(start_service, redis_server.url)
     stream_id, got = start_and_leave(a, "fake:deltas=40,delay=0.05", "r-restart", 2)
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream(
-            "GET", f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": got[-1].id or ""}
-        ) as response,
-    ):
+    with resume_after(b, stream_id, got[-1]) as response:
         events = (e for e in iter_sse(response) if e.comment is None)
         got += [next(events) for _ in range(3)]
         b.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
@@ -569,12 +577,7 @@ def test_a_stream_followed_only_on_b_outlives_the_grace_on_a(
     a, b = short_grace
     answer = "fake:deltas=40,delay=0.1"  # 4 s: three times the grace past the cut
     stream_id, got = start_and_leave(a, answer, "r-grace", 3)
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream(
-            "GET", f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": got[-1].id or ""}
-        ) as response,
-    ):
+    with resume_after(b, stream_id, got[-1]) as response:
         assert response.status_code == 200
         got += until_terminal(iter_sse(response))
     assert [e.id for e in got] == [f"{stream_id}:{i}" for i in range(len(got))]
@@ -593,12 +596,7 @@ def test_a_follower_on_b_of_a_killed_replica_ends_with_a_retryable_error(
     _, b = short_grace
     a = replica(start_service, redis_server.url, RESUME_GRACE_S="1")
     stream_id, got = start_and_leave(a, "fake:deltas=200,delay=0.1", "r-killed", 2)
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream(
-            "GET", f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": got[-1].id or ""}
-        ) as response,
-    ):
+    with resume_after(b, stream_id, got[-1]) as response:
         sse = iter_sse(response)
         got.append(next(e for e in sse if e.comment is None))
         a.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
@@ -726,12 +724,7 @@ def test_a_full_replica_never_evicts_a_stream_followed_on_another(
     answer = "fake:deltas=40,delay=0.1"
     stream_id, got = start_and_leave(a, answer, "r-evict-followed", 2)
     client = redis_server.client()
-    with (
-        httpx.Client(timeout=30) as http,
-        http.stream(
-            "GET", f"{b.url}/chat/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": got[-1].id or ""}
-        ) as response,
-    ):
+    with resume_after(b, stream_id, got[-1]) as response:
         assert response.status_code == 200
         sse = iter_sse(response)
         got.append(next(e for e in sse if e.comment is None))
