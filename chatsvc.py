@@ -2199,7 +2199,7 @@ class Service:
         self.log_bytes = 0  # held by the logs in `streams`
         self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
         self.slots_in_use = 0  # streams (detached ones too) plus requests still opening one
-        self.followers = Followers(settings, self.collect_when_idle)
+        self.followers = Followers(settings, self.plan_idle_collection)
         self.draining = False
         self.drain_deadline = math.inf
         self._drain_event: anyio.Event | None = None
@@ -2281,9 +2281,9 @@ class Service:
         if self.slots_in_use == 0:
             if self._drained is not None:
                 self._drained.set()
-            self.collect_when_idle()
+            self.plan_idle_collection()
 
-    def collect_when_idle(self) -> None:
+    def plan_idle_collection(self) -> None:
         """Note 10: the full collection left to idle moments runs once no stream and no follower is
         in flight, IDLE_GC_DELAY_S after the last, when their sockets have closed; at most once every
         IDLE_GC_INTERVAL_S."""
