@@ -13,7 +13,7 @@ says what departs from which default and why, and docs/design.md explains it at 
 
 1. Retries are ours: the openai client has `max_retries=0`, since its loop sleeps for Retry-After
    (up to two minutes) without knowing our REQUEST_TIMEOUT_S. Ours retries the same failures only
-   while the wait fits in the budget, and never once the stream has started.
+   while the wait fits in the budget, and never once content has been sent (note 22).
    docs/design.md#1-retries-are-ours-not-openais
 2. A declared Content-Length over MAX_BODY_BYTES is refused by our middleware, not by Starlette's
    `max_body_size`, which would replace our JSON error with a plain-text 413. Starlette's limit
@@ -93,12 +93,17 @@ says what departs from which default and why, and docs/design.md explains it at 
 21. Without SERVICE_API_KEYS, an AI SDK chat, whose id the client chooses, belongs to the browser that
     started it: an HttpOnly owner cookie, kept only as a digest; a resume with another cookie names a
     chat nobody started (204). docs/design.md#21-ai-sdk-chats-belong-to-their-browser
+22. Several model servers (UPSTREAMS): before the first content, a failure another server could fix
+    moves the stream to the next (`Failover`); after it, never. A breaker per server skips one that
+    keeps failing; `done` names the server that answered, never its URL.
+    docs/design.md#22-failover-before-the-first-content-a-breaker-per-model-server
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import email.utils
 import enum
 import functools
@@ -150,8 +155,17 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.applications import Starlette
@@ -188,6 +202,34 @@ FINISH_WAIT_S = 2.0  # note 7
 
 # --- Settings ---------------------------------------------------------------------------------------
 
+UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,32}$"  # a metric label and a log field: short, plain
+
+
+class UpstreamServer(BaseModel):
+    """One model server of UPSTREAMS (note 22): named for the logs, metrics and `done`, which never
+    show its URL or key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=UPSTREAM_NAME_PATTERN)
+    base_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")  # None: OpenAI's
+    api_key: SecretStr | None = None
+    # The models it serves: a list of the names clients ask for, or a mapping from those names to
+    # its own; None: every model in ALLOWED_MODELS, by the same name.
+    models: tuple[str, ...] | dict[str, str] | None = None
+    health_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")  # for /readyz
+    connect_timeout_s: float | None = Field(None, gt=0)  # its own CONNECT_TIMEOUT_S
+    idle_timeout_s: float | None = Field(None, gt=0)  # its own IDLE_TIMEOUT_S
+    first_token_timeout_s: float | None = Field(None, gt=0)  # its own FIRST_TOKEN_TIMEOUT_S
+
+    def model_name(self, model: str) -> str | None:
+        """Its name for the model a client asked for; None if it does not serve it."""
+        if self.models is None:
+            return model
+        if isinstance(self.models, dict):
+            return self.models.get(model)
+        return model if model in self.models else None
+
 
 class Settings(BaseSettings):
     """Everything configurable, read once from the environment and `.env`; see `.env.example`."""
@@ -197,6 +239,7 @@ class Settings(BaseSettings):
     OPENAI_API_KEY: SecretStr | None = None
     OPENAI_BASE_URL: str | None = None
     UPSTREAM_HEALTH_URL: str | None = None
+    UPSTREAMS: tuple[UpstreamServer, ...] = ()  # JSON; in place of OPENAI_* (note 22)
     OPENAI_MODEL: str = "gpt-4o-mini"
     ALLOWED_MODELS: Annotated[tuple[str, ...], NoDecode] = ()
     SYSTEM_PROMPT: str | None = None
@@ -207,7 +250,11 @@ class Settings(BaseSettings):
     REQUEST_TIMEOUT_S: float = Field(30.0, gt=0)
     CONNECT_TIMEOUT_S: float = Field(5.0, gt=0)
     IDLE_TIMEOUT_S: float = Field(15.0, gt=0)
+    FIRST_TOKEN_TIMEOUT_S: float | None = Field(None, gt=0)  # unset: only IDLE_TIMEOUT_S and the budget
     UPSTREAM_MAX_RETRIES: int = Field(2, ge=0, le=10)
+    BREAKER_FAILURES: int = Field(5, ge=0)  # note 22; 0: no breaker
+    BREAKER_WINDOW_S: float = Field(30.0, gt=0)
+    BREAKER_COOLDOWN_S: float = Field(30.0, gt=0)
     PING_INTERVAL_S: float = Field(15.0, gt=0)
     MAX_CONCURRENT_STREAMS: int = Field(256, ge=1)
     MAX_FOLLOWERS: int | None = Field(None, ge=1)  # note 20; unset: 4 x MAX_CONCURRENT_STREAMS
@@ -259,13 +306,43 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least MAX_CONCURRENT_STREAMS ({streams})")
         return value
 
+    @field_validator("UPSTREAMS")
+    @classmethod
+    def _one_way_to_name_upstreams(
+        cls, value: tuple[UpstreamServer, ...], info: ValidationInfo
+    ) -> tuple[UpstreamServer, ...]:
+        if not value:
+            return value
+        names = [server.name for server in value]
+        if len(set(names)) < len(names):
+            raise ValueError("each upstream needs a name of its own")
+        given = [v for v in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "UPSTREAM_HEALTH_URL") if info.data.get(v)]
+        if given:
+            raise ValueError(f"set either UPSTREAMS or {', '.join(given)}, not both")
+        return value
+
+    @model_validator(mode="after")
+    def _every_model_served(self) -> Settings:
+        for model in self.allowed_models:
+            if not any(server.model_name(model) for server in self.upstreams):
+                raise ValueError(f"UPSTREAMS: no upstream serves the model {model!r} (ALLOWED_MODELS, OPENAI_MODEL)")
+        return self
+
+    @property
+    def upstreams(self) -> tuple[UpstreamServer, ...]:
+        """UPSTREAMS, or the one model server that OPENAI_* name."""
+        if self.UPSTREAMS:
+            return self.UPSTREAMS
+        server = UpstreamServer(name="default", api_key=self.OPENAI_API_KEY, health_url=self.UPSTREAM_HEALTH_URL)
+        return (server.model_copy(update={"base_url": self.OPENAI_BASE_URL}),)  # as given: not checked before
+
     @property
     def max_followers(self) -> int:
         return self.MAX_FOLLOWERS or 4 * self.MAX_CONCURRENT_STREAMS
 
     @property
     def configured(self) -> bool:
-        return self.OPENAI_API_KEY is not None or self.OPENAI_BASE_URL is not None
+        return self.OPENAI_API_KEY is not None or self.OPENAI_BASE_URL is not None or bool(self.UPSTREAMS)
 
     @property
     def allowed_models(self) -> tuple[str, ...]:
@@ -290,10 +367,6 @@ class Settings(BaseSettings):
         all of them."""
         return hashlib.sha256(b"chatsvc stream owner\0" + b"\0".join(sorted(self.service_keys))).digest()
 
-    @cached_property
-    def upstream_host(self) -> str | None:
-        return urllib.parse.urlsplit(self.OPENAI_BASE_URL or "https://api.openai.com/v1").hostname
-
     @property
     def redis_url(self) -> str | None:
         return None if self.RESUME_STORE == "memory" else self.RESUME_STORE
@@ -301,9 +374,9 @@ class Settings(BaseSettings):
     @property
     def secrets(self) -> list[str]:
         """Values that must never reach the logs."""
-        key = self.OPENAI_API_KEY.get_secret_value() if self.OPENAI_API_KEY else ""
+        keys = [server.api_key.get_secret_value() for server in self.upstreams if server.api_key]
         store_password = urllib.parse.urlsplit(self.redis_url).password if self.redis_url else None
-        return [key, *(k.decode() for k in self.service_keys), *([store_password] if store_password else [])]
+        return [*keys, *(k.decode() for k in self.service_keys), *([store_password] if store_password else [])]
 
 
 def load_settings() -> Settings:
@@ -312,7 +385,14 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        exit_misconfigured("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        problems = (
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        exit_misconfigured("; ".join(problems))
+    except SettingsError as exc:  # a JSON setting that is not JSON: pydantic-settings names it
+        field_name = re.search(r'field "(\w+)"', str(exc))
+        exit_misconfigured(f"{field_name[1] if field_name else 'a setting'}: not valid JSON")
 
 
 def exit_misconfigured(detail: str, variable: str = "the named variable") -> NoReturn:
@@ -375,7 +455,7 @@ ERRORS: dict[str, ErrorKind] = {
     "upstream_auth": ErrorKind(
         502,
         "the model server refused our credentials",
-        "the operator must check OPENAI_API_KEY (and OPENAI_BASE_URL)",
+        "the operator must check OPENAI_API_KEY (or the upstream's api_key in UPSTREAMS)",
         False,
     ),
     "resume_unavailable": ErrorKind(
@@ -405,14 +485,20 @@ ERRORS: dict[str, ErrorKind] = {
     "not_configured": ErrorKind(
         503,
         "no model server is configured",
-        "the operator must set OPENAI_API_KEY or OPENAI_BASE_URL",
+        "the operator must set OPENAI_API_KEY, OPENAI_BASE_URL or UPSTREAMS",
         False,
+    ),
+    "upstream_unavailable": ErrorKind(
+        503,
+        "no model server can take the request now",
+        "retry after Retry-After seconds: every model server for this model failed recently (BREAKER_COOLDOWN_S)",
+        True,
     ),
     "upstream_timeout": ErrorKind(
         504, "the model server did not answer in time", "retry, perhaps with a shorter request", True
     ),
     "upstream_unreachable": ErrorKind(
-        504, "the model server cannot be reached", "retry; if it persists, check OPENAI_BASE_URL", True
+        504, "the model server cannot be reached", "retry; if it persists, check OPENAI_BASE_URL (or UPSTREAMS)", True
     ),
     "deadline_exceeded": ErrorKind(
         504, "the answer took longer than the request budget", "ask for a shorter answer (max_tokens)", True
@@ -464,6 +550,7 @@ def map_upstream_error(
     streaming: bool = False,
     deadline: float = math.inf,
     drain_deadline: float = math.inf,
+    first_token_by: float = math.inf,
 ) -> ServiceError:
     """The one place where the model server's failures become our codes: openai's exceptions (what
     it raises, and what the relay raises in its shape, note 9), our parser's MalformedStream, and
@@ -486,6 +573,8 @@ def map_upstream_error(
             code = "shutting_down"
         elif now >= deadline:
             code = "deadline_exceeded"
+        elif now >= first_token_by:
+            return ServiceError("upstream_timeout", "no content from the model server within its first-token timeout")
         else:
             code = "upstream_timeout"  # the wait after a finish_reason (note 7)
         return ServiceError(code, _TIMEOUT_DETAILS[code](settings))
@@ -792,11 +881,12 @@ def _declared_length(headers: Headers) -> int:
 # --- Upstream client --------------------------------------------------------------------------------
 
 
-def create_upstream_client(settings: Settings) -> openai.AsyncOpenAI:
-    api_key = settings.OPENAI_API_KEY.get_secret_value() if settings.OPENAI_API_KEY else "no-key"
+def create_upstream_client(server: UpstreamServer, settings: Settings) -> openai.AsyncOpenAI:
+    api_key = server.api_key.get_secret_value() if server.api_key else "no-key"
+    connect = server.connect_timeout_s or settings.CONNECT_TIMEOUT_S
     return openai.AsyncOpenAI(
         api_key=api_key,
-        base_url=settings.OPENAI_BASE_URL,
+        base_url=server.base_url,
         max_retries=0,  # note 1
         # openai's aiohttp transport (the `openai[aiohttp]` extra), which openai recommends for
         # concurrency: httpx's pool scans every connection on every request, so its cost per stream
@@ -804,12 +894,67 @@ def create_upstream_client(settings: Settings) -> openai.AsyncOpenAI:
         http_client=openai.DefaultAioHttpClient(),
         # The read timeout is the idle limit between bytes; the budget is enforced around it (note 3).
         timeout=openai.Timeout(
-            connect=settings.CONNECT_TIMEOUT_S,
-            read=settings.IDLE_TIMEOUT_S,
-            write=settings.CONNECT_TIMEOUT_S,
-            pool=settings.CONNECT_TIMEOUT_S,
+            connect=connect, read=server.idle_timeout_s or settings.IDLE_TIMEOUT_S, write=connect, pool=connect
         ),
     )
+
+
+class Upstream:
+    """One model server as the service uses it: its client, and its circuit breaker (note 22). The
+    breaker opens when the server has failed BREAKER_FAILURES times within BREAKER_WINDOW_S: it is
+    skipped for BREAKER_COOLDOWN_S, then one request tries it, which closes or reopens it."""
+
+    def __init__(self, server: UpstreamServer, settings: Settings, metrics: Metrics) -> None:
+        self.server = server
+        self.name = server.name
+        self.host = urllib.parse.urlsplit(server.base_url or "https://api.openai.com/v1").hostname
+        self.client = create_upstream_client(server, settings)
+        self.first_token_timeout_s = server.first_token_timeout_s or settings.FIRST_TOKEN_TIMEOUT_S
+        self.settings = settings
+        self.metrics = metrics
+        self.failures: collections.deque[float] = collections.deque()  # when, within the window
+        self.open_until: float | None = None  # open: skipped until then, then tried by one request
+        self.trial = False  # that one request is in flight
+        metrics.circuit_open.labels(self.name).set(0)
+
+    def admits(self) -> bool:
+        """Whether a request may try it now: closed, or open past its cool-down and not yet tried."""
+        if self.open_until is None:
+            return True
+        if self.trial or time.monotonic() < self.open_until:
+            return False
+        self.trial = True
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return self.open_until is None or (not self.trial and time.monotonic() >= self.open_until)
+
+    def succeeded(self) -> None:
+        self.failures.clear()
+        if self.open_until is not None:
+            self.open_until, self.trial = None, False
+            self.metrics.circuit_open.labels(self.name).set(0)
+            log.info("upstream_circuit_closed", extra={"upstream": self.name})
+
+    def failed(self) -> None:
+        now = time.monotonic()
+        self.failures.append(now)
+        while self.failures[0] < now - self.settings.BREAKER_WINDOW_S:
+            self.failures.popleft()
+        limit = self.settings.BREAKER_FAILURES
+        if self.trial or (self.open_until is None and limit and len(self.failures) >= limit):
+            self.open_until, self.trial = now + self.settings.BREAKER_COOLDOWN_S, False
+            self.failures.clear()
+            self.metrics.circuit_open.labels(self.name).set(1)
+            log.warning(
+                "upstream_circuit_open", extra={"upstream": self.name, "cooldown_s": self.settings.BREAKER_COOLDOWN_S}
+            )
+
+    def untried(self) -> None:
+        """A trial that ended saying nothing of the server (the client stopped it, a 4xx of the
+        request's own): the next request tries it."""
+        self.trial = False
 
 
 class ChatTurn(BaseModel):
@@ -988,59 +1133,180 @@ def _short(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
-async def open_upstream(
-    client: openai.AsyncOpenAI,
-    settings: Settings,
-    chat: ChatRequest,
-    messages: list[ChatCompletionMessageParam],
-    deadline: float,
-) -> tuple[openai.AsyncStream[ChatCompletionChunk], int]:
-    """Start the upstream stream, retrying within the budget (note 1). Returns the stream and the
-    number of retries taken; raises ServiceError."""
-    body: dict[str, Any] = {
-        "model": chat.model or settings.OPENAI_MODEL,
-        "messages": messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": int(chat.max_tokens or settings.MAX_TOKENS),
-    }
-    if chat.temperature is not None:
-        body["temperature"] = chat.temperature
-    headers = {"X-Client-Request-Id": correlation_id.get() or ""}
-    TRACE_CONTEXT.inject(headers)  # the current span's traceparent, if any (note 14)
-    retries = 0
-    while True:
-        remaining = deadline - time.monotonic()
+def fails_over(error: ServiceError) -> bool:
+    """Whether another model server, or this one again, could answer where this one failed (note 22):
+    not one that refused the request itself (4xx), nor a deadline of ours."""
+    cause = error.__cause__
+    if isinstance(cause, openai.APIStatusError):
+        return cause.status_code in (401, 403, 408, 409, 429) or cause.status_code >= 500
+    return error.code in ("upstream_error", "upstream_timeout", "upstream_unreachable")
+
+
+class Failover:
+    """One request's way through the model servers (note 22): each that serves its model, in the
+    order of UPSTREAMS, skipping those whose breaker is open. A failure before the first content that
+    another server could fix moves the stream to the next; after the last, the list is tried again
+    after a backoff, at most UPSTREAM_MAX_RETRIES times more (note 1), all within the deadline.
+    It owns each attempt's outcome: the breaker and the metrics hear of it once."""
+
+    def __init__(
+        self,
+        service: Service,
+        chat: ChatRequest,
+        messages: list[ChatCompletionMessageParam],
+        deadline: float,
+        span: trace.Span,
+    ) -> None:
+        self.settings = service.settings
+        model = chat.model or self.settings.OPENAI_MODEL
+        self.route = [(u, name) for u in service.upstreams if (name := u.server.model_name(model)) is not None]
+        self.several = len(service.upstreams) > 1  # with one, errors read as they always have
+        self.metrics = service.metrics
+        self.deadline = deadline
+        self.span = span
+        self.body: dict[str, Any] = {
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": int(chat.max_tokens or self.settings.MAX_TOKENS),
+        }
+        if chat.temperature is not None:
+            self.body["temperature"] = chat.temperature
+        self.correlation_id = correlation_id.get() or ""
+        self.position = 0  # in the route
+        self.retries = 0  # rounds after the first
+        self.attempts = 0
+        self.upstream: Upstream | None = None  # the current attempt's, until its outcome is known
+        self.answering: Upstream | None = None  # the one whose content the client gets
+        self.model = ""  # the current upstream's name for the model
+        self.last: ServiceError | None = None  # the last failure, which ends the request if none answers
+        self.last_name: str | None = None  # its upstream's
+
+    @property
+    def first_token_timeout_s(self) -> float | None:
+        return None if self.upstream is None else self.upstream.first_token_timeout_s
+
+    async def open(self) -> openai.AsyncStream[ChatCompletionChunk]:
+        """The next attempt's stream, response headers in; raises the ServiceError that ends the request."""
+        while True:
+            while self.position < len(self.route):
+                upstream, self.model = self.route[self.position]
+                self.position += 1
+                if not upstream.admits():
+                    log.info("upstream_skipped", extra={"upstream": upstream.name, "reason": "circuit_open"})
+                    continue
+                self.upstream = upstream
+                try:
+                    return await self.request(upstream)
+                except UPSTREAM_FAILURES as exc:
+                    if isinstance(exc, openai.APIStatusError):
+                        _log_upstream_response(exc.response)
+                    error = map_upstream_error(exc, self.settings)
+                if not self.failed(error, before_headers=True):
+                    raise self.named(error) from error.__cause__
+            await anyio.sleep(self.next_round())
+            self.retries += 1
+            self.position = 0
+
+    async def request(self, upstream: Upstream) -> openai.AsyncStream[ChatCompletionChunk]:
+        self.attempts += 1
+        remaining = self.deadline - time.monotonic()
         log.debug(  # sizes and settings, never the messages' text
             "upstream_request",
-            extra={"attempt": retries + 1, "model": body["model"], "messages": len(messages),
-                   "max_tokens": body["max_tokens"], "budget_s": round(remaining, 3)},
+            extra={"attempt": self.attempts, "upstream": upstream.name, "model": self.model,
+                   "messages": len(self.body["messages"]), "max_tokens": self.body["max_tokens"],
+                   "budget_s": round(remaining, 3)},
         )  # fmt: skip
-        try:
-            with anyio.fail_after(remaining):
-                # client.post, openai's documented call for any endpoint, with the body we built
-                # and validated: `chat.completions.create` would walk it again through openai's
-                # type transforms, a third of the client's CPU per request (note 9).
-                stream = await client.post(
-                    "/chat/completions",
-                    body=body,
-                    cast_to=ChatCompletion,
-                    stream=True,
-                    stream_cls=openai.AsyncStream[ChatCompletionChunk],
-                    options={"headers": headers},
-                )
-            _log_upstream_response(stream.response)
-            return stream, retries
-        except UPSTREAM_FAILURES as exc:
-            if isinstance(exc, openai.APIStatusError):
-                _log_upstream_response(exc.response)
-            error = map_upstream_error(exc, settings)
-            wait = _backoff(retries, exc)
-            if not is_retryable(exc) or retries >= settings.UPSTREAM_MAX_RETRIES or time.monotonic() + wait >= deadline:
-                raise error from error.__cause__
-            log.info("upstream_retry", extra={"retry": retries + 1, "code": error.code, "wait_s": round(wait, 3)})
-            await anyio.sleep(wait)
-            retries += 1
+        if self.span.is_recording():
+            self.span.set_attributes({"chatsvc.upstream.name": upstream.name, "server.address": upstream.host or ""})
+        started = time.monotonic()
+        headers = {"X-Client-Request-Id": self.correlation_id}
+        TRACE_CONTEXT.inject(headers)  # the upstream span's traceparent, if any (note 14)
+        with anyio.fail_after(remaining):
+            # client.post, openai's documented call for any endpoint, with the body we built and
+            # validated: `chat.completions.create` would walk it again through openai's type
+            # transforms, a third of the client's CPU per request (note 9).
+            stream = await upstream.client.post(
+                "/chat/completions",
+                body={"model": self.model, **self.body},
+                cast_to=ChatCompletion,
+                stream=True,
+                stream_cls=openai.AsyncStream[ChatCompletionChunk],
+                options={"headers": headers},
+            )
+        _log_upstream_response(stream.response)
+        log.info(
+            "upstream_opened",
+            extra={
+                "upstream": upstream.name,
+                "attempt": self.attempts,
+                "retries": self.retries,
+                "upstream_request_id": (stream.response.headers.get("x-request-id") or "")[:128] or None,
+                "upstream_status": stream.response.status_code,
+                "model": self.model,
+                "open_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+        return stream
+
+    def answered(self) -> None:
+        """The current attempt's content reached the log (or its answer ended with none): it answers."""
+        if self.upstream is not None:
+            self.upstream.succeeded()
+            self.metrics.upstream_attempts.labels(self.upstream.name, "ok").inc()
+            self.answering, self.upstream = self.upstream, None
+
+    def failed(self, error: ServiceError, *, before_headers: bool = False) -> bool:
+        """The current attempt failed before any content: whether another attempt may follow."""
+        upstream = self.upstream
+        assert upstream is not None
+        self.upstream = None
+        self.metrics.upstream_attempts.labels(upstream.name, error.code).inc()
+        if not fails_over(error):
+            upstream.untried()
+            return False
+        upstream.failed()
+        self.last, self.last_name = error, upstream.name
+        follows = self.position < len(self.route) or self.retries < self.settings.UPSTREAM_MAX_RETRIES
+        if self.span.is_recording():
+            self.span.add_event("failover", {"chatsvc.upstream.name": upstream.name, "chatsvc.code": error.code})
+        log.warning(
+            "upstream_failed",
+            extra={"upstream": upstream.name, "code": error.code, "detail": error.detail,
+                   "phase": "opening" if before_headers else "before_first_content", "next": follows},
+        )  # fmt: skip
+        return True
+
+    def next_round(self) -> float:
+        """Every server has been tried or skipped: the wait before the next round, or the error."""
+        if self.last is None:  # every one skipped: their breakers are open
+            reopens = min(u.open_until or 0.0 for u, _ in self.route) - time.monotonic()
+            detail = "every model server for this model failed recently and is cooling down"
+            raise ServiceError("upstream_unavailable", detail, retry_after=max(1.0, reopens))
+        cause = self.last.__cause__
+        retryable = not isinstance(cause, openai.APIStatusError) or is_retryable(cause)
+        wait = _backoff(self.retries, cause if isinstance(cause, Exception) else self.last)
+        out_of_time = time.monotonic() + wait >= self.deadline
+        if not retryable or self.retries >= self.settings.UPSTREAM_MAX_RETRIES or out_of_time:
+            raise self.named(self.last) from cause
+        log.info("upstream_retry", extra={"retry": self.retries + 1, "code": self.last.code, "wait_s": round(wait, 3)})
+        return wait
+
+    def named(self, error: ServiceError) -> ServiceError:
+        """With several model servers, the error says which one failed last (by name, never by URL)."""
+        if not self.several or self.last_name is None:
+            return error
+        detail = f"{error.detail} (upstream {self.last_name}, after {self.attempts} attempts)"
+        named = ServiceError(error.code, detail, retry_after=error.retry_after)
+        named.__cause__ = error.__cause__
+        return named
+
+    def close(self) -> None:
+        """The request or stream is over: an attempt whose outcome is unknown (stopped, a deadline)
+        says nothing of its server."""
+        if self.upstream is not None:
+            self.upstream.untried()
+            self.upstream = None
 
 
 def _log_upstream_response(response: httpx2.Response) -> None:
@@ -1444,6 +1710,17 @@ class Stopped:
 Ending = Finished | Failed | Stopped  # how a read ends: `Producer.read` returns it
 
 
+def failure_of(ending: Ending) -> ServiceError | None:
+    """The model server's failure that this ending is, if it is one: a body cut before its
+    finish_reason is one (note 7)."""
+    match ending:
+        case Failed(error):
+            return error
+        case Finished(None):
+            return ServiceError("upstream_error", "the model server ended the stream before the answer was finished")
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """A stream's one outcome, decided by `Producer.outcome_of` and acted on by `Producer.record` alone."""
@@ -1470,6 +1747,7 @@ class Producer:
         self,
         service: Service,
         stream_log: StreamLog,
+        failover: Failover,
         stream: openai.AsyncStream[ChatCompletionChunk],
         span: trace.Span,
         slot: Slot,
@@ -1481,7 +1759,9 @@ class Producer:
         self.service = service
         self.settings = service.settings
         self.log = stream_log
-        self.stream = stream  # only its raw response is read (note 9)
+        self.failover = failover  # which model server answers (note 22)
+        self.stream = stream  # the current one's; only its raw response is read (note 9)
+        self.resources: AsyncExitStack | None = None  # run()'s: a later upstream's connection joins them
         self.span = span  # the upstream span (note 14)
         self.slot = slot  # given back at the end, or at once when evicted
         stream_log.span_context = span.get_span_context()
@@ -1491,6 +1771,7 @@ class Producer:
         self.deadline = deadline
         self.deltas = 0
         self.first_token_at: float | None = None
+        self.first_token_by = math.inf  # FIRST_TOKEN_TIMEOUT_S's deadline, while no content came
         self.finish_reason: str | None = None
         self.upstream_usage: tuple[int, int, int] | None = None  # prompt, completion, total
         self.outcome: str | None = None  # its code, once record() has logged it
@@ -1512,6 +1793,7 @@ class Producer:
         """Meta, the deltas as they come, then exactly one terminal event; or, abandoned, nothing more.
         Then `resources` (the slot, the span, the upstream connection) are released."""
         stream_log = self.log
+        self.resources = resources
         if self.span is not NO_SPAN:  # this task's own context: its log lines carry the span's ids
             otel_context.attach(trace.set_span_in_context(self.span))
         try:
@@ -1533,9 +1815,23 @@ class Producer:
             await resources.aclose()
 
     async def read(self) -> Ending:
-        """Read the upstream body until it ends, a deadline passes or stop() stops it."""
+        """Read the upstream body until it ends, a deadline passes or stop() stops it. Before the
+        first content, a failure another model server could fix moves the read to it (note 22)."""
         with self.stop_scope:
             ending = await self.read_body()
+            while (error := failure_of(ending)) is not None and not self.deltas and not self.service.draining:
+                if not self.failover.failed(error):
+                    break
+                await close_upstream(self.stream)
+                try:
+                    self.stream = await self.failover.open()
+                except ServiceError as final:
+                    return Failed(final)
+                assert self.resources is not None
+                self.resources.push_async_callback(close_upstream, self.stream)
+                ending = await self.read_body()
+            if isinstance(ending, Finished) and ending.finish_reason is not None:
+                self.failover.answered()  # an answer with no content is an answer all the same
         if self.stopped is not None:  # a stop wins, even over a read that ended meanwhile
             return Stopped(self.stopped)
         return ending
@@ -1551,6 +1847,9 @@ class Producer:
             debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every read
             with anyio.fail_at(min(self.deadline, self.service.drain_deadline)) as scope:
                 self.read_scope = scope
+                if not self.deltas and (first_token_s := self.failover.first_token_timeout_s) is not None:
+                    self.first_token_by = time.monotonic() + first_token_s  # note 22
+                    scope.deadline = min(scope.deadline, self.first_token_by)
                 try:
                     async for data in self.stream.response.aiter_bytes():
                         if debug:
@@ -1564,7 +1863,8 @@ class Producer:
                     self.take_frames(frames.end(), request)
         except UPSTREAM_FAILURES as exc:
             if not ended:
-                deadlines = {"deadline": self.deadline, "drain_deadline": self.service.drain_deadline}
+                deadlines = {"deadline": self.deadline, "drain_deadline": self.service.drain_deadline,
+                             "first_token_by": self.first_token_by}  # fmt: skip
                 return self.cut(Failed(map_upstream_error(exc, self.settings, streaming=True, **deadlines)))
         finally:
             self.read_scope = None
@@ -1702,23 +2002,24 @@ class Producer:
         """What a stream that ended so comes to: its code, its log line and its terminal event's parts."""
         usage, timings = self.usage(), self.timings()
         path = self.log.protocol.path
+        upstream = None if self.failover.answering is None else self.failover.answering.name
 
         def done(finish_reason: str, code: str) -> Outcome:
-            fields = {"status": 200, "finish_reason": finish_reason, "path": path}
+            fields = {"status": 200, "finish_reason": finish_reason, "path": path, "upstream": upstream}
             return Outcome(code, "request_completed", logging.INFO, fields, usage, timings, finish_reason=finish_reason)
 
         def failed(error: ServiceError, exc: BaseException | None, **extra: Any) -> Outcome:
             exception = type(exc).__name__ if exc else None
-            fields = {"code": error.code, "status": 200, "exception": exception, "path": path, **extra}
+            fields = {"code": error.code, "status": 200, "exception": exception, "path": path, "upstream": upstream,
+                      **extra}  # fmt: skip
             level = logging.ERROR if error.code == "internal_error" else logging.WARNING
             return Outcome(error.code, "request_failed", level, fields, usage, timings, error=error, exc=exc)
 
         match ending:
             case Finished(None):  # note 7
-                return failed(
-                    ServiceError("upstream_error", "the model server ended the stream before the answer was finished"),
-                    None,
-                )
+                error = failure_of(ending)
+                assert error is not None
+                return failed(self.failover.named(error), None)
             case Finished(str(finish_reason)):
                 return done(finish_reason, "ok")
             case Failed(error):
@@ -1769,17 +2070,28 @@ class Producer:
                 "usage": outcome.usage,
                 **outcome.timings,
                 "correlation_id": correlation_id.get(),
+                **self.answered_by(),
             }
             return self.event("done", data)
         if outcome.error is not None:
             return self.event("error", {**outcome.error.body(), "usage": outcome.usage})
         return None
 
+    def answered_by(self) -> dict[str, str]:
+        """Which model server answered, and its name for the model (note 22): never its URL or key."""
+        answering = self.failover.answering
+        return {} if answering is None else {"upstream": answering.name, "upstream_model": self.failover.model}
+
     def event(self, name: str, data: dict[str, Any]) -> bytes:
         return self.log.protocol.event(self.log.stream_id, len(self.log.entries), name, data)
 
     def on_first_token(self) -> None:
         self.first_token_at = time.monotonic()
+        self.failover.answered()  # note 22: from now on this model server answers, or nobody
+        if self.first_token_by != math.inf:
+            self.first_token_by = math.inf
+            if self.read_scope is not None and self.finish_reason is None:  # else it waits for the end (note 7)
+                self.read_scope.deadline = min(self.deadline, self.service.drain_deadline)
         ttft = self.first_token_at - self.started
         self.service.metrics.ttft.observe(ttft)
         if self.span.is_recording():
@@ -2021,6 +2333,20 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
         )
         self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
+        # Note 22: labelled by the upstream's name, a bounded set (UPSTREAMS).
+        self.upstream_attempts = Counter(
+            "chatsvc_upstream_attempts",
+            "Requests to each model server by result: ok (it answered), or the code that ended the attempt",
+            ["upstream", "result"],
+            registry=r,
+        )
+        self.circuit_open = Gauge(
+            "chatsvc_upstream_circuit_open",
+            "1 while a model server's circuit breaker is open (skipped), else 0",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.resumes = Counter(
             "chatsvc_resumes",
             "Resume requests by outcome: resumed, finished (204), not_found, unavailable (503)",
@@ -2179,11 +2505,11 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = create_upstream_client(settings)
         self.health_client = httpx2.AsyncClient(timeout=settings.CONNECT_TIMEOUT_S)
         self.tracing = Tracing()  # started by the lifespan (note 14)
         self.worker_metrics = join_worker_metrics()  # note 13
         self.metrics = Metrics(workers=self.worker_metrics)
+        self.upstreams = [Upstream(server, settings, self.metrics) for server in settings.upstreams]  # note 22
         self.store = open_store(self)  # note 15
         self.metrics.observe(self.metrics.log_bytes, self.held_log_bytes)
         self.metrics.observe(self.metrics.detached, lambda: sum(p.grace_timer is not None for p in self.producers))
@@ -2238,11 +2564,25 @@ class Service:
             with anyio.move_on_after(self.settings.SHUTDOWN_GRACE_S + 2):
                 await self._drained.wait()
 
-    async def upstream_answers(self) -> bool:
-        """Whether UPSTREAM_HEALTH_URL answers 2xx within CONNECT_TIMEOUT_S (for /readyz)."""
-        assert self.settings.UPSTREAM_HEALTH_URL
+    async def close_clients(self) -> None:
+        for upstream in self.upstreams:
+            await upstream.client.close()
+        await self.health_client.aclose()
+
+    async def upstream_ready(self) -> bool:
+        """Whether any model server may take a request (for /readyz): its breaker not open, and its
+        health URL (UPSTREAM_HEALTH_URL, or its `health_url`), if it has one, answering 2xx within
+        CONNECT_TIMEOUT_S."""
+        for upstream in self.upstreams:
+            if upstream.ready and await self.answers(upstream.server.health_url):
+                return True
+        return False
+
+    async def answers(self, health_url: str | None) -> bool:
+        if health_url is None:
+            return True
         try:
-            response = await self.health_client.get(self.settings.UPSTREAM_HEALTH_URL)
+            response = await self.health_client.get(health_url)
         except httpx2.HTTPError:
             return False
         return response.is_success
@@ -2433,7 +2773,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
         raise ServiceError("shutting_down", "the service is draining and takes no new chats", retry_after=5)
     owner = authorize(request, settings)
     if not settings.configured:
-        raise ServiceError("not_configured", "neither OPENAI_API_KEY nor OPENAI_BASE_URL is set")
+        raise ServiceError("not_configured", "none of OPENAI_API_KEY, OPENAI_BASE_URL and UPSTREAMS is set")
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise ServiceError("unsupported_media_type", f"got {media_type[:64] or 'no content type'!r}")
@@ -2470,9 +2810,11 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
             model,
             max_tokens=int(chat_request.max_tokens or settings.MAX_TOKENS),
             temperature=chat_request.temperature,
-            server_address=settings.upstream_host,
+            server_address=None,  # each attempt's, as it is made (note 22)
         )
         resources.callback(span.end)
+        failover = Failover(service, chat_request, messages, deadline, span)
+        resources.callback(failover.close)
         try:
             announced = None
             if service.store is not None:
@@ -2484,22 +2826,12 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
                 resources.callback(announced.cancel)
             token = otel_context.attach(trace.set_span_in_context(span)) if span is not NO_SPAN else None
             try:
-                stream, retries = await open_upstream(service.client, settings, chat_request, messages, deadline)
+                stream = await failover.open()
             finally:
                 if token is not None:
                     otel_context.detach(token)
             resources.push_async_callback(close_upstream, stream)
-            span.set_attribute("chatsvc.upstream.retries", retries)
-            log.info(
-                "upstream_opened",
-                extra={
-                    "retries": retries,
-                    "upstream_request_id": (stream.response.headers.get("x-request-id") or "")[:128] or None,
-                    "upstream_status": stream.response.status_code,
-                    "model": model,
-                    "open_ms": round((time.monotonic() - started) * 1000, 1),
-                },
-            )
+            span.set_attribute("chatsvc.upstream.retries", failover.retries)
             store_failure = await announced if announced is not None else None
         except BaseException as exc:
             mark_failed(span, exc.code if isinstance(exc, ServiceError) else "internal_error", exc)
@@ -2510,7 +2842,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
             protocol,
             chat,
             lambda stream_log: Producer(
-                service, stream_log, stream, span, slot, model, prompt_chars, started, deadline
+                service, stream_log, failover, stream, span, slot, model, prompt_chars, started, deadline
             ),
             resources,
         )
@@ -2676,18 +3008,21 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """200 when configured, not draining, and (with UPSTREAM_HEALTH_URL) the model server answers;
-    otherwise 503, the code saying which."""
+    """200 when configured, not draining, and a model server is ready (note 22: its breaker closed,
+    its health URL answering); otherwise 503, the code saying which."""
     service = service_of(request)
     settings = service.settings
     if service.draining:
         raise ServiceError("shutting_down", "the service is draining", retry_after=5)
     if not settings.configured:
-        raise ServiceError("not_configured", "neither OPENAI_API_KEY nor OPENAI_BASE_URL is set")
+        raise ServiceError("not_configured", "none of OPENAI_API_KEY, OPENAI_BASE_URL and UPSTREAMS is set")
     if service.store is not None and not await service.store.answers():
         raise ServiceError("resume_unavailable", "RESUME_STORE does not answer", retry_after=2)
-    if settings.UPSTREAM_HEALTH_URL and not await service.upstream_answers():
-        detail = "the model server does not answer at UPSTREAM_HEALTH_URL"
+    if not await service.upstream_ready():
+        detail = (
+            "no model server is ready: each has its circuit breaker open or fails its health URL"
+            " (UPSTREAM_HEALTH_URL, or health_url in UPSTREAMS)"
+        )
         raise ServiceError("upstream_unreachable", detail, status=503)
     return JSONResponse({"status": "ready", "model": settings.OPENAI_MODEL})
 
@@ -2804,7 +3139,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "service_started",
             extra={
                 "model": settings.OPENAI_MODEL,
-                "base_url": settings.OPENAI_BASE_URL or "https://api.openai.com/v1",
+                "upstreams": [upstream.name for upstream in service.upstreams],
                 "configured": settings.configured,
                 "auth": bool(settings.service_keys),
             },
@@ -2829,8 +3164,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             if service.store is not None:
                 await service.store.stop()
             gc.callbacks.remove(service.metrics.on_gc)
-            await service.client.close()
-            await service.health_client.aclose()
+            await service.close_clients()
             await service.tracing.stop()
             if service.worker_metrics is not None:
                 service.worker_metrics.leave()

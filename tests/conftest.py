@@ -30,7 +30,13 @@ def services(fake_model: FakeModel, tmp_path_factory: pytest.TempPathFactory) ->
     started: list[Service] = []
 
     def start(**env: str) -> Service:
-        settings = {"OPENAI_BASE_URL": fake_model.base_url, "OPENAI_API_KEY": "sk-test-key-not-real-000000", **env}
+        # The fake model fails on purpose, test after test: no breaker, unless a test asks for one.
+        settings = {
+            "OPENAI_BASE_URL": fake_model.base_url,
+            "OPENAI_API_KEY": "sk-test-key-not-real-000000",
+            "BREAKER_FAILURES": "0",
+            **env,
+        }
         settings = {k: v for k, v in settings.items() if v != "<unset>"}
         service = Service(settings, tmp_path_factory.mktemp("svc"))
         started.append(service)

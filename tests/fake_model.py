@@ -29,6 +29,10 @@ Directives:
     request_id=0     send no x-request-id header
     script=K         send exactly the frames of `FakeModel.scripts[K]` (each a `data:` payload, sent
                      as one event in an HTTP chunk of its own), then end the body
+
+`FakeModel.forced` holds directives that this server applies over the message's: with several
+servers behind one chatsvc, each can fail its own way on the same request. `healthy = False` makes
+its GET .../models, the health URL the tests give, answer 503.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class FakeModel:
         self.fail_counts: dict[str, int] = {}
         self.scripts: dict[str, list[bytes]] = {}  # script=K: the exact frames a test wants sent
         self.open_connections = 0
+        self.forced: dict[str, str] = {}  # directives over every message's
+        self.healthy = True
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-model", daemon=True)
@@ -133,6 +139,9 @@ class FakeModel:
         writer: asyncio.StreamWriter,
     ) -> bool:
         if method == "GET" and path.endswith("/models"):
+            if not self.healthy:
+                await self._send_json(writer, 503, {"error": {"message": "unhealthy", "type": "server_error"}})
+                return False
             await self._send_json(writer, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
             return False
         if method != "POST" or not path.endswith("/chat/completions"):
@@ -145,7 +154,7 @@ class FakeModel:
         # Each chat response closes its connection, so the watcher can read freely.
         watcher = asyncio.ensure_future(self._watch_close(reader, seen))
         try:
-            await self._stream(seen, _directives(body), writer)
+            await self._stream(seen, {**_directives(body), **self.forced}, writer)
         finally:
             watcher.cancel()
             # Every chat response ends its connection; when we end it first, it is closed all the same.

@@ -55,8 +55,7 @@ async def chat_with_failing_announcement(fake_model: FakeModel) -> tuple[Service
         closed = await anyio.to_thread.run_sync(seen.closed.wait, 5)
         return service, closed
     finally:
-        await service.client.close()
-        await service.health_client.aclose()
+        await service.close_clients()
 
 
 def test_a_failed_announcement_releases_the_slot_and_the_upstream(fake_model: FakeModel) -> None:

@@ -28,6 +28,16 @@ BAD_VALUES = [
     ("MAX_FOLLOWERS_PER_STREAM", "0"),
     ("HEADERS_TIMEOUT_S", "0"),
     ("BODY_TIMEOUT_S", "-5"),
+    ("BREAKER_FAILURES", "-1"),
+    ("UPSTREAMS", '[{"name": "a"'),  # not JSON
+    ("UPSTREAMS", '[{"name": "a", "base_url": "ftp://x/v1", "api_key": "sk-never-printed-123456"}]'),
+    ("UPSTREAMS", '[{"name": "a b", "base_url": "http://127.0.0.1:9/v1"}]'),  # a name is a metric label
+    (
+        "UPSTREAMS",
+        '[{"name": "a", "base_url": "http://127.0.0.1:9/v1"}, {"name": "a", "base_url": "http://[::1]:9/v1"}]',
+    ),
+    ("UPSTREAMS", '[{"name": "a", "base_url": "http://127.0.0.1:9/v1", "models": ["not-allowed"]}]'),
+    ("UPSTREAMS", '[{"name": "a", "base_url": "http://127.0.0.1:9/v1", "timeout": 5}]'),  # a misspelt field
 ]
 
 
@@ -39,7 +49,9 @@ def bad_starts(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
     started = {
         (name, value): subprocess.Popen(
             [sys.executable, str(ROOT / "chatsvc.py")],
-            env={"PATH": "/usr/bin:/bin", name: value, "OPENAI_API_KEY": "sk-never-printed-123456"},
+            # UPSTREAMS stands in place of OPENAI_*: with both, that alone would be the message.
+            env={"PATH": "/usr/bin:/bin", name: value}
+            | ({} if name == "UPSTREAMS" else {"OPENAI_API_KEY": "sk-never-printed-123456"}),
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -66,6 +78,16 @@ def test_bad_value_exits_2_with_a_three_part_message(
     assert message["detail"].startswith(name)
     assert "Traceback" not in stderr
     assert "sk-never-printed" not in stderr + stdout
+
+
+def test_upstreams_stand_in_place_of_openai_settings_not_beside_them() -> None:
+    listed = [{"name": "a", "base_url": "http://127.0.0.1:9/v1"}]
+    with pytest.raises(ValueError, match="set either UPSTREAMS or OPENAI_BASE_URL, not both"):
+        chatsvc.Settings(UPSTREAMS=listed, OPENAI_BASE_URL="http://127.0.0.1:9/v1", _env_file=None)
+    settings = chatsvc.Settings(UPSTREAMS=listed, _env_file=None)
+    assert settings.configured
+    assert [server.name for server in settings.upstreams] == ["a"]
+    assert [server.name for server in chatsvc.Settings(_env_file=None).upstreams] == ["default"]
 
 
 def test_bad_value_stops_uvicorn_chatsvc_app_with_the_message(tmp_path: Path) -> None:

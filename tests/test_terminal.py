@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chatsvc import CHATSVC, NO_SPAN, Producer, Settings, StreamLog, close_upstream, open_upstream, parse_chat
+from chatsvc import CHATSVC, NO_SPAN, Failover, Producer, Settings, StreamLog, close_upstream, parse_chat
 from chatsvc import Service as ChatService
 from logging_conf import correlation_id
 from tests.fake_model import FakeModel
@@ -247,11 +247,12 @@ async def run_broken(fake_model: FakeModel, failing: str) -> tuple[ChatService, 
         resources = AsyncExitStack()  # as start_chat hands them to the producer
         slot = await service.take_slot()
         resources.callback(slot.release)
-        stream, _ = await open_upstream(service.client, settings, chat, messages, deadline)
+        failover = Failover(service, chat, messages, deadline, NO_SPAN)
+        stream = await failover.open()
         resources.push_async_callback(close_upstream, stream)
 
         def producer(stream_log: StreamLog) -> Producer:
-            broken = Broken(service, stream_log, stream, NO_SPAN, slot, "m", 2, started, deadline)
+            broken = Broken(service, stream_log, failover, stream, NO_SPAN, slot, "m", 2, started, deadline)
             broken.failing = failing
             return broken
 
@@ -259,8 +260,7 @@ async def run_broken(fake_model: FakeModel, failing: str) -> tuple[ChatService, 
         await asyncio.gather(*service.producers.values())
         return service, stream_log
     finally:
-        await service.client.close()
-        await service.health_client.aclose()
+        await service.close_clients()
 
 
 @pytest.mark.parametrize("failing", ["before_the_outcome_line", "after_the_outcome_line"])
