@@ -93,6 +93,9 @@ says what departs from which default and why, and docs/design.md explains it at 
 21. Without SERVICE_API_KEYS, an AI SDK chat, whose id the client chooses, belongs to the browser that
     started it: an HttpOnly owner cookie, kept only as a digest; a resume with another cookie names a
     chat nobody started (204). docs/design.md#21-ai-sdk-chats-belong-to-their-browser
+22. A stop keeps what was seen: DELETE with Last-Event-ID or ?after= cuts the log back to that event
+    before the `done` (followers past the cut get it next), here and in the store's copy, in order
+    with the appends; a stream that has ended stays as it is. docs/design.md#22-a-stop-keeps-what-was-seen
 """
 
 from __future__ import annotations
