@@ -1723,7 +1723,7 @@ class Producer:
         if self.stop(Stop.CANCELLED):
             if after is not None and after < seq:
                 self.cut_after = after
-            log.info("stream_cancelled", extra={"stream_id": self.log.stream_id, "seq": seq, "after": self.cut_after})
+            log.info("stream_cancelled", extra={"stream_id": self.log.stream_id, "seq": seq, "after": after})
 
     # The outcome, and the events that carry it
 
