@@ -1717,12 +1717,13 @@ class Producer:
 
     def cancel(self, after: int | None = None) -> None:
         """DELETE: stop the generation; followers get `done` with finish_reason "cancelled". With
-        `after`, the last event the client showed, the log ends after it (note 22); a seq not yet
-        here (named on another replica, where the store's copy may lag) cuts nothing."""
+        `after`, the last event the client showed, the log ends after it (note 22), also when it
+        is the last one now: the read may append one more before the stop reaches it. A seq not yet
+        here (named on another replica, where the store's copy may lag) cuts at the last one."""
         seq = len(self.log.entries) - 1
         if self.stop(Stop.CANCELLED):
-            if after is not None and after < seq:
-                self.cut_after = after
+            if after is not None:
+                self.cut_after = min(after, seq)
             log.info("stream_cancelled", extra={"stream_id": self.log.stream_id, "seq": seq, "after": after})
 
     # The outcome, and the events that carry it
