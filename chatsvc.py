@@ -97,6 +97,9 @@ says what departs from which default and why, and docs/design.md explains it at 
     moves the stream to the next (`Failover`); after it, never. A breaker per server skips one that
     keeps failing; `done` names the server that answered, never its URL.
     docs/design.md#22-failover-before-the-first-content-a-breaker-per-model-server
+23. A stop keeps what was seen: DELETE with Last-Event-ID or ?after= cuts the log back to that event
+    before the `done` (followers past the cut get it next), here and in the store's copy, in order
+    with the appends; a stream that has ended stays as it is. docs/design.md#23-a-stop-keeps-what-was-seen
 """
 
 from __future__ import annotations
@@ -1614,7 +1617,7 @@ class StreamLog:
         arrived since the last send leaves at once (note 3), in writes of at most WRITE_BYTES (note 20)."""
         debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every write
         while True:
-            entries = self.entries  # appended to in place: entries[:end] stay as they are
+            entries = self.entries  # appended to in place (a cut makes a new list): entries[:end] stay
             if position < (end := len(entries)):
                 whole = self.finished
                 if end - position == 1 and len(entries[position]) <= WRITE_BYTES and not debug:
@@ -1630,10 +1633,27 @@ class StreamLog:
                     if self.service.store is not None:
                         self.service.store.mirror(self, [], 0)  # the AI SDK's 204 on other replicas
                     return
-            elif self.finished:
-                return
+            elif self.finished:  # past a cut (note 23): what it sent after the cut is gone, the end is its end
+                position = end - 1
             else:
                 await self._appended.wait()
+
+    def cut(self, after: int) -> int:
+        """End the log after event `after` (note 23), before its terminal event is appended: the
+        events after it leave the log, its size and the store's copy. A new list, so that a follower
+        part-way through the old one reads on undisturbed. How many events went."""
+        assert not self.finished, "the terminal event comes after the cut"
+        cut = self.entries[after + 1 :]
+        if not cut:
+            return 0
+        self.entries = self.entries[: after + 1]
+        size = sum(map(len, cut))
+        self.size -= size
+        if self.stream_id in self.service.streams:
+            self.service.log_bytes -= size
+        if self.service.store is not None:
+            self.service.store.cut(self, after + 1)
+        return len(cut)
 
     def attach(self) -> None:
         self.followers += 1
@@ -1778,6 +1798,7 @@ class Producer:
         self.read_scope: anyio.CancelScope | None = None
         self.stop_scope = anyio.CancelScope()  # cancelled by stop()
         self.stopped: Stop | None = None  # why, once stop() has stopped the read
+        self.cut_after: int | None = None  # the last event a DELETE's client showed (note 23)
         self.grace_timer: asyncio.TimerHandle | None = None
         self.detached_at = 0.0  # when the last follower left: the first to leave is evicted first
         self.grace_check: asyncio.Task[None] | None = None  # asks the store whether others follow (note 19)
@@ -1799,7 +1820,10 @@ class Producer:
         try:
             meta = {"correlation_id": correlation_id.get(), "model": self.model, "stream_id": stream_log.stream_id}
             stream_log.append([self.event("meta", meta)])
-            outcome = self.outcome_of(await self.read())
+            ending = await self.read()
+            if self.cut_after is not None:  # no await from here to the terminal event: nothing comes between
+                self.deltas -= stream_log.cut(self.cut_after)  # only deltas follow the meta
+            outcome = self.outcome_of(ending)
             self.record(outcome)
             if (terminal := self.terminal_event(outcome)) is not None:
                 stream_log.append([terminal], terminal=True)
@@ -1991,10 +2015,16 @@ class Producer:
         self.stop(Stop.EVICTED)
         self.slot.release()
 
-    def cancel(self) -> None:
-        """DELETE: stop the generation; followers get `done` with finish_reason "cancelled"."""
+    def cancel(self, after: int | None = None) -> None:
+        """DELETE: stop the generation; followers get `done` with finish_reason "cancelled". With
+        `after`, the last event the client showed, the log ends after it (note 23), also when it
+        is the last one now: the read may append one more before the stop reaches it. A seq not yet
+        here (named on another replica, where the store's copy may lag) cuts at the last one."""
+        seq = len(self.log.entries) - 1
         if self.stop(Stop.CANCELLED):
-            log.info("stream_cancelled", extra={"stream_id": self.log.stream_id, "seq": len(self.log.entries) - 1})
+            if after is not None:
+                self.cut_after = min(after, seq)
+            log.info("stream_cancelled", extra={"stream_id": self.log.stream_id, "seq": seq, "after": after})
 
     # The outcome, and the events that carry it
 
@@ -2235,13 +2265,14 @@ class Store(Protocol):
         prompt_tokens: int,
     ) -> asyncio.Task[BaseException | None]: ...
     def mirror(self, stream_log: StreamLog, entries: list[bytes], size: int) -> None: ...  # appended, or delivered
+    def cut(self, stream_log: StreamLog, length: int) -> None: ...  # its first `length` events kept (note 23)
     def give_up(self, stream_log: StreamLog, reason: str, exc: BaseException | None) -> None: ...  # unresumable
     def mark(self, stream_id: str, state: str) -> None: ...  # a new state for its facts: "abandoned"
     async def followed_elsewhere_ms(self, stream_id: str) -> int: ...  # presence elsewhere lasts (note 19)
     async def find(self, stream_id: str, owner: bytes | None) -> RemoteStream | None: ...  # checked as ours
     async def find_chat(self, chat: ChatKey) -> str | None: ...  # the chat's latest stream, on any replica
     async def delivered(self, stream_id: str) -> bool: ...  # its terminal event sent, on any replica
-    async def cancel(self, stream_id: str) -> None: ...  # DELETE: the producing replica stops it
+    async def cancel(self, stream_id: str, after: int | None) -> None: ...  # DELETE: its producing replica stops it
 
 
 def open_store(service: Service) -> Store | None:
@@ -2701,14 +2732,14 @@ class Service:
             stream_log.delivered = await ask_store(self.store, self.store.delivered(stream_id))
         return stream_log
 
-    def cancel_here(self, stream_id: str, request_id: str | None) -> None:
-        """A DELETE on another replica named this stream (note 15): stop it if it runs here, logged
-        with that request's correlation id."""
+    def cancel_here(self, stream_id: str, request_id: str | None, after: int | None) -> None:
+        """A DELETE on another replica named this stream (note 15), and perhaps the last event its
+        client showed (note 23): stop it if it runs here, logged with that request's correlation id."""
         stream_log = self.streams.get(stream_id)
         if stream_log is not None and stream_log.producer is not None:
             token = correlation_id.set(request_id)
             try:
-                stream_log.producer.cancel()
+                stream_log.producer.cancel(after)
             finally:
                 correlation_id.reset(token)
 
@@ -2860,20 +2891,25 @@ async def follow_stream(request: Request) -> Response:
 
 
 async def delete_stream(request: Request) -> Response:
-    """DELETE /chat/streams/{stream_id}: stop the generation; idempotent."""
+    """DELETE /chat/streams/{stream_id}: stop the generation; idempotent. With Last-Event-ID or
+    ?after=, the stored answer ends after that event (note 23)."""
     service = service_of(request)
     owner = authorize(request, service.settings)
-    await stop_stream(service, await service.find_stream(request.path_params["stream_id"], owner))
+    stream_log = await service.find_stream(request.path_params["stream_id"], owner)
+    await stop_stream(service, stream_log, _last_seq(request, stream_log))
     return Response(status_code=204)
 
 
-async def stop_stream(service: Service, stream_log: StreamLog | RemoteStream) -> None:
-    """DELETE: the producer stops, here or (through the store) on the replica running it."""
+async def stop_stream(service: Service, stream_log: StreamLog | RemoteStream, after: int | None = None) -> None:
+    """DELETE: the producer stops, here or (through the store) on the replica running it; a stream
+    that has ended stays as it is. A cut keeps the meta (`after` -1): it holds no text."""
+    if after is not None:
+        after = max(after, 0)
     if isinstance(stream_log, StreamLog):
         if stream_log.producer is not None:
-            stream_log.producer.cancel()
+            stream_log.producer.cancel(after)
     elif not stream_log.finished and service.store is not None:
-        await ask_store(service.store, service.store.cancel(stream_log.stream_id))
+        await ask_store(service.store, service.store.cancel(stream_log.stream_id, after))
 
 
 async def ai_sdk_follow(request: Request) -> Response:
@@ -2919,12 +2955,12 @@ async def resume(request: Request, stream_id: str, via: str) -> Response:
     try:
         owner = authorize(request, service.settings)
         stream_log = await service.find_stream(stream_id, owner)
-        after = _resume_after(request, stream_log)
+        after = _last_seq(request, stream_log)
     except ServiceError as exc:
         if exc.code in ("stream_not_found", "resume_unavailable"):
             metrics.resumes.labels("not_found" if exc.code == "stream_not_found" else "unavailable").inc()
         raise
-    position = after + 1
+    position = 0 if after is None else after + 1
     if stream_log.finished and position >= len(stream_log):
         metrics.resumes.labels("finished").inc()
         return Response(status_code=204, headers={STREAM_ID_HEADER: stream_id})
@@ -2935,9 +2971,10 @@ async def resume(request: Request, stream_id: str, via: str) -> Response:
     return FollowerResponse(service, stream_log, position)
 
 
-def _resume_after(request: Request, stream_log: StreamLog | RemoteStream) -> int:
-    """The last seq the client has: from Last-Event-ID, else ?after=, else -1 (replay from the start).
-    An id of another stream or a seq not yet sent is malformed: 404, never a guess."""
+def _last_seq(request: Request, stream_log: StreamLog | RemoteStream) -> int | None:
+    """The last seq the client has (to resume after, or to stop at): from Last-Event-ID, else
+    ?after= (-1: none yet), else None. An id of another stream or a seq not yet sent is malformed:
+    404, never a guess."""
     last_event_id = request.headers.get("last-event-id")
     after = request.query_params.get("after")
     if last_event_id is not None:
@@ -2950,7 +2987,7 @@ def _resume_after(request: Request, stream_log: StreamLog | RemoteStream) -> int
             raise ServiceError("stream_not_found", "after must be the seq of an event of this stream")
         seq = int(after)
     else:
-        return -1
+        return None
     # A live stream's copy in the store may be behind what its client has: the follower waits for it.
     behind_is_possible = not isinstance(stream_log, StreamLog) and not stream_log.finished
     if seq >= len(stream_log) and not behind_is_possible:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import secrets
 import time
 import weakref
@@ -48,6 +49,7 @@ CANCEL_CHANNEL = "chatsvc:cancel"  # DELETE on one replica, for the replica prod
 STORE_PRESENCE_S = 1.0
 STORE_PRESENCE_TTL_S = 3.0
 STORE_BAD_MESSAGE_LOG_S = 10.0  # at most one log line this often for malformed cancel messages
+CANCEL_AFTER = re.compile(r"[0-9]{1,9}")  # a cancel message's last event shown (note 23), as chatsvc's SEQ
 #: A write that can create a key sets its expiry in the same step (note 19), so that no key ever
 #: lives without one: KEYS[1] the key; ARGV[1] its expiry in ms, or "" to leave the key's own;
 #: ARGV[2] "XX" to write only a key that exists; ARGV[3] the command; ARGV[4...] its arguments.
@@ -150,11 +152,13 @@ def _same_owner(a: bytes | None, b: bytes | None) -> bool:
 class StreamCopy:
     """What the writer knows of one stream's copy: the events it has yet to write, and how far."""
 
-    __slots__ = ("note", "stored", "unstored")
+    __slots__ = ("cut", "entry", "note", "stored", "unstored")
 
     def __init__(self) -> None:
         self.unstored: list[bytes] = []
         self.stored = 0  # events written (or handed to a write in flight)
+        self.entry = 0  # the next Redis Stream entry's id is `{entry}-1`: its first event's seq, or past a cut
+        self.cut: int | None = None  # events from this seq on, written already, are void (note 23)
         self.note: str | None = None  # why it is resumable on its own replica only, if it is
 
 
@@ -175,13 +179,13 @@ class RedisStore(Generic[P]):
         *,
         error_body: Callable[[str, str], dict[str, Any]],
         pieces: Callable[[list[bytes], int, int], Iterator[bytes]],
-        on_cancel: Callable[[str, str | None], None],
+        on_cancel: Callable[[str, str | None, int | None], None],
     ) -> None:
         self.metrics = metrics
         self.protocols = protocols  # by the name that a stream's facts give
         self.error_body = error_body  # an error event's body, from its code and detail
         self.pieces = pieces  # events as a follower's writes (note 20)
-        self.on_cancel = on_cancel  # stop the stream with this id if it runs here, for this correlation id
+        self.on_cancel = on_cancel  # stop the stream with this id if it runs here: correlation id, last seq shown
         self.timeout = settings.RESUME_STORE_TIMEOUT_S  # every round trip's bound
         self.redis = redis.asyncio.Redis.from_url(
             url,
@@ -312,6 +316,19 @@ class RedisStore(Generic[P]):
         while self.queued > self.queue_limit and self.dirty:  # the largest backlog goes first
             self.give_up(max(self.dirty, key=lambda d: sum(map(len, self.copies[d].unstored))), "behind", None)
 
+    def cut(self, stream_log: Mirrored, length: int) -> None:
+        """The log was cut to its first `length` events (note 23): those not yet written are dropped;
+        if some were written, the next write, by the same writer and so in order with the appends,
+        says that its events replace them from `length` on."""
+        copy = self.copy_of(stream_log)
+        if copy.note is not None:
+            return
+        kept = max(0, length - copy.stored)
+        self.queued -= sum(map(len, copy.unstored[kept:]))
+        copy.unstored = copy.unstored[:kept]
+        if copy.stored > length:
+            copy.cut = copy.stored = length
+
     def give_up(self, stream_log: Mirrored, reason: str, exc: BaseException | None) -> None:
         """This stream's copy stays incomplete: resumable on this replica only, with a log line and a metric."""
         copy = self.copy_of(stream_log)
@@ -365,25 +382,30 @@ class RedisStore(Generic[P]):
                 self.give_up(stream_log, "failed", failure)
 
     def queue_writes(self, pipe: redis.asyncio.client.Pipeline, stream_log: Mirrored) -> None:
-        """One XADD of the events not yet written, under the id of the first one's seq; the expiry
+        """One XADD of the events not yet written, under the id of the first one's seq (past a cut, of
+        the seq that the log's first event past the old end had: ids only grow); the expiry
         moved to RESUME_TTL_S with the terminal one (the facts went out with `announce`). Only the
         first XADD creates the Redis Stream, with its expiry in the same step (note 19)."""
         copy = self.copies[stream_log]
-        entries, first = copy.unstored, copy.stored
+        entries, first, entry = copy.unstored, copy.stored, copy.entry
         self.queued -= sum(map(len, entries))
         copy.unstored = []
         copy.stored += len(entries)
+        copy.entry += len(entries)
         events, facts = store_keys(stream_log.stream_id)
         if entries:
-            fields: dict[Any, Any] = {str(first + i): entry for i, entry in enumerate(entries)}
+            fields: dict[Any, Any] = {str(first + i): event for i, event in enumerate(entries)}
+            if copy.cut is not None:  # first: a reader drops what it holds from there on (note 23)
+                fields = {"cut": str(copy.cut), **fields}
+                copy.cut = None
             ended = stream_log.finished and copy.stored == len(stream_log)
             if ended:
                 fields["end"] = b""
-            if first == 0:
+            if entry == 0:
                 flat = (x for item in fields.items() for x in item)
                 self.write_expiring(pipe, events, self.live_ttl_ms, "XADD", "MAXLEN", self.max_entries, "0-1", *flat)
             else:
-                pipe.xadd(events, fields, id=f"{first}-1", maxlen=self.max_entries, approximate=False, nomkstream=True)
+                pipe.xadd(events, fields, id=f"{entry}-1", maxlen=self.max_entries, approximate=False, nomkstream=True)
             if ended:
                 self.write_expiring(pipe, facts, self.finished_ttl_ms, "HSET", "state", "finished", existing=True)
                 for key in (events, *([chat_store_key(stream_log.chat)] if stream_log.chat else [])):
@@ -412,7 +434,7 @@ class RedisStore(Generic[P]):
         length, finished = 0, False
         if read:
             fields = read[-1][1]
-            length = max(int(key) for key in fields if key != b"end") + 1
+            length = max(int(key) for key in fields if key not in (b"end", b"cut")) + 1
             finished = b"end" in fields
         return RemoteLog(self, stream_id, facts, read, length, finished)
 
@@ -434,10 +456,12 @@ class RedisStore(Generic[P]):
 
     # Stopping: DELETE on any replica
 
-    async def cancel(self, stream_id: str) -> None:
-        """Tell every replica; the one producing the stream stops it (`listen`)."""
+    async def cancel(self, stream_id: str, after: int | None) -> None:
+        """Tell every replica; the one producing the stream stops it (`listen`), after the event
+        `after` if one is named (note 23)."""
         # With the DELETE's correlation id: the producing replica logs stream_cancelled with it.
-        listeners = await self.ask(self.redis.publish(CANCEL_CHANNEL, f"{stream_id} {correlation_id.get() or ''}"))
+        message = f"{stream_id} {correlation_id.get() or ''}" + ("" if after is None else f" {after}")
+        listeners = await self.ask(self.redis.publish(CANCEL_CHANNEL, message))
         if not listeners:  # no replica hears: not even the one producing it
             raise StoreUnavailable("no replica is listening on RESUME_STORE")
 
@@ -463,10 +487,14 @@ class RedisStore(Generic[P]):
 
     def cancel_named(self, data: bytes) -> None:
         """Cancel the producer that a cancel message names, if it is here. Anyone who can publish to
-        Redis can send anything: what is not `<stream id> <correlation id>` is counted and ignored."""
+        Redis can send anything: what is not `<stream id> <correlation id>[ <last seq shown>]` is
+        counted and ignored. (A replica that does not know the seq takes it as part of the id.)"""
         try:
-            stream_id, _, request_id = data.decode().partition(" ")
-        except (AttributeError, UnicodeDecodeError):
+            stream_id, _, rest = data.decode().partition(" ")
+            request_id, _, after = rest.partition(" ")
+            if after and not CANCEL_AFTER.fullmatch(after):
+                raise ValueError(after)
+        except (AttributeError, UnicodeDecodeError, ValueError):
             self.bad_messages += 1
             if time.monotonic() - self.bad_message_logged >= STORE_BAD_MESSAGE_LOG_S:  # a flood is one line
                 self.bad_message_logged = time.monotonic()
@@ -474,7 +502,7 @@ class RedisStore(Generic[P]):
                 log.warning("store_bad_message", extra={"bytes": size, "ignored": self.bad_messages})
                 self.bad_messages = 0
             return
-        self.on_cancel(stream_id, request_id or None)
+        self.on_cancel(stream_id, request_id or None, int(after) if after else None)
 
 
 class RemoteLog(Generic[P]):
@@ -554,6 +582,11 @@ class RemoteLog(Generic[P]):
                     for key, value in fields.items():
                         if key == b"end":
                             ended = True
+                        elif key == b"cut":  # note 23: the events from this seq on are void, the next replace them
+                            cut = int(value)
+                            del batch[max(0, len(batch) - (expected - cut)) :]  # it holds seqs up to expected
+                            expected = cut
+                            position = min(position, cut)  # past the cut, a follower still gets the end
                         elif int(key) != expected:  # trimmed or lost: never a stream with a hole
                             log.warning("store_gap", extra={"stream_id": self.stream_id, "seq": expected})
                             return

@@ -41,6 +41,7 @@ def small(start_module_service: StartService) -> Service:
 
 
 AUTH = {"Authorization": "Bearer key-one"}
+SLOW_STOP = "fake:deltas=600,delay=0.005,usage=0"  # fast enough that deltas are on their way at the stop
 
 
 def user(text: str, id: str = "u1") -> dict[str, Any]:
@@ -217,6 +218,26 @@ def test_stop_is_the_sdks_abort_and_ends_the_generation_after_the_grace(
     assert fake_model.last().closed.wait(5)
     record = svc.wait_for_log("client_disconnected", result["message"]["metadata"]["correlation_id"])
     assert record["stream_id"] == result["message"]["metadata"]["stream_id"]
+
+
+def test_a_stop_that_deletes_first_and_lets_the_stream_end_keeps_what_the_chat_shows(small: Service) -> None:
+    """The stop handler of docs/ai-sdk.md in the SDK's own chat (what useChat wraps): DELETE, awaited,
+    then the stream ends with the `abort` chunk, so the chat has read every delta that the service
+    kept and no other: a reload (a replay, or the page's own copy) shows what the chat showed."""
+    request = {"chatId": "chat-stop", "message": SLOW_STOP, "headers": AUTH, "stopAfter": 20}
+    result = node("ai_sdk_stop.mjs", f"{small.url}/api/chat", json.dumps(request))
+    assert result["status"] == "ready"
+    shown = result["shownAtEnd"]
+    assert shown.startswith(result["shownAtStop"])
+    assert len(shown.split()) < 600  # stopped
+    assert result["metadata"]["usage"]["completion_tokens"] == len(shown.split())
+    # What the service keeps, replayed as a resume before the end was delivered would show it.
+    replay = httpx.get(f"{small.url}/chat/streams/{result['metadata']['stream_id']}", headers=AUTH, timeout=30)
+    chunks = [c for c in ui_chunks(replay.text) if c != UI_STREAM_END]
+    assert ui_text_of(chunks) == shown
+    assert chunks[-1] == {"type": "abort", "reason": "cancelled"}
+    # The chat read its stream to the end: the reconnect of a reload finds nothing left to send.
+    assert httpx.get(f"{small.url}/api/chat/chat-stop/stream", headers=AUTH, timeout=30).status_code == 204
 
 
 @pytest.mark.parametrize(

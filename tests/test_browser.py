@@ -22,7 +22,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.fake_model import FakeModel, expected_text
-from tests.helpers import ROOT, UI_STREAM_END, Service, StartService, ui_chunks, ui_text_of
+from tests.helpers import ROOT, UI_STREAM_END, Service, StartService, follow, text_of, ui_chunks, ui_text_of
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +165,39 @@ def test_stop_closes_the_upstream_connection(page: WebDriver, service: Service, 
     assert service.wait_for_log("stream_cancelled")
     assert page.find_element(By.ID, "send").is_enabled()
     assert not page.find_element(By.ID, "stop").is_enabled()
+
+
+#: What the answer shows, its stream id, and a click on Stop, in one task of the page: no delta is
+#: shown in between.
+SHOWN_THEN_STOP = """
+const answers = document.querySelectorAll(".turn.assistant .content");
+const shown = answers[answers.length - 1].textContent;
+const streamId = JSON.parse(sessionStorage.getItem("chatsvc")).pending.streamId;
+document.getElementById("stop").click();
+return [shown, streamId];
+"""
+
+
+def test_a_stop_and_a_reload_show_exactly_what_was_shown_at_the_stop(page: WebDriver, service: Service) -> None:
+    """Note 22: the page names the last event it showed in its DELETE, and shows nothing after it.
+    A fast answer, so that deltas are on their way (and appended) while the DELETE is."""
+    ask(page, "fake:deltas=600,delay=0.005,usage=0")
+    wait(page, lambda d: len(answer_text(d).split()) >= 20)
+    shown, stream_id = page.execute_script(SHOWN_THEN_STOP)
+
+    wait(page, lambda d: "Stopped." in last_answer(d).text)
+    assert answer_text(page) == shown
+    assert "cancelled" in last_answer(page).text
+    # The service's answer, as any resume (a reload during the stop, another tab) replays it.
+    replay = follow(service, stream_id)
+    assert text_of(replay) == shown
+    assert replay[-1].data["finish_reason"] == "cancelled"
+    assert replay[-1].data["usage"]["completion_tokens"] == len(shown.split())
+
+    page.refresh()  # the stopped answer stays in the conversation, as it was shown
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn")) == 2)
+    assert answer_text(page) == shown
+    assert not [entry for entry in console(page) if entry["level"] == "SEVERE"]
 
 
 def test_reload_mid_answer_resumes_and_shows_the_whole_answer(page: WebDriver, fake_model: FakeModel) -> None:

@@ -232,6 +232,47 @@ def test_delete_on_b_stops_as_upstream(pair: tuple[Service, Service], fake_model
         assert other.delete(f"{a.url}/chat/streams/{stream_id}", headers=AUTH).status_code == 204
 
 
+def test_a_stop_on_b_after_an_event_ends_the_answer_there_on_both(
+    pair: tuple[Service, Service], redis_server: RedisServer
+) -> None:
+    """Note 22 across replicas: the store's copy already holds events past the cut, and a follower
+    on B has read some of them; the cut reaches the copy in order with the appends."""
+    a, b = pair
+    client, stream = post(a, "fake:deltas=200,delay=0.02,usage=0", "r-cut")
+    with client, stream as response:
+        stream_id = response.headers["x-stream-id"]
+        events = (e for e in iter_sse(response) if e.comment is None)
+        got = [next(events) for _ in range(8)]
+        with resume_after(b, stream_id, got[6]) as on_b:  # its events come from the store's copy
+            sse_b = iter_sse(on_b)
+            first_on_b = until_first(sse_b)
+            assert first_on_b.id == f"{stream_id}:7"
+            with httpx.Client(timeout=30) as other:
+                deleted = other.delete(
+                    f"{b.url}/chat/streams/{stream_id}",
+                    params={"after": "3"},
+                    headers={**AUTH, "X-Request-ID": "r-cut-b"},
+                )
+            assert deleted.status_code == 204
+            rest_b = until_terminal(sse_b)
+        rest = until_terminal(events)
+    end = f"{stream_id}:4"
+    # Both followers had events past the cut: each gets the one terminal event that the log holds.
+    for followed in (rest, rest_b):
+        assert [e.event for e in followed].count("done") == 1
+        assert (followed[-1].id, followed[-1].event) == (end, "done")
+        assert followed[-1].data["finish_reason"] == "cancelled"
+    assert a.wait_for_log("stream_cancelled", "r-cut-b")["after"] == 3
+    wait_for_state(redis_server, stream_id, b"finished")
+    for svc in (a, b):
+        replay = parse_sse(get_stream(svc, stream_id).text)
+        assert [e.id for e in replay] == [f"{stream_id}:{i}" for i in range(5)]
+        assert [e.data for e in replay[:4]] == [e.data for e in got[:4]]
+        assert replay[-1].data == rest[-1].data
+        assert replay[-1].data["usage"]["completion_tokens"] == 3
+        assert [e.event for e in parse_sse(get_stream(svc, stream_id, after="3").text)] == ["done"]
+
+
 def test_the_key_binding_holds_across_replicas(pair: tuple[Service, Service]) -> None:
     a, b = pair
     response, _ = a.chat({"message": "fake:deltas=2"}, headers=AUTH)
@@ -552,6 +593,11 @@ def short_grace(start_module_service: StartService, redis_server: RedisServer) -
     finished streams expire at once (RESUME_TTL_S 0.5 s)."""
     env = {"RESUME_GRACE_S": "1", "RESUME_TTL_S": "0.5"}
     return tuple(replica(start_module_service, redis_server.url, **env) for _ in range(2))  # type: ignore[return-value]
+
+
+def until_first(sse: Iterator[Event]) -> Event:
+    """The first event of `iter_sse` that is not a ping."""
+    return next(e for e in sse if e.comment is None)
 
 
 def until_terminal(sse: Iterator[Event], bound_s: float = 20) -> list[Event]:
