@@ -123,10 +123,13 @@ def test_a_post_cut_before_its_headers_and_sent_again_is_one_answer(svc: Service
     whole from its first event; the model server is asked once."""
     message = "fake:header_delay=1.5,deltas=5,tag=cut"
     cut_before_headers(svc, "/chat", {"message": message}, "k-cut", fake_model)
-    again = post(svc, {"message": message}, "k-cut")
+    again = post(svc, {"message": message}, "k-cut", **{"X-Request-ID": "idem-cut-2"})
     assert again.status_code == 200, again.text
     assert_whole(parse(again), again.headers["x-stream-id"], message)
     assert upstream_requests_for(fake_model, message) == 1
+    # The first request went on without its client: the stream is the one it opened.
+    assert svc.wait_for_log("upstream_opened", "cut-k-cut")
+    assert svc.wait_for_log("idempotent_replay", "idem-cut-2")["stream_id"] == again.headers["x-stream-id"]
 
 
 def test_the_same_key_with_another_body_is_refused(svc: Service, fake_model: FakeModel) -> None:
