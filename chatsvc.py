@@ -2357,10 +2357,10 @@ class Service:
         self.streams[stream_log.stream_id] = stream_log
         if chat is not None:
             self.chats[chat] = stream_log
-        if (claim := self.claim_of.get(stream_id)) is not None:
-            self.settle(claim, stream_log)
         producer = make_producer(stream_log)
         stream_log.producer = producer
+        if (claim := self.claim_of.get(stream_id)) is not None:
+            self.settle(claim, stream_log)
         task = asyncio.create_task(producer.run(resources.pop_all()))  # with the request's context
         self.producers[producer] = task
         task.add_done_callback(lambda _: self.producers.pop(producer, None))
@@ -2461,6 +2461,8 @@ class Service:
         With a store, the store holds the keys of every replica (note 15)."""
         with anyio.move_on_at(deadline):
             return await self._claim(name, request, stream_id, owner, resources)
+        if self.store is not None:  # in case the store took the key just as the wait ran out
+            self.store.settle(name, f"{request} {stream_id}", None)
         raise ServiceError(
             "upstream_timeout", f"the request that came first with this {IDEMPOTENCY_KEY_HEADER} is still opening"
         )

@@ -256,6 +256,9 @@ def test_a_claim_whose_first_request_failed_is_freed_on_every_replica(
     assert upstream_requests_for(fake_model, message) == 2
     client = redis_server.client()
     ttls = {k: client.pttl(k) for k in client.scan_iter("chatsvc:idempotency:*")}
+    stored = str([(k, client.get(k)) for k in ttls])
     client.close()
     assert ttls
     assert all(ttl > 0 for ttl in ttls.values()), ttls  # every claim expires
+    assert "k-freed-across" not in stored  # a digest of the key, its owner and route; never the key
+    assert "k-across" not in stored
