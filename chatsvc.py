@@ -52,7 +52,8 @@ says what departs from which default and why, and docs/design.md explains it at 
 11. Streams survive a dropped connection: event ids `<stream_id>:<seq>`, with the `id:` line last,
     not first as in sse-starlette (fetch-event-source takes it on reading it); a detached stream runs
     on for RESUME_GRACE_S, a finished log is kept RESUME_TTL_S, detached streams are evicted first,
-    and a stream is bound to its key or browser. docs/design.md#11-resumable-streams
+    and a stream is bound to its key or browser. A POST sent again with its Idempotency-Key follows
+    the stream that the first one started (or, still opening, starts). docs/design.md#11-resumable-streams
 12. Two protocols, one relay: POST /api/chat speaks the AI SDK's UI message stream beside /chat's own
     events. A `ChatProtocol` reads the request and encodes the events; the producer, the log and the
     followers are shared; the SDK resumes by chat. The SDK's side (UI messages, chunk encoders,
