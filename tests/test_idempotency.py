@@ -262,3 +262,21 @@ def test_a_claim_whose_first_request_failed_is_freed_on_every_replica(
     assert all(ttl > 0 for ttl in ttls.values()), ttls  # every claim expires
     assert "k-freed-across" not in stored  # a digest of the key, its owner and route; never the key
     assert "k-across" not in stored
+
+
+def test_a_key_with_no_store_to_hold_it_is_refused_not_answered_twice(
+    start_service: StartService, tmp_path_factory: pytest.TempPathFactory, fake_model: FakeModel
+) -> None:
+    """With Redis gone, no replica can tell whether the key was used: 503 resume_unavailable (the
+    client retries), while a chat without a key is served as usual."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-lost")).start()
+    try:
+        svc = replica(start_service, server.url, SERVICE_API_KEYS=f"{KEY},{OTHER_KEY}", RESUME_STORE_TIMEOUT_S="0.5")
+    finally:
+        server.kill()
+    message = "fake:deltas=2,tag=no-store"
+    refused = post(svc, {"message": message}, "k-no-store")
+    assert_error_response(refused, 503, "resume_unavailable")
+    assert "retry-after" in refused.headers
+    assert upstream_requests_for(fake_model, message) == 0
+    assert post(svc, {"message": message}, None).status_code == 200
