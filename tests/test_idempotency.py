@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -113,8 +114,8 @@ def cut_before_headers(svc: Service, path: str, body: dict[str, Any], key: str, 
         while len(fake_model.requests) == seen:  # the fake model's thread records it: no event to await
             assert time.monotonic() < deadline, "the model server never got the request"
             time.sleep(0.01)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    # Closed with a reset: nothing of the answer was read, not even its status line.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() resets
+    # Nothing of the answer was read, not even its status line.
 
 
 def test_a_post_cut_before_its_headers_and_sent_again_is_one_answer(svc: Service, fake_model: FakeModel) -> None:
