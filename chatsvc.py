@@ -52,7 +52,8 @@ says what departs from which default and why, and docs/design.md explains it at 
 11. Streams survive a dropped connection: event ids `<stream_id>:<seq>`, with the `id:` line last,
     not first as in sse-starlette (fetch-event-source takes it on reading it); a detached stream runs
     on for RESUME_GRACE_S, a finished log is kept RESUME_TTL_S, detached streams are evicted first,
-    and a stream is bound to its key or browser. docs/design.md#11-resumable-streams
+    and a stream is bound to its key or browser. A POST sent again with its Idempotency-Key follows
+    the stream that the first one started (or, still opening, starts). docs/design.md#11-resumable-streams
 12. Two protocols, one relay: POST /api/chat speaks the AI SDK's UI message stream beside /chat's own
     events. A `ChatProtocol` reads the request and encodes the events; the producer, the log and the
     followers are shared; the SDK resumes by chat. The SDK's side (UI messages, chunk encoders,
@@ -196,7 +197,9 @@ log = logging.getLogger("chatsvc")
 HERE = Path(__file__).resolve().parent
 REQUEST_ID_HEADER = "X-Request-ID"
 STREAM_ID_HEADER = "X-Stream-ID"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII; Stripe's length
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_TARGET_BYTES = 8 * 1024  # the path and query string of a request (note 16)
 LOGGED_PATH_CHARS = 64  # of a path that matched no route (note 16)
@@ -451,6 +454,12 @@ ERRORS: dict[str, ErrorKind] = {
         415, "unsupported content type", "send 'Content-Type: application/json'", False
     ),
     "validation_error": ErrorKind(422, "request is invalid", "correct the named field and send again", False),
+    "idempotency_key_reused": ErrorKind(
+        422,
+        "this Idempotency-Key came with another request",
+        "send a new request with a new key; the same key is for sending the same request again",
+        False,
+    ),
     "rate_limited": ErrorKind(
         429, "the model server is rate limiting", "wait for Retry-After seconds, then retry", True
     ),
@@ -2273,6 +2282,11 @@ class Store(Protocol):
     async def find_chat(self, chat: ChatKey) -> str | None: ...  # the chat's latest stream, on any replica
     async def delivered(self, stream_id: str) -> bool: ...  # its terminal event sent, on any replica
     async def cancel(self, stream_id: str, after: int | None) -> None: ...  # DELETE: its producing replica stops it
+    # An Idempotency-Key, named by a digest: taken with `value` if free (or holding `replaced`), for
+    # as long as a stream may open: None; else what it holds. Settled (queued): the key holding
+    # `held` now holds `value`, for as long as the stream may be kept, or with None is free again.
+    async def claim(self, name: str, value: str, replaced: str | None) -> str | None: ...
+    def settle(self, name: str, held: str, value: str | None) -> None: ...
 
 
 def open_store(service: Service) -> Store | None:
@@ -2530,6 +2544,29 @@ def _same_owner(a: bytes | None, b: bytes | None) -> bool:
     return secrets.compare_digest(a, b)
 
 
+#: How often a request that found its Idempotency-Key taken on another replica, by a request still
+#: opening its stream, asks the store again: no event crosses replicas for it, and the path is rare.
+CLAIM_POLL_S = 0.05
+
+
+class Claim:
+    """An Idempotency-Key, as the first request that came with it holds it: its name (a digest of
+    the key, its owner and protocol), the digest of that request, and the stream it opens. Settled
+    once the stream started, or once the opening failed and the key is free again."""
+
+    def __init__(self, name: str, request: str, stream_id: str) -> None:
+        self.name = name
+        self.stream_id = stream_id
+        self.opening = f"{request} {stream_id}"  # as the store holds it while the stream opens
+        self.stream_log: StreamLog | None = None  # once started
+        self.settled = asyncio.Event()
+
+    @property
+    def held(self) -> str:
+        """What the key holds: the request's digest, its stream, and whether that has started."""
+        return self.opening if self.stream_log is None else f"{self.opening} started"
+
+
 class Service:
     """The state one app shares across requests: settings, the upstream client, slots, the stream
     logs and their producers, drain."""
@@ -2552,6 +2589,10 @@ class Service:
         self.producers: dict[Producer, asyncio.Task[None]] = {}
         self.streams: dict[str, StreamLog] = {}  # every resumable stream, by id
         self.chats: dict[ChatKey, StreamLog] = {}  # each AI SDK chat's latest stream (note 12)
+        # The Idempotency-Keys taken here, by name and by their stream's id: while the stream opens,
+        # then as long as its log is kept.
+        self.claims: dict[str, Claim] = {}
+        self.claim_of: dict[str, Claim] = {}
         self.finished: dict[str, StreamLog] = {}  # the finished ones, oldest first (dicts keep order)
         self.log_bytes = 0  # held by the logs in `streams`
         self.buffer_bytes = int(settings.RESUME_BUFFER_MB * 1024 * 1024)
@@ -2690,6 +2731,8 @@ class Service:
             self.chats[chat] = stream_log
         producer = make_producer(stream_log)
         stream_log.producer = producer
+        if (claim := self.claim_of.get(stream_id)) is not None:
+            self.settle(claim, stream_log)
         task = asyncio.create_task(producer.run(resources.pop_all()))  # with the request's context
         self.producers[producer] = task
         task.add_done_callback(lambda _: self.producers.pop(producer, None))
@@ -2755,6 +2798,8 @@ class Service:
         self.finished.pop(stream_log.stream_id, None)
         if stream_log.chat is not None and self.chats.get(stream_log.chat) is stream_log:
             del self.chats[stream_log.chat]
+        if (claim := self.claim_of.pop(stream_log.stream_id, None)) is not None:
+            self.claims.pop(claim.name, None)
 
     def trim(self) -> None:
         """Drop finished logs past RESUME_TTL_S, and the oldest finished ones while over RESUME_BUFFER_MB."""
@@ -2769,6 +2814,90 @@ class Service:
     def held_log_bytes(self) -> float:
         self.trim()
         return self.log_bytes
+
+    # Idempotency-Keys
+
+    async def claim(
+        self,
+        name: str,
+        request: str,
+        stream_id: str,
+        owner: bytes | None,
+        deadline: float,
+        resources: AsyncExitStack,
+    ) -> StreamLog | RemoteStream | None:
+        """Take the Idempotency-Key `name` for the stream `stream_id` that this request opens: None
+        once taken (`resources` frees it if the stream never starts). Taken already by the same
+        request: the stream it started; while that stream still opens, wait (until `deadline`) for
+        it to start, then follow it, or to fail, then take the key. Taken by another request: 422.
+        With a store, the store holds the keys of every replica (note 15)."""
+        with anyio.move_on_at(deadline):
+            return await self._claim(name, request, stream_id, owner, resources)
+        if self.store is not None:  # in case the store took the key just as the wait ran out
+            self.store.settle(name, f"{request} {stream_id}", None)
+        raise ServiceError(
+            "upstream_timeout", f"the request that came first with this {IDEMPOTENCY_KEY_HEADER} is still opening"
+        )
+
+    async def _claim(
+        self, name: str, request: str, stream_id: str, owner: bytes | None, resources: AsyncExitStack
+    ) -> StreamLog | RemoteStream | None:
+        replaced = None  # what the store holds for a stream that is over: the key is free
+        while True:
+            self.trim()
+            claim = self.claims.get(name)
+            if claim is not None:
+                held: str | None = claim.held
+            elif self.store is not None:
+                held = await ask_store(self.store, self.store.claim(name, f"{request} {stream_id}", replaced))
+            else:
+                held = None
+            if held is None:
+                claim = self.claims[name] = self.claim_of[stream_id] = Claim(name, request, stream_id)
+                resources.callback(self.release, claim)
+                return None
+            held_request, held_stream, *started = held.split(" ")
+            found: StreamLog | RemoteStream | None = None
+            if claim is not None:  # here, a started stream's claim goes with its log (`drop`)
+                found = claim.stream_log
+            elif started and (found := await self.find_kept(held_stream, owner)) is None:
+                replaced = held  # expired, or abandoned (note 11): the key goes with its stream
+                continue
+            if not secrets.compare_digest(held_request, request):
+                raise ServiceError("idempotency_key_reused", f"{IDEMPOTENCY_KEY_HEADER} came with another request")
+            if found is not None:
+                return found
+            if claim is not None:  # opening here: until it starts or fails
+                await claim.settled.wait()
+                replaced = claim.opening  # failed: free, though the store may not have heard yet
+            else:  # opening on another replica
+                await asyncio.sleep(CLAIM_POLL_S)
+
+    async def find_kept(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteStream | None:
+        try:
+            return await self.find_stream(stream_id, owner)
+        except ServiceError as exc:
+            if exc.code == "stream_not_found":
+                return None
+            raise
+
+    def settle(self, claim: Claim, stream_log: StreamLog) -> None:
+        """The key's stream started: requests waiting for it follow it."""
+        claim.stream_log = stream_log
+        claim.settled.set()
+        if self.store is not None:
+            self.store.settle(claim.name, claim.opening, claim.held)
+
+    def release(self, claim: Claim) -> None:
+        """The key's stream never started: the key is free, for the requests waiting for it too."""
+        if claim.stream_log is not None:
+            return
+        if self.claims.get(claim.name) is claim:
+            del self.claims[claim.name]
+        self.claim_of.pop(claim.stream_id, None)
+        claim.settled.set()
+        if self.store is not None:
+            self.store.settle(claim.name, claim.opening, None)
 
 
 # --- Endpoints --------------------------------------------------------------------------------------
@@ -2818,6 +2947,7 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     minted = None
     if chat_id is not None and owner is None:  # a chat the client named is its browser's (note 21)
         owner, minted = browser_owner(request)
+    idempotency = idempotency_key(request, protocol, owner)
 
     messages = chat_request.messages(settings.SYSTEM_PROMPT)
     prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
@@ -2835,6 +2965,11 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     # Each resource is released from the moment it is taken, however the opening ends; the producer
     # takes them over when the stream starts.
     async with AsyncExitStack() as resources:
+        if idempotency is not None:  # sent again? then the stream the first request started (or starts)
+            digest = request_digest(chat_request, chat_id)
+            earlier = await service.claim(idempotency, digest, stream_id, owner, deadline, resources)
+            if earlier is not None:
+                return follow_earlier(service, earlier, idempotency)
         slot = await service.take_slot()
         resources.callback(slot.release)
         span = service.tracing.upstream_span(
@@ -2883,6 +3018,34 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
     if minted is not None:
         set_owner_cookie(response, request, minted)
     return response
+
+
+def idempotency_key(request: Request, protocol: ChatProtocol, owner: bytes | None) -> str | None:
+    """The name of the request's Idempotency-Key, if it sent one: a digest of the key, its owner and
+    its protocol, so that no other owner's key, nor the other protocol's, is the same key; a store
+    holds the name, never the key."""
+    key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    if key is None:
+        return None
+    if IDEMPOTENCY_KEY_PATTERN.fullmatch(key) is None:
+        raise ServiceError("validation_error", f"{IDEMPOTENCY_KEY_HEADER}: 1 to 255 printable ASCII characters")
+    scope = f"chatsvc idempotency key\0{protocol.path}\0{owner.hex() if owner else ''}\0".encode()
+    return hashlib.sha256(scope + key.encode()).hexdigest()
+
+
+def request_digest(chat_request: ChatRequest, chat_id: str | None) -> str:
+    """What makes two requests the same request: the parsed body (and the AI SDK's chat), not its bytes."""
+    return hashlib.sha256(f"{chat_id or ''}\0{chat_request.model_dump_json()}".encode()).hexdigest()
+
+
+def follow_earlier(service: Service, stream_log: StreamLog | RemoteStream, key: str) -> Response:
+    """A request sent again with its Idempotency-Key: the stream the first one started, from its start."""
+    service.followers.check(stream_log.stream_id)  # as the response will (note 20), before it is logged
+    service.metrics.resumes.labels("idempotent").inc()
+    trace.get_current_span().add_link(stream_log.span_context)  # note 14
+    # The key may say something of its user: its name's first digits tell requests apart.
+    log.info("idempotent_replay", extra={"stream_id": stream_log.stream_id, "idempotency_key": key[:12]})
+    return FollowerResponse(service, stream_log, 0)
 
 
 async def follow_stream(request: Request) -> Response:
@@ -3236,7 +3399,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 # Starlette would echo any origin, and any site could read its visitors' chats.
                 allow_credentials="*" not in settings.CORS_ALLOW_ORIGINS,
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "Last-Event-ID", REQUEST_ID_HEADER],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "Last-Event-ID",
+                    REQUEST_ID_HEADER,
+                    IDEMPOTENCY_KEY_HEADER,
+                ],
                 expose_headers=[REQUEST_ID_HEADER, STREAM_ID_HEADER, "Retry-After"],
             )
         )

@@ -59,6 +59,23 @@ local reply = redis.call(ARGV[3], KEYS[1], unpack(ARGV, 4))
 if ARGV[1] ~= '' then redis.call('pexpire', KEYS[1], ARGV[1]) end
 return reply
 """
+#: An Idempotency-Key (chatsvc's `Service.claim`): KEYS[1] its key; ARGV[1] the value to take it
+#: with, ARGV[2] a value that may be replaced ("" for none), ARGV[3] the expiry in ms. Nil when
+#: taken, else the value it holds.
+CLAIM = """
+local held = redis.call('get', KEYS[1])
+if held and held ~= ARGV[2] then return held end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return false
+"""
+#: An Idempotency-Key settled: KEYS[1] its key; if it still holds ARGV[1], it now holds ARGV[2] for
+#: ARGV[3] ms, or with ARGV[2] "" is deleted. Another value (a later claim) is left alone.
+SETTLE = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then return redis.call('del', KEYS[1]) end
+redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 ERRORS = (redis.RedisError, OSError, TimeoutError)  # what an unreachable or slow Redis raises
 T = TypeVar("T")
 ChatKey = tuple[bytes | None, str]  # (owner, chat id), as chatsvc names an AI SDK chat
@@ -137,6 +154,11 @@ def presence_key(stream_id: str) -> str:
     return f"chatsvc:{{{stream_id}}}:followed"
 
 
+def idempotency_store_key(name: str) -> str:
+    """An Idempotency-Key, by the digest that chatsvc names it with (never the key itself)."""
+    return f"chatsvc:idempotency:{name}"
+
+
 def chat_store_key(chat: ChatKey) -> str:
     owner, chat_id = chat
     return f"chatsvc:chat:{owner.hex() if owner else '-'}:{chat_id}"
@@ -206,8 +228,10 @@ class RedisStore(Generic[P]):
         # Streams whose facts must say a new state once Redis answers: unresumable (given up on), or
         # abandoned (nobody followed within the grace, note 19).
         self.marks: dict[str, str] = {}
+        self.settling: dict[str, tuple[str, str | None]] = {}  # Idempotency-Keys: what each held, now holds
         self.live_ttl = math.ceil(settings.REQUEST_TIMEOUT_S + settings.RESUME_TTL_S + 10)  # outlives any run
         self.live_ttl_ms = self.live_ttl * 1000
+        self.opening_ttl_ms = math.ceil(settings.REQUEST_TIMEOUT_S + 10) * 1000  # outlives any opening
         self.finished_ttl_ms = max(1, int(settings.RESUME_TTL_S * 1000))
         self.presence_ttl_ms = int(STORE_PRESENCE_TTL_S * 1000)
         self.replica_key = f"chatsvc:replica:{secrets.token_hex(8)}"  # alive while this replica is (note 19)
@@ -225,7 +249,7 @@ class RedisStore(Generic[P]):
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.dirty:
+        if self.dirty or self.settling:
             await self.write_once()
         await self.redis.aclose()
 
@@ -366,6 +390,7 @@ class RedisStore(Generic[P]):
         """One pipelined round trip for everything queued; a failure gives up on the streams in it."""
         batch, self.dirty = list(self.dirty), {}
         marking, self.marks = self.marks, {}
+        settling, self.settling = self.settling, {}
         pipe = self.redis.pipeline(transaction=False)
         for stream_log in batch:
             self.queue_writes(pipe, stream_log)
@@ -376,8 +401,11 @@ class RedisStore(Generic[P]):
             else:  # abandoned: gone everywhere once RESUME_TTL_S has passed, as a finished one
                 self.write_expiring(pipe, facts, self.finished_ttl_ms, "HSET", "state", state, existing=True)
                 pipe.pexpire(events, self.finished_ttl_ms)
+        for name, (held, value) in settling.items():
+            pipe.eval(SETTLE, 1, idempotency_store_key(name), held, value or "", self.live_ttl_ms)
         if (failure := await self.execute(pipe)) is not None:
             self.marks = {**marking, **self.marks}
+            self.settling = {**settling, **self.settling}
             for stream_log in batch:
                 self.give_up(stream_log, "failed", failure)
 
@@ -412,6 +440,22 @@ class RedisStore(Generic[P]):
                     pipe.pexpire(key, self.finished_ttl_ms)
         if stream_log.delivered:  # perhaps after the facts expired: then nothing is written
             self.write_expiring(pipe, facts, None, "HSET", "delivered", "1", existing=True)
+
+    # Idempotency-Keys: any replica
+
+    async def claim(self, name: str, value: str, replaced: str | None) -> str | None:
+        """Take the key with `value` unless it holds another value than `replaced`: None when taken,
+        else what it holds. While its stream opens, it lives as long as an opening can last."""
+        held = await self.ask(
+            self.redis.eval(CLAIM, 1, idempotency_store_key(name), value, replaced or "", self.opening_ttl_ms)
+        )
+        return held.decode() if isinstance(held, bytes) else None
+
+    def settle(self, name: str, held: str, value: str | None) -> None:
+        """With the next write: the stream started (`value`, kept as long as the stream's facts can
+        be), or never will (None: the key is free). Queued, so that the live path never waits."""
+        self.settling[name] = (held, value)
+        self.wake.set()
 
     # Reading: any replica
 
