@@ -31,7 +31,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_are_valid_and_their_unit_tests_pass() -> None:
     checked = promtool("check", "rules", "rules.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 7 rules found" in checked.stdout
+    assert "SUCCESS: 8 rules found" in checked.stdout
     tested = promtool("test", "rules", "rules.test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     config = promtool("check", "config", "prometheus.yml")
@@ -117,7 +117,7 @@ def test_a_real_prometheus_scrapes_chatsvc(prometheus: tuple[str, Service]) -> N
 
     def evaluated(groups: list[dict[str, Any]]) -> bool:
         rules = [rule for group in groups for rule in group["rules"]]
-        return len(rules) == 7 and all(rule.get("lastEvaluation", "").startswith("20") for rule in rules)
+        return len(rules) == 8 and all(rule.get("lastEvaluation", "").startswith("20") for rule in rules)
 
     deadline = time.monotonic() + 30
     while not evaluated(groups := httpx.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]):
