@@ -1836,6 +1836,8 @@ class Producer:
             self.record(outcome)
             if (terminal := self.terminal_event(outcome)) is not None:
                 stream_log.append([terminal], terminal=True)
+            if outcome.error is not None and not self.deltas:
+                self.service.free_key(stream_log)  # nothing was answered: sent again, it is tried again
         except asyncio.CancelledError:  # shutdown, past its grace (note 4)
             self.last_resort("shutting_down")
             raise
@@ -2887,6 +2889,16 @@ class Service:
         claim.settled.set()
         if self.store is not None:
             self.store.settle(claim.name, claim.opening, claim.held)
+
+    def free_key(self, stream_log: StreamLog) -> None:
+        """The stream ended with an error before any content: its key is free, so that the request,
+        sent again as the error says, is tried again rather than given the error again. Followers
+        attached by the key have it already."""
+        if (claim := self.claim_of.pop(stream_log.stream_id, None)) is not None:
+            if self.claims.get(claim.name) is claim:
+                del self.claims[claim.name]
+            if self.store is not None:
+                self.store.settle(claim.name, claim.held, None)
 
     def release(self, claim: Claim) -> None:
         """The key's stream never started: the key is free, for the requests waiting for it too."""

@@ -173,6 +173,21 @@ def test_a_first_request_that_failed_before_its_stream_frees_the_key(svc: Servic
     assert upstream_requests_for(fake_model, message) == 2
 
 
+def test_a_stream_that_ended_with_an_error_before_any_content_frees_the_key(
+    svc: Service, fake_model: FakeModel
+) -> None:
+    """The error says retry: sent again with its key, the request is tried again, not given the
+    error again. (Once content has gone out, the key keeps the answer, error and all.)"""
+    message = "fake:deltas=0,no_finish=1,tag=idem-nothing"
+    failed = post(svc, {"message": message}, "k-nothing")
+    assert [e.event for e in parse(failed)] == ["meta", "error"]
+
+    again = post(svc, {"message": message}, "k-nothing")
+
+    assert again.headers["x-stream-id"] != failed.headers["x-stream-id"]
+    assert upstream_requests_for(fake_model, message) == 2
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "a\tb"])
 def test_a_malformed_key_is_refused_naming_the_header(svc: Service, key: str) -> None:
     refused = post(svc, {"message": "hi"}, key)
