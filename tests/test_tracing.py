@@ -100,6 +100,7 @@ def test_a_chat_continues_the_callers_trace_and_forwards_it_to_the_model(
     assert upstream.attributes["chatsvc.outcome"] == "ok"
     assert upstream.attributes["chatsvc.upstream.retries"] == 0
     assert upstream.attributes["server.address"] == "127.0.0.1"
+    assert upstream.attributes["chatsvc.upstream.name"] == "default"
     done = traced.wait_for_log("request_completed", "trace-1")
     assert upstream.attributes["gen_ai.usage.input_tokens"] == done["prompt_tokens"]
     assert upstream.attributes["gen_ai.usage.output_tokens"] == done["completion_tokens"]
