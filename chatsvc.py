@@ -329,7 +329,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _every_model_served(self) -> Settings:
-        for model in self.allowed_models:
+        for model in dict.fromkeys((*self.allowed_models, self.OPENAI_MODEL)):  # the default is asked for too
             if not any(server.model_name(model) for server in self.upstreams):
                 raise ValueError(f"UPSTREAMS: no upstream serves the model {model!r} (ALLOWED_MODELS, OPENAI_MODEL)")
         return self
@@ -929,12 +929,13 @@ class Upstream:
         self.trial = False  # that one request is in flight
         metrics.circuit_open.labels(self.name).set(0)
 
-    def admits(self) -> bool:
-        """Whether a request may try it now: closed, or open past its cool-down and not yet tried."""
+    def admit(self) -> bool | None:
+        """Whether a request may try it now (None: skip it), and if so whether it is the one trial
+        after a cool-down: only the trial's outcome closes or reopens the breaker."""
         if self.open_until is None:
-            return True
-        if self.trial or time.monotonic() < self.open_until:
             return False
+        if self.trial or time.monotonic() < self.open_until:
+            return None
         self.trial = True
         return True
 
@@ -949,13 +950,13 @@ class Upstream:
             self.metrics.circuit_open.labels(self.name).set(0)
             log.info("upstream_circuit_closed", extra={"upstream": self.name})
 
-    def failed(self) -> None:
+    def failed(self, *, trial: bool) -> None:
         now = time.monotonic()
         self.failures.append(now)
         while self.failures[0] < now - self.settings.BREAKER_WINDOW_S:
             self.failures.popleft()
         limit = self.settings.BREAKER_FAILURES
-        if self.trial or (self.open_until is None and limit and len(self.failures) >= limit):
+        if (trial and self.trial) or (self.open_until is None and limit and len(self.failures) >= limit):
             self.open_until, self.trial = now + self.settings.BREAKER_COOLDOWN_S, False
             self.failures.clear()
             self.metrics.circuit_open.labels(self.name).set(1)
@@ -963,10 +964,11 @@ class Upstream:
                 "upstream_circuit_open", extra={"upstream": self.name, "cooldown_s": self.settings.BREAKER_COOLDOWN_S}
             )
 
-    def untried(self) -> None:
-        """A trial that ended saying nothing of the server (the client stopped it, a 4xx of the
-        request's own): the next request tries it."""
-        self.trial = False
+    def untried(self, *, trial: bool) -> None:
+        """An attempt that ended saying nothing of the server (the client stopped it, a 4xx of the
+        request's own, our deadline): if it was the trial, the next request tries it."""
+        if trial:
+            self.trial = False
 
 
 class ChatTurn(BaseModel):
@@ -1151,7 +1153,13 @@ def fails_over(error: ServiceError) -> bool:
     cause = error.__cause__
     if isinstance(cause, openai.APIStatusError):
         return cause.status_code in (401, 403, 408, 409, 429) or cause.status_code >= 500
+    if isinstance(cause, openai.APIError) and _upstream_error_code(cause.body) in REQUEST_FAULTS:
+        return False  # an in-band error that blames the request, as some servers send a 400's
     return error.code in ("upstream_error", "upstream_timeout", "upstream_unreachable")
+
+
+#: In-band error codes (or types) that say the request itself is at fault: every server would say so.
+REQUEST_FAULTS = frozenset({"invalid_request_error", "context_length_exceeded", "invalid_value", "bad_request"})
 
 
 class Failover:
@@ -1189,10 +1197,11 @@ class Failover:
         self.retries = 0  # rounds after the first
         self.attempts = 0
         self.upstream: Upstream | None = None  # the current attempt's, until its outcome is known
+        self.trial = False  # whether that attempt is its breaker's one trial
         self.answering: Upstream | None = None  # the one whose content the client gets
         self.model = ""  # the current upstream's name for the model
         self.last: ServiceError | None = None  # the last failure, which ends the request if none answers
-        self.last_name: str | None = None  # its upstream's
+        self.last_name: str | None = None  # the server of the last attempt that failed
 
     @property
     def first_token_timeout_s(self) -> float | None:
@@ -1202,19 +1211,22 @@ class Failover:
         """The next attempt's stream, response headers in; raises the ServiceError that ends the request."""
         while True:
             while self.position < len(self.route):
+                if time.monotonic() >= self.deadline:  # the budget is spent: no server is to blame
+                    raise self.out_of_time()
                 upstream, self.model = self.route[self.position]
                 self.position += 1
-                if not upstream.admits():
+                if (trial := upstream.admit()) is None:
                     log.info("upstream_skipped", extra={"upstream": upstream.name, "reason": "circuit_open"})
                     continue
-                self.upstream = upstream
+                self.upstream, self.trial = upstream, trial
                 try:
                     return await self.request(upstream)
                 except UPSTREAM_FAILURES as exc:
                     if isinstance(exc, openai.APIStatusError):
                         _log_upstream_response(exc.response)
                     error = map_upstream_error(exc, self.settings)
-                if not self.failed(error, before_headers=True):
+                    ours = isinstance(exc, TimeoutError)  # our budget, not the server's own silence
+                if not self.failed(error, before_headers=True, ours=ours):
                     raise self.named(error) from error.__cause__
             await anyio.sleep(self.next_round())
             self.retries += 1
@@ -1268,17 +1280,18 @@ class Failover:
             self.metrics.upstream_attempts.labels(self.upstream.name, "ok").inc()
             self.answering, self.upstream = self.upstream, None
 
-    def failed(self, error: ServiceError, *, before_headers: bool = False) -> bool:
-        """The current attempt failed before any content: whether another attempt may follow."""
+    def failed(self, error: ServiceError, *, before_headers: bool = False, ours: bool = False) -> bool:
+        """The current attempt failed before any content: whether another attempt may follow.
+        `ours`: it ran out of the request's budget, which says nothing of the server."""
         upstream = self.upstream
         assert upstream is not None
-        self.upstream = None
+        self.upstream, self.last_name = None, upstream.name
         self.metrics.upstream_attempts.labels(upstream.name, error.code).inc()
-        if not fails_over(error):
-            upstream.untried()
+        if ours or not fails_over(error):
+            upstream.untried(trial=self.trial)
             return False
-        upstream.failed()
-        self.last, self.last_name = error, upstream.name
+        upstream.failed(trial=self.trial)
+        self.last = error
         follows = self.position < len(self.route) or self.retries < self.settings.UPSTREAM_MAX_RETRIES
         if self.span.is_recording():
             self.span.add_event("failover", {"chatsvc.upstream.name": upstream.name, "chatsvc.code": error.code})
@@ -1292,7 +1305,7 @@ class Failover:
     def next_round(self) -> float:
         """Every server has been tried or skipped: the wait before the next round, or the error."""
         if self.last is None:  # every one skipped: their breakers are open
-            reopens = min(u.open_until or 0.0 for u, _ in self.route) - time.monotonic()
+            reopens = min((u.open_until or 0.0 for u, _ in self.route), default=0.0) - time.monotonic()
             detail = "every model server for this model failed recently and is cooling down"
             raise ServiceError("upstream_unavailable", detail, retry_after=max(1.0, reopens))
         cause = self.last.__cause__
@@ -1303,6 +1316,13 @@ class Failover:
             raise self.named(self.last) from cause
         log.info("upstream_retry", extra={"retry": self.retries + 1, "code": self.last.code, "wait_s": round(wait, 3)})
         return wait
+
+    def out_of_time(self) -> ServiceError:
+        """The budget ran out between attempts: the last failure, if there was one, says why."""
+        if self.last is not None:
+            return self.named(self.last)
+        detail = f"the model server did not accept the request within {self.settings.REQUEST_TIMEOUT_S} s"
+        return ServiceError("upstream_timeout", detail)
 
     def named(self, error: ServiceError) -> ServiceError:
         """With several model servers, the error says which one failed last (by name, never by URL)."""
@@ -1317,7 +1337,7 @@ class Failover:
         """The request or stream is over: an attempt whose outcome is unknown (stopped, a deadline)
         says nothing of its server."""
         if self.upstream is not None:
-            self.upstream.untried()
+            self.upstream.untried(trial=self.trial)
             self.upstream = None
 
 
@@ -1857,19 +1877,35 @@ class Producer:
             while (error := failure_of(ending)) is not None and not self.deltas and not self.service.draining:
                 if not self.failover.failed(error):
                     break
-                await close_upstream(self.stream)
-                try:
-                    self.stream = await self.failover.open()
-                except ServiceError as final:
-                    return Failed(final)
-                assert self.resources is not None
-                self.resources.push_async_callback(close_upstream, self.stream)
+                if (final := await self.reopen()) is not None:
+                    return final
                 ending = await self.read_body()
             if isinstance(ending, Finished) and ending.finish_reason is not None:
                 self.failover.answered()  # an answer with no content is an answer all the same
         if self.stopped is not None:  # a stop wins, even over a read that ended meanwhile
             return Stopped(self.stopped)
         return ending
+
+    async def reopen(self) -> Failed | None:
+        """The next model server's stream in place of the failed one (note 22), within the budget
+        and, while draining, the grace (tighten_deadline reaches it here too); or how it failed."""
+        await close_upstream(self.stream)
+        self.finish_reason, self.upstream_usage = None, None  # the failed attempt's, not the answer's
+        self.first_token_by = math.inf
+        try:
+            with anyio.fail_at(min(self.deadline, self.service.drain_deadline)) as scope:
+                self.read_scope = scope
+                self.stream = await self.failover.open()
+        except ServiceError as final:
+            return Failed(final)
+        except TimeoutError as exc:
+            deadlines = {"deadline": self.deadline, "drain_deadline": self.service.drain_deadline}
+            return Failed(map_upstream_error(exc, self.settings, streaming=True, **deadlines))
+        finally:
+            self.read_scope = None
+        assert self.resources is not None
+        self.resources.push_async_callback(close_upstream, self.stream)
+        return None
 
     async def read_body(self) -> Ending:
         """The deltas go to the log as they arrive; how the body ended is returned."""
@@ -2647,10 +2683,10 @@ class Service:
         """Whether any model server may take a request (for /readyz): its breaker not open, and its
         health URL (UPSTREAM_HEALTH_URL, or its `health_url`), if it has one, answering 2xx within
         CONNECT_TIMEOUT_S."""
-        for upstream in self.upstreams:
-            if upstream.ready and await self.answers(upstream.server.health_url):
-                return True
-        return False
+        ready = [upstream for upstream in self.upstreams if upstream.ready]
+        # All at once: a probe's own timeout must not add up one CONNECT_TIMEOUT_S per server.
+        answers = await asyncio.gather(*(self.answers(upstream.server.health_url) for upstream in ready))
+        return any(answers)
 
     async def answers(self, health_url: str | None) -> bool:
         if health_url is None:

@@ -76,6 +76,21 @@ if ARGV[2] == '' then return redis.call('del', KEYS[1]) end
 redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
+
+
+def chain_settles(
+    later: dict[str, tuple[str, str | None]], earlier: dict[str, tuple[str, str | None]]
+) -> dict[str, tuple[str, str | None]]:
+    """Settles not yet written, `earlier` then `later`, as one each: a key's X -> Y then Y -> Z is
+    X -> Z, since the store still holds X (a stream that started and failed within one batch)."""
+    chained = dict(earlier)
+    for name, (held, value) in later.items():
+        if name in chained and chained[name][1] == held:
+            held = chained[name][0]
+        chained[name] = (held, value)
+    return chained
+
+
 ERRORS = (redis.RedisError, OSError, TimeoutError)  # what an unreachable or slow Redis raises
 T = TypeVar("T")
 ChatKey = tuple[bytes | None, str]  # (owner, chat id), as chatsvc names an AI SDK chat
@@ -405,7 +420,7 @@ class RedisStore(Generic[P]):
             pipe.eval(SETTLE, 1, idempotency_store_key(name), held, value or "", self.live_ttl_ms)
         if (failure := await self.execute(pipe)) is not None:
             self.marks = {**marking, **self.marks}
-            self.settling = {**settling, **self.settling}
+            self.settling = chain_settles(self.settling, settling)
             for stream_log in batch:
                 self.give_up(stream_log, "failed", failure)
 
@@ -454,7 +469,7 @@ class RedisStore(Generic[P]):
     def settle(self, name: str, held: str, value: str | None) -> None:
         """With the next write: the stream started (`value`, kept as long as the stream's facts can
         be), or never will (None: the key is free). Queued, so that the live path never waits."""
-        self.settling[name] = (held, value)
+        self.settling = chain_settles({name: (held, value)}, self.settling)
         self.wake.set()
 
     # Reading: any replica

@@ -6,6 +6,7 @@ server, and `done` names it. Each server is a fake of its own that fails its own
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from tests.fake_model import FakeModel, expected_text
-from tests.helpers import Event, Service, StartService, free_port, scrape, text_of
+from tests.helpers import Event, Service, StartService, free_port, iter_sse, scrape, text_of
 from tests.test_ai_sdk import message_text, sdk, user
 from tests.test_js_clients import node
 
@@ -348,3 +349,105 @@ def test_with_every_breaker_open_a_chat_is_refused_at_once_and_readyz_says_so(
     assert 1 <= int(response.headers["retry-after"]) <= 60
     assert len(fake_model.requests) == seen
     assert httpx.get(f"{svc.url}/readyz").status_code == 503
+
+
+# Budgets, drains, rounds ------------------------------------------------------------------------
+
+
+def test_a_request_out_of_time_blames_no_server_it_did_not_ask(
+    start_service: StartService, servers: dict[str, FakeModel]
+) -> None:
+    """a holds its headers past the whole budget: the request ends, and b and c, never asked, are
+    not counted as failed (with BREAKER_FAILURES=1 their breakers would open)."""
+    svc = start_service(
+        UPSTREAMS=upstreams(servers),
+        OPENAI_BASE_URL="<unset>",
+        OPENAI_API_KEY="<unset>",
+        REQUEST_TIMEOUT_S="1.5",
+        IDLE_TIMEOUT_S="10",
+        UPSTREAM_MAX_RETRIES="0",
+        BREAKER_FAILURES="1",
+        BREAKER_COOLDOWN_S="60",
+    )
+    servers["a"].forced = {"header_delay": "5"}
+    before = requests_seen(servers)
+
+    response, _ = chat(svc, "fo-budget")
+
+    assert response.status_code == 504
+    assert requests_seen(servers) == {"a": before["a"] + 1, "b": before["b"], "c": before["c"]}
+    assert [r for r in svc.logs_for("fo-budget") if r["event"] == "upstream_failed"] == []
+    servers["a"].forced = {}
+    _, events = chat(svc, "fo-budget-after")  # no breaker opened: a answers
+    assert_one_answer_from(events, "a")
+
+
+def test_a_drain_during_a_failover_ends_the_stream_with_shutting_down(
+    start_service: StartService, servers: dict[str, FakeModel]
+) -> None:
+    """a stalls past its first-token limit; b holds its headers: the drain's grace bounds the wait
+    for b as it bounds a read, and the stream ends with its one terminal event."""
+    svc = start_service(
+        UPSTREAMS=upstreams(servers, a={"first_token_timeout_s": 0.5}),
+        OPENAI_BASE_URL="<unset>",
+        OPENAI_API_KEY="<unset>",
+        IDLE_TIMEOUT_S="25",
+        UPSTREAM_MAX_RETRIES="0",
+        SHUTDOWN_GRACE_S="1",
+    )
+    servers["a"].forced = {"stall_after": "0"}
+    servers["b"].forced = {"header_delay": "20"}
+    headers = {"X-Request-ID": "fo-drain"}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", f"{svc.url}/chat", json={"message": ANSWER}, headers=headers) as response,
+    ):
+        events = (e for e in iter_sse(response) if e.comment is None)
+        got = [next(events)]
+        svc.wait_for_log("upstream_failed", "fo-drain")
+        svc.signal(signal.SIGTERM)
+        got += list(events)
+
+    assert [e.event for e in got] == ["meta", "error"]
+    assert got[-1].data["code"] == "shutting_down"
+
+
+def test_the_state_of_a_failed_attempt_is_not_the_answers(
+    start_service: StartService, servers: dict[str, FakeModel]
+) -> None:
+    """a sends usage and a finish_reason but no content, then an error: b's answer is done with its
+    own finish_reason and the usage of its own deltas."""
+    svc = start_service(
+        UPSTREAMS=upstreams(servers), OPENAI_BASE_URL="<unset>", OPENAI_API_KEY="<unset>", UPSTREAM_MAX_RETRIES="0"
+    )
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 999, "completion_tokens": 0, "total_tokens": 999}}
+    finish = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}
+    error = {"error": {"message": "x", "type": "server_error", "code": "boom"}}
+    servers["a"].scripts["spent"] = [json.dumps(frame).encode() for frame in (usage, finish, error)]
+    servers["a"].forced = {"script": "spent"}
+    servers["b"].forced = {"usage": "0"}
+
+    _, events = chat(svc, "fo-spent")
+
+    assert_one_answer_from(events, "b")
+    done = events[-1].data
+    assert done["finish_reason"] == "stop"
+    assert (done["usage"]["completion_tokens"], done["usage"]["source"]) == (5, "estimated")
+
+
+def test_when_every_server_failed_the_list_is_tried_again(
+    start_service: StartService, servers: dict[str, FakeModel]
+) -> None:
+    svc = start_service(
+        UPSTREAMS=upstreams(servers), OPENAI_BASE_URL="<unset>", OPENAI_API_KEY="<unset>", UPSTREAM_MAX_RETRIES="1"
+    )
+    for name in "abc":  # each fails its first request only
+        servers[name].forced = {"status": "503", "fail_times": "1", "key": f"fo-round-{name}"}
+    before = requests_seen(servers)
+
+    _, events = chat(svc, "fo-round")
+
+    assert_one_answer_from(events, "a")
+    assert requests_seen(servers) == {"a": before["a"] + 2, "b": before["b"] + 1, "c": before["c"] + 1}
+    assert svc.wait_for_log("upstream_retry", "fo-round")["retry"] == 1

@@ -280,6 +280,23 @@ def test_a_claim_whose_first_request_failed_is_freed_on_every_replica(
     assert "k-across" not in stored
 
 
+def test_a_stream_that_ended_with_an_error_before_any_content_frees_the_key_on_every_replica(
+    pair: tuple[Service, Service], fake_model: FakeModel
+) -> None:
+    """The stream starts and fails within one write batch: the key's "started" and "free" reach
+    Redis as one change, so that the request sent again, on either replica, is tried again."""
+    a, b = pair
+    message = "fake:deltas=0,no_finish=1,tag=idem-nothing-across"
+    failed = post(a, {"message": message}, "k-nothing-across")
+    assert [e.event for e in parse(failed)] == ["meta", "error"]
+
+    again = post(b, {"message": message}, "k-nothing-across")
+
+    assert [e.event for e in parse(again)] == ["meta", "error"]
+    assert again.headers["x-stream-id"] != failed.headers["x-stream-id"]
+    assert upstream_requests_for(fake_model, message) == 2
+
+
 def test_a_key_with_no_store_to_hold_it_is_refused_not_answered_twice(
     start_service: StartService, tmp_path_factory: pytest.TempPathFactory, fake_model: FakeModel
 ) -> None:

@@ -90,6 +90,13 @@ def test_upstreams_stand_in_place_of_openai_settings_not_beside_them() -> None:
     assert [server.name for server in chatsvc.Settings(_env_file=None).upstreams] == ["default"]
 
 
+def test_the_default_model_must_be_served_too() -> None:
+    """A request that names no model asks for OPENAI_MODEL, also when ALLOWED_MODELS leaves it out."""
+    listed = [{"name": "a", "base_url": "http://127.0.0.1:9/v1", "models": ["m1"]}]
+    with pytest.raises(ValueError, match="no upstream serves the model 'gpt-4o-mini'"):
+        chatsvc.Settings(UPSTREAMS=listed, ALLOWED_MODELS="m1", _env_file=None)
+
+
 def test_bad_value_stops_uvicorn_chatsvc_app_with_the_message(tmp_path: Path) -> None:
     """`uvicorn chatsvc:app` builds the app when the server starts its lifespan: a bad value stops the
     server there with the same three-part message, as any app whose startup failed (uvicorn exits 3),
