@@ -73,6 +73,15 @@ def chatsvc(start_module_service: StartService, servers: dict[str, FakeModel]) -
     return svc
 
 
+def only_upstreams(
+    start: StartService, servers: dict[str, FakeModel], per_server: dict[str, dict[str, Any]] | None = None, **env: str
+) -> Service:
+    """chatsvc with these servers as its UPSTREAMS, in place of the tests' OPENAI_*."""
+    return start(
+        UPSTREAMS=upstreams(servers, **(per_server or {})), OPENAI_BASE_URL="<unset>", OPENAI_API_KEY="<unset>", **env
+    )
+
+
 def requests_seen(servers: dict[str, FakeModel]) -> dict[str, int]:
     return {name: len(fake.requests) for name, fake in servers.items()}
 
@@ -227,11 +236,7 @@ def test_when_every_server_fails_before_the_first_token_one_error_event_ends_the
 def test_a_server_is_sent_its_own_name_for_the_model(
     start_service: StartService, servers: dict[str, FakeModel]
 ) -> None:
-    svc = start_service(
-        UPSTREAMS=upstreams(servers, a={"models": {"gpt-4o-mini": "their-mini"}}),
-        OPENAI_BASE_URL="<unset>",
-        OPENAI_API_KEY="<unset>",
-    )
+    svc = only_upstreams(start_service, servers, {"a": {"models": {"gpt-4o-mini": "their-mini"}}})
     response, events = chat(svc, "fo-mapped")
 
     assert response.status_code == 200
@@ -288,10 +293,9 @@ COOLDOWN_S = 1.0
 
 @pytest.fixture
 def guarded(start_service: StartService, servers: dict[str, FakeModel]) -> Service:
-    svc: Service = start_service(
-        UPSTREAMS=upstreams(servers),
-        OPENAI_BASE_URL="<unset>",
-        OPENAI_API_KEY="<unset>",
+    svc: Service = only_upstreams(
+        start_service,
+        servers,
         UPSTREAM_MAX_RETRIES="0",
         BREAKER_FAILURES="2",
         BREAKER_WINDOW_S="60",
@@ -359,10 +363,9 @@ def test_a_request_out_of_time_blames_no_server_it_did_not_ask(
 ) -> None:
     """a holds its headers past the whole budget: the request ends, and b and c, never asked, are
     not counted as failed (with BREAKER_FAILURES=1 their breakers would open)."""
-    svc = start_service(
-        UPSTREAMS=upstreams(servers),
-        OPENAI_BASE_URL="<unset>",
-        OPENAI_API_KEY="<unset>",
+    svc = only_upstreams(
+        start_service,
+        servers,
         REQUEST_TIMEOUT_S="1.5",
         IDLE_TIMEOUT_S="10",
         UPSTREAM_MAX_RETRIES="0",
@@ -387,10 +390,10 @@ def test_a_drain_during_a_failover_ends_the_stream_with_shutting_down(
 ) -> None:
     """a stalls past its first-token limit; b holds its headers: the drain's grace bounds the wait
     for b as it bounds a read, and the stream ends with its one terminal event."""
-    svc = start_service(
-        UPSTREAMS=upstreams(servers, a={"first_token_timeout_s": 0.5}),
-        OPENAI_BASE_URL="<unset>",
-        OPENAI_API_KEY="<unset>",
+    svc = only_upstreams(
+        start_service,
+        servers,
+        {"a": {"first_token_timeout_s": 0.5}},
         IDLE_TIMEOUT_S="25",
         UPSTREAM_MAX_RETRIES="0",
         SHUTDOWN_GRACE_S="1",
@@ -417,9 +420,7 @@ def test_the_state_of_a_failed_attempt_is_not_the_answers(
 ) -> None:
     """a sends usage and a finish_reason but no content, then an error: b's answer is done with its
     own finish_reason and the usage of its own deltas."""
-    svc = start_service(
-        UPSTREAMS=upstreams(servers), OPENAI_BASE_URL="<unset>", OPENAI_API_KEY="<unset>", UPSTREAM_MAX_RETRIES="0"
-    )
+    svc = only_upstreams(start_service, servers, UPSTREAM_MAX_RETRIES="0")
     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
     usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 999, "completion_tokens": 0, "total_tokens": 999}}
     finish = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}
@@ -439,9 +440,7 @@ def test_the_state_of_a_failed_attempt_is_not_the_answers(
 def test_when_every_server_failed_the_list_is_tried_again(
     start_service: StartService, servers: dict[str, FakeModel]
 ) -> None:
-    svc = start_service(
-        UPSTREAMS=upstreams(servers), OPENAI_BASE_URL="<unset>", OPENAI_API_KEY="<unset>", UPSTREAM_MAX_RETRIES="1"
-    )
+    svc = only_upstreams(start_service, servers, UPSTREAM_MAX_RETRIES="1")
     for name in "abc":  # each fails its first request only
         servers[name].forced = {"status": "503", "fail_times": "1", "key": f"fo-round-{name}"}
     before = requests_seen(servers)
