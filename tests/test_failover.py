@@ -155,6 +155,22 @@ def test_real_clients_see_one_answer_after_a_failover(
     assert answer["message"]["metadata"]["upstream"] == "b"
 
 
+def test_a_request_sent_again_with_its_key_gets_the_answer_of_the_server_that_answered(
+    chatsvc: Service, servers: dict[str, FakeModel]
+) -> None:
+    servers["a"].forced = {"status": "503"}
+    before = requests_seen(servers)
+    key = {"Idempotency-Key": "fo-idem-1"}
+
+    _, first = chatsvc.chat({"message": ANSWER}, headers={**key, "X-Request-ID": "fo-idem-1"})
+    servers["a"].forced = {}  # a is back: the answer sent again is still b's, not a new one
+    _, again = chatsvc.chat({"message": ANSWER}, headers={**key, "X-Request-ID": "fo-idem-2"})
+
+    assert_one_answer_from(first, "b")
+    assert [(e.id, e.event, e.data) for e in again] == [(e.id, e.event, e.data) for e in first]
+    assert requests_seen(servers) == {"a": before["a"] + 1, "b": before["b"] + 1, "c": before["c"]}
+
+
 def test_a_refused_connection_moves_the_stream_to_the_next(chatsvc: Service, servers: dict[str, FakeModel]) -> None:
     before = requests_seen(servers)
 
