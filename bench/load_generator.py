@@ -40,6 +40,7 @@ async def one(
     does."""
     path, body = {
         "chatsvc": ("/chat", {"message": message}),
+        "chatsvc-idem": ("/chat", {"message": message}),
         "ai-sdk": (
             "/api/chat",
             {"id": uuid.uuid4().hex, "messages": [_ui_message(message)], "trigger": "submit-message"},
@@ -50,6 +51,8 @@ async def one(
         ),
     }[target]
     payload = json.dumps(body).encode()
+    # chatsvc-idem: each stream sent with an Idempotency-Key of its own, as a careful client sends it
+    key = b"Idempotency-Key: %s\r\n" % uuid.uuid4().hex.encode() if target == "chatsvc-idem" else b""
     sent = time.perf_counter()
     first = None
     text: list[str] = []
@@ -59,7 +62,7 @@ async def one(
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
                 b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n%s" % (path.encode(), len(payload), payload)
+                b"%sConnection: close\r\n\r\n%s" % (path.encode(), len(payload), key, payload)
             )
             head = await reader.readuntil(b"\r\n\r\n")
             if not head.startswith(b"HTTP/1.1 200"):
@@ -132,7 +135,7 @@ def _ui_message(text: str) -> dict[str, Any]:
 
 
 def _content(obj: dict[str, Any], target: str, event: bytes) -> str | None:
-    if target == "chatsvc":
+    if target in ("chatsvc", "chatsvc-idem"):
         return obj.get("content") if event == b"delta" else None
     if target == "ai-sdk":
         return obj.get("delta") if obj.get("type") == "text-delta" else None
@@ -188,7 +191,7 @@ async def run(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--target", choices=["chatsvc", "ai-sdk", "upstream"], required=True)
+    parser.add_argument("--target", choices=["chatsvc", "chatsvc-idem", "ai-sdk", "upstream"], required=True)
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--message", default="bench:chunks=20")

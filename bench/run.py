@@ -9,10 +9,13 @@ Each relay in turn is pinned to core 0 with taskset; the fake upstream and the l
 its own process) share core 1. Relays: `floor` (bench/floor_relay.py: the fixed stack, no checks),
 `chatsvc` (resume on, the defaults), `chatsvc-noresume` (RESUME_GRACE_S=0, RESUME_TTL_S=0),
 `ai-sdk` (chatsvc as `chatsvc`, but every stream on POST /api/chat, the AI SDK's protocol),
-`chatsvc-traced` (as `chatsvc`, with OpenTelemetry exporting every request's spans to a loopback
-OTLP receiver, tests/otlp_receiver.py, on core 1), `chatsvc-redis` (as `chatsvc`, with
-RESUME_STORE=redis:// on Debian's redis-server, on core 1, and a second replica beside it: its R
-resumes, and its X stops, every stream on that other replica) and `obvious`
+`chatsvc-upstreams` (as `chatsvc`, with UPSTREAMS naming the fake upstream twice: failover and
+breakers on, the first server answering), `chatsvc-idem` (as `chatsvc`, every stream with an
+Idempotency-Key of its own), `chatsvc-traced` (as `chatsvc`, with OpenTelemetry exporting
+every request's spans to a loopback OTLP receiver, tests/otlp_receiver.py, on core 1),
+`chatsvc-redis` (as `chatsvc`, with RESUME_STORE=redis:// on Debian's redis-server, on core 1, and
+a second replica beside it: its R resumes, and its X stops, every stream on that other replica)
+and `obvious`
 (bench/obvious_relay.py). Scenarios:
   A. time to first delta, p50 at concurrency 1 (added: relay minus upstream direct), measured with
      every relay up at once, in interleaved rounds;
@@ -398,6 +401,8 @@ class Bench:
             ("ai-sdk", "chatsvc", ("B", "C", "Bi", "Ci")),
             ("chatsvc-traced", "chatsvc", ("B", "C", "Bi", "Ci", "D mem")),
             ("chatsvc-redis", "chatsvc", ("B", "C", "Bi", "Ci", "D mem")),
+            ("chatsvc-upstreams", "chatsvc", ("A", "B", "C", "Bi", "Ci", "D mem")),
+            ("chatsvc-idem", "chatsvc", ("A", "B", "C", "Bi", "Ci", "D mem")),
             ("chatsvc", "baseline", ("A", "B", "C", "Bi", "Ci", "D mem")),
         ]
         ratios = [r for r in ratios if r[0] in relays and r[1] in relays]
@@ -441,7 +446,7 @@ def main() -> int:
         "--relays",
         default="floor,chatsvc,chatsvc-noresume,ai-sdk,chatsvc-traced,chatsvc-redis,obvious",
         help="comma-separated: floor, chatsvc, chatsvc-noresume, ai-sdk, chatsvc-traced, chatsvc-redis,"
-        " chatsvc-quiet, obvious,"
+        " chatsvc-upstreams, chatsvc-idem, chatsvc-quiet, obvious,"
         " chatsvc-h11,"
         " chatsvc-granian (after `pip install granian`)",
     )
@@ -531,6 +536,20 @@ def main() -> int:
             no_resume,
             has_metrics=True,
         ),
+        # The same service with two model servers in UPSTREAMS (the fake upstream under two names):
+        # what failover and the breakers cost while the first one answers.
+        "chatsvc-upstreams": replace(
+            chatsvc,
+            name="chatsvc-upstreams",
+            env={
+                **{k: v for k, v in upstream_env.items() if not k.startswith("OPENAI_") or k == "OPENAI_MODEL"},
+                "UPSTREAMS": json.dumps(
+                    [{"name": name, "base_url": upstream_env["OPENAI_BASE_URL"], "api_key": "bench"} for name in "ab"]
+                ),
+            },
+        ),
+        # The same service, every stream sent with an Idempotency-Key of its own.
+        "chatsvc-idem": replace(chatsvc, name="chatsvc-idem", target="chatsvc-idem", resumes=False),
         # Another version of chatsvc, run as `chatsvc` is: the same run with a change and without it.
         "baseline": replace(
             chatsvc, name="baseline", command=[PY, str((args.baseline or ROOT) / "chatsvc.py")], resumes=False
