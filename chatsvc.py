@@ -1273,6 +1273,11 @@ def pieces(entries: list[bytes], start: int, end: int) -> Iterator[bytes]:
     if end - start == 1 and len(entries[start]) <= WRITE_BYTES:  # a live delta: most writes
         yield entries[start]
         return
+    events = entries[start:end]
+    if sum(map(len, events)) <= WRITE_BYTES:  # deltas that came back to back: no loop over them in Python
+        if events:
+            yield b"".join(events)
+        return
     batch: list[bytes] = []
     size = 0
     for i in range(start, end):
