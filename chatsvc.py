@@ -137,7 +137,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NoReturn, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -1383,25 +1383,29 @@ class UpstreamFrames:
     def feed(self, data: bytes) -> list[bytes]:
         # Each read is searched once, and the bytes of an event joined once, when its end comes
         # (note 16): joining the whole buffer to every read was quadratic in an event's length.
+        # Most reads are whole events with \n line ends: they pass two searches and one split.
         if self.cr:
             data = b"\r" + data
-        self.cr = data.endswith(b"\r")
-        if self.cr:
-            data = data[:-1]
         if b"\r" in data:
+            self.cr = data.endswith(b"\r")
+            if self.cr:
+                data = data[:-1]
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        blank_line_across = data[:1] == b"\n" and bool(self.pieces) and self.pieces[-1].endswith(b"\n")
-        if b"\n\n" not in data and not blank_line_across:
-            if data:
-                self.pieces.append(data)
-                self.size += len(data)
+        if pieces := self.pieces:  # an event begun in an earlier read
+            if b"\n\n" not in data and not (data[:1] == b"\n" and pieces[-1].endswith(b"\n")):
+                if data:
+                    pieces.append(data)
+                    self.size += len(data)
+                if self.size > self.MAX_EVENT_BYTES:
+                    raise MalformedStream("an event over MAX_EVENT_BYTES")
+                return []
+            data = b"".join([*pieces, data])
+            self.pieces, self.size = [], 0
+        *blocks, rest = data.split(b"\n\n")
+        if rest:
+            self.pieces, self.size = [rest], len(rest)
             if self.size > self.MAX_EVENT_BYTES:
                 raise MalformedStream("an event over MAX_EVENT_BYTES")
-            return []
-        *blocks, rest = (b"".join([*self.pieces, data]) if self.pieces else data).split(b"\n\n")
-        self.pieces, self.size = ([rest] if rest else []), len(rest)
-        if self.size > self.MAX_EVENT_BYTES:
-            raise MalformedStream("an event over MAX_EVENT_BYTES")
         out: list[bytes] = []
         for block in blocks:
             if block.startswith(b"data:") and b"\n" not in block:  # what every server sends
@@ -1421,12 +1425,10 @@ class UpstreamFrames:
         return self.feed(b"\n") if self.cr else []
 
 
-class UpstreamChunk(NamedTuple):
-    """What the relay takes from one chunk of the model server, checked (note 18)."""
-
-    content: str | None
-    finish_reason: str | None
-    usage: tuple[int, int, int] | None  # prompt, completion, total
+#: What the relay takes from one chunk of the model server, checked (note 18): its content, its
+#: finish_reason and its usage (prompt, completion, total). A plain tuple: this is made for every
+#: chunk, and a NamedTuple's constructor, a Python function, cost more than the checks.
+UpstreamChunk = tuple[str | None, str | None, tuple[int, int, int] | None]
 
 
 FINISH_REASON_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # a name: it is logged and sent on
@@ -1451,7 +1453,7 @@ def parse_chunk(data: bytes, request: httpx2.Request) -> UpstreamChunk:
     usage = None if (reported := chunk.get("usage")) is None else _upstream_usage(reported)
     choices = chunk.get("choices")
     if choices is None or choices == []:  # the usage chunk has no choice
-        return UpstreamChunk(None, None, usage)
+        return None, None, usage
     if not isinstance(choices, list):
         raise MalformedStream("choices is not a list")
     choice = choices[0]
@@ -1464,13 +1466,13 @@ def parse_chunk(data: bytes, request: httpx2.Request) -> UpstreamChunk:
         raise MalformedStream("finish_reason is not a name")
     delta = choice.get("delta")
     if delta is None:
-        return UpstreamChunk(None, finish_reason, usage)
+        return None, finish_reason, usage
     if not isinstance(delta, dict):
         raise MalformedStream("delta is not an object")
     content = delta.get("content")
     if content is not None and not isinstance(content, str):
         raise MalformedStream("content is not a string")
-    return UpstreamChunk(content or None, finish_reason, usage)
+    return content or None, finish_reason, usage
 
 
 def _upstream_usage(usage: object) -> tuple[int, int, int] | None:
@@ -1568,6 +1570,11 @@ def pieces(entries: list[bytes], start: int, end: int) -> Iterator[bytes]:
     than a cut between events."""
     if end - start == 1 and len(entries[start]) <= WRITE_BYTES:  # a live delta: most writes
         yield entries[start]
+        return
+    events = entries[start:end]
+    if sum(map(len, events)) <= WRITE_BYTES:  # deltas that came back to back: no loop over them in Python
+        if events:
+            yield b"".join(events)
         return
     batch: list[bytes] = []
     size = 0
