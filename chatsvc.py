@@ -1321,8 +1321,7 @@ class Failover:
         """The budget ran out between attempts: the last failure, if there was one, says why."""
         if self.last is not None:
             return self.named(self.last)
-        detail = f"the model server did not accept the request within {self.settings.REQUEST_TIMEOUT_S} s"
-        return ServiceError("upstream_timeout", detail)
+        return map_upstream_error(TimeoutError(), self.settings)
 
     def named(self, error: ServiceError) -> ServiceError:
         """With several model servers, the error says which one failed last (by name, never by URL)."""
@@ -1906,8 +1905,7 @@ class Producer:
         except ServiceError as final:
             return Failed(final)
         except TimeoutError as exc:
-            deadlines = {"deadline": self.deadline, "drain_deadline": self.service.drain_deadline}
-            return Failed(map_upstream_error(exc, self.settings, streaming=True, **deadlines))
+            return self.failure(exc)
         finally:
             self.read_scope = None
         assert self.resources is not None
@@ -1941,12 +1939,16 @@ class Producer:
                     self.take_frames(frames.end(), request)
         except UPSTREAM_FAILURES as exc:
             if not ended:
-                deadlines = {"deadline": self.deadline, "drain_deadline": self.service.drain_deadline,
-                             "first_token_by": self.first_token_by}  # fmt: skip
-                return self.cut(Failed(map_upstream_error(exc, self.settings, streaming=True, **deadlines)))
+                return self.cut(self.failure(exc))
         finally:
             self.read_scope = None
         return Finished(self.finish_reason)
+
+    def failure(self, exc: Exception) -> Failed:
+        """A failure of the read, or of a reopen, in our codes: the deadline that passed, if one did."""
+        deadlines = {"deadline": self.deadline, "drain_deadline": self.service.drain_deadline,
+                     "first_token_by": self.first_token_by}  # fmt: skip
+        return Failed(map_upstream_error(exc, self.settings, streaming=True, **deadlines))
 
     def cut(self, failed: Failed) -> Ending:
         """A read cut by a deadline (or the idle limit) once a finish_reason has come still has the
@@ -2843,8 +2845,8 @@ class Service:
         self.finished.pop(stream_log.stream_id, None)
         if stream_log.chat is not None and self.chats.get(stream_log.chat) is stream_log:
             del self.chats[stream_log.chat]
-        if (claim := self.claim_of.pop(stream_log.stream_id, None)) is not None:
-            self.claims.pop(claim.name, None)
+        if (claim := self.claim_of.get(stream_log.stream_id)) is not None:
+            self.forget(claim)
 
     def trim(self) -> None:
         """Drop finished logs past RESUME_TTL_S, and the oldest finished ones while over RESUME_BUFFER_MB."""
@@ -2937,19 +2939,22 @@ class Service:
         """The stream ended with an error before any content: its key is free, so that the request,
         sent again as the error says, is tried again rather than given the error again. Followers
         attached by the key have it already."""
-        if (claim := self.claim_of.pop(stream_log.stream_id, None)) is not None:
-            if self.claims.get(claim.name) is claim:
-                del self.claims[claim.name]
+        if (claim := self.claim_of.get(stream_log.stream_id)) is not None:
+            self.forget(claim)
             if self.store is not None:
                 self.store.settle(claim.name, claim.held, None)
+
+    def forget(self, claim: Claim) -> None:
+        """The key no longer names this claim's stream here (the store is told by the caller)."""
+        if self.claims.get(claim.name) is claim:
+            del self.claims[claim.name]
+        self.claim_of.pop(claim.stream_id, None)
 
     def release(self, claim: Claim) -> None:
         """The key's stream never started: the key is free, for the requests waiting for it too."""
         if claim.stream_log is not None:
             return
-        if self.claims.get(claim.name) is claim:
-            del self.claims[claim.name]
-        self.claim_of.pop(claim.stream_id, None)
+        self.forget(claim)
         claim.settled.set()
         if self.store is not None:
             self.store.settle(claim.name, claim.opening, None)
