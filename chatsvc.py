@@ -3,10 +3,11 @@
 Read top-down: settings, errors, the request middleware, the chat request and the upstream client,
 the relay (the stream log, its producer and its followers), the store interface, admission and
 drain (the service's state), the endpoints, `create_app`, and the launcher that `python chatsvc.py`
-runs. Each integration that brings a library of its own sits
-beside this module, imported only when configured: redis_store.py (redis-py), tracing.py (the
-OpenTelemetry SDK), worker_metrics.py (prometheus-client's multiprocess mode); ai_sdk.py holds the
-AI SDK's protocol, and logging_conf.py the logging.
+runs. Each integration that brings a library of its own sits beside this module: redis_store.py
+(redis-py) and tracing.py (the OpenTelemetry SDK) imported only when configured, worker_metrics.py
+(prometheus-client's multiprocess mode) only with several workers; metrics.py (prometheus-client),
+http_protocol.py (uvicorn's protocol), logging_conf.py (python-json-logger) and ai_sdk.py (the AI
+SDK's protocol) always.
 
 Deliberate departures from the libraries' defaults. The code points back here as "note N"; each note
 says what departs from which default and why, and docs/design.md explains it at length.
@@ -118,14 +119,11 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing
 import os
 import random
 import re
 import secrets
 import signal
-import socket
-import struct
 import sys
 import threading
 import time
@@ -133,11 +131,11 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NoReturn, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -150,15 +148,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -181,16 +171,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
 import ai_sdk
+from http_protocol import ABORT_EXTENSION, ServerConfig
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
+from metrics import Metrics, join_worker_metrics
 from tracing import Tracing
-
-if TYPE_CHECKING:
-    from worker_metrics import WorkerMetrics  # imported with several workers only (note 13)
 
 log = logging.getLogger("chatsvc")
 
@@ -2215,10 +2202,6 @@ class Producer:
             self.record(Outcome(code, "request_failed", level, fields, usage, {}, error=error))
 
 
-#: The ASGI scope extension that `HttpProtocol` offers: `scope["extensions"][ABORT_EXTENSION]["abort"]()`.
-ABORT_EXTENSION = "chatsvc.abort"
-
-
 class FollowerResponse(EventSourceResponse):
     """One client's view of a stream: the log from a position, then live to the terminal event. The
     original POST is the first follower; a resume is another (note 11)."""
@@ -2380,147 +2363,6 @@ def check_store(settings: Settings) -> None:
 
 
 # --- Admission and drain: the service's state -------------------------------------------------------
-
-
-def join_worker_metrics() -> WorkerMetrics | None:
-    """In a worker of a supervisor, or with the operator's PROMETHEUS_MULTIPROC_DIR: the metrics
-    directory that the workers share (note 13). Elsewhere None, and its module is not imported."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") and multiprocessing.parent_process() is None:
-        return None
-    from worker_metrics import WorkerMetrics
-
-    return WorkerMetrics.join()
-
-
-@dataclass
-class Metrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    #: With several workers (note 13), the metrics live in shared files, and gauges whose value is
-    #: read when scraped are written by `workers` every second instead.
-    workers: WorkerMetrics | None = None
-
-    def __post_init__(self) -> None:
-        r = self.registry
-
-        def gauge(name: str, documentation: str, mode: Literal["livesum", "livemax"] = "livesum") -> Gauge:
-            return Gauge(name, documentation, registry=r, multiprocess_mode=mode)  # how workers combine
-
-        self.requests = Counter(
-            "chatsvc_requests",
-            "Chat requests by outcome code, refusals before the stream included",
-            ["code"],
-            registry=r,
-        )
-        self.active = gauge("chatsvc_active_streams", "Streams in progress, detached ones included")
-        self.ttft = Histogram(
-            "chatsvc_time_to_first_token_seconds",
-            "Request start to first delta",
-            registry=r,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-        )
-        self.duration = Histogram(
-            "chatsvc_stream_duration_seconds",
-            "Request start to the end of the stream",
-            registry=r,
-            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
-        )
-        self.tokens = Counter("chatsvc_tokens", "Tokens relayed", ["kind"], registry=r)
-        # Note 22: labelled by the upstream's name, a bounded set (UPSTREAMS).
-        self.upstream_attempts = Counter(
-            "chatsvc_upstream_attempts",
-            "Requests to each model server by result: ok (it answered), or the code that ended the attempt",
-            ["upstream", "result"],
-            registry=r,
-        )
-        self.circuit_open = Gauge(
-            "chatsvc_upstream_circuit_open",
-            "1 while a model server's circuit breaker is open (skipped), else 0",
-            ["upstream"],
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self.resumes = Counter(
-            "chatsvc_resumes",
-            "Resume requests by outcome: resumed, finished (204), not_found, unavailable (503)",
-            ["outcome"],
-            registry=r,
-        )
-        # RESUME_STORE=redis:// (note 15): each round trip of the writer, and streams given up on.
-        self.store_writes = Counter(
-            "chatsvc_store_writes", "Round trips writing to RESUME_STORE, by result: ok, failed", ["result"], registry=r
-        )
-        self.store_latency = Histogram(
-            "chatsvc_store_write_seconds",
-            "Duration of a write round trip to RESUME_STORE",
-            registry=r,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
-        )
-        self.store_unresumable = Counter(
-            "chatsvc_store_unresumable_streams",
-            "Streams whose store writes failed or fell behind: resumable only on their own replica",
-            ["reason"],
-            registry=r,
-        )
-        for result in ("ok", "failed"):  # 0 from the start (and without a store): rate() sees the first
-            self.store_writes.labels(result)
-        self.detached = gauge("chatsvc_detached_streams", "Streams running with no client attached")
-        self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)")
-        # For the alert rules (deploy/prometheus/rules.yml): the limits, and how long a drain has run.
-        self.max_streams = gauge("chatsvc_max_concurrent_streams", "MAX_CONCURRENT_STREAMS (summed: the host's)")
-        self.grace = gauge("chatsvc_shutdown_grace_seconds", "SHUTDOWN_GRACE_S", "livemax")
-        self.drain_seconds = gauge("chatsvc_drain_seconds", "Seconds since the drain began; 0 before", "livemax")
-        # What leak checks watch: memory and open descriptors (process_*: per process, so not in
-        # the sum of several workers), and tasks on the loop.
-        if self.workers is None:
-            ProcessCollector(registry=r)
-        tasks = gauge("chatsvc_event_loop_tasks", "asyncio tasks on the event loop")
-        self.observe(tasks, lambda: len(asyncio.all_tasks()))
-        # A stall of the event loop stalls every stream at once: how late a 10 ms timer fires (so a
-        # stall reads up to LAG_PROBE_S short), and each garbage collection's pause, measured exactly.
-        stall_buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-        self.loop_lag = Histogram(
-            "chatsvc_event_loop_lag_seconds", "How late a timer fires", registry=r, buckets=stall_buckets
-        )
-        self.gc_pause = Histogram(
-            "chatsvc_gc_pause_seconds",
-            "Garbage collection pauses; when=idle: the full collections we run when no stream is open",
-            ["generation", "when"],
-            registry=r,
-            buckets=stall_buckets,
-        )
-        self._gc_started = 0.0
-        self.collecting_when_idle = False
-        self.idle_collections = 0  # the lag probe leaves out the samples that span one
-
-    LAG_PROBE_S = 0.01
-
-    def observe(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """A gauge whose value is `read()`: at each scrape, or with several workers every second."""
-        if self.workers is not None:
-            self.workers.observe(gauge, read)
-        else:
-            gauge.set_function(read)
-
-    async def watch_loop_lag(self) -> None:
-        while True:
-            planned, idle_collections = time.perf_counter() + self.LAG_PROBE_S, self.idle_collections
-            await asyncio.sleep(self.LAG_PROBE_S)
-            if idle_collections == self.idle_collections:
-                self.loop_lag.observe(max(0.0, time.perf_counter() - planned))
-
-    def on_gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        else:
-            when = "idle" if self.collecting_when_idle else "serving"
-            self.gc_pause.labels(str(info["generation"]), when).observe(time.perf_counter() - self._gc_started)
-
-    def collect_when_idle(self) -> None:
-        self.collecting_when_idle, self.idle_collections = True, self.idle_collections + 1
-        try:
-            gc.collect()
-        finally:
-            self.collecting_when_idle = False
 
 
 IDLE_GC_INTERVAL_S = 1.0  # a full collection when idle walks few objects: a few ms
@@ -3545,109 +3387,22 @@ def drain_on_signals(service: Service) -> Callable[[], None]:
     return restore
 
 
-# --- Connections (note 17) -------------------------------------------------------------------------
-
-LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, for 0 s: close() resets, dropping what is queued
+# --- Launcher ---------------------------------------------------------------------------------------
 
 
-class ServerConfig(uvicorn.Config):
-    """uvicorn's configuration, with our HTTP protocol and the settings it reads. With WORKERS > 1,
-    uvicorn pickles it to each worker, settings included."""
-
-    def __init__(self, app: Any, settings: Settings, **options: Any) -> None:
-        super().__init__(app, http=HttpProtocol, **options)
-        self.settings = settings
-
-
-class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol (httptools, which uvicorn picks by itself), with what uvicorn
-    leaves out (note 17): a deadline for each request's headers, and a way for the app to abort the
-    connection. One timer per request, from the connection's start (or a kept-alive connection's
-    next first byte) to the end of the headers."""
-
-    def __init__(
-        self,
-        config: uvicorn.Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        assert isinstance(config, ServerConfig), "HttpProtocol reads its settings from a ServerConfig"
-        self.headers_timeout_s = config.settings.HEADERS_TIMEOUT_S
-        self.headers_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.headers_timer = self.loop.call_later(self.headers_timeout_s, self.headers_timed_out)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_headers_timer()
-        super().connection_lost(exc)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.scope["extensions"] = {ABORT_EXTENSION: {"abort": self.abort}}
-        if self.headers_timer is None:  # a later request on a kept-alive connection: from its first byte
-            self.headers_timer = self.loop.call_later(self.headers_timeout_s, self.headers_timed_out)
-
-    def on_headers_complete(self) -> None:
-        self.stop_headers_timer()
-        super().on_headers_complete()
-
-    def stop_headers_timer(self) -> None:
-        if self.headers_timer is not None:
-            self.headers_timer.cancel()
-            self.headers_timer = None
-
-    def headers_timed_out(self) -> None:
-        self.headers_timer = None
-        if self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined request behind an answer still going: no 408 in the middle of that answer;
-            # the connection closes after it, as at uvicorn's shutdown.
-            self.cycle.keep_alive = False
-            return
-        # The timer runs only while headers are awaited, and uvicorn makes a request's scope at its
-        # first byte: with a scope, some of the request came, and can be answered.
-        if self.scope is not None:
-            token = correlation_id.set(str(uuid.uuid4()))
-            try:
-                self.transport.write(self.request_timeout())
-            finally:
-                correlation_id.reset(token)
-        self.transport.close()
-
-    def request_timeout(self) -> bytes:
-        """The 408, logged and rendered as render_error does, as bytes to write."""
+def headers_timed_out(request_id: str, timeout_s: float) -> Response:
+    """The 408 for a request whose headers missed HEADERS_TIMEOUT_S (note 17), logged as render_error
+    logs one, under the correlation id it is given: http_protocol.py writes it."""
+    token = correlation_id.set(request_id)
+    try:
         error = ServiceError(
-            "request_timeout",
-            f"the request headers did not arrive within HEADERS_TIMEOUT_S ({self.headers_timeout_s:g} s)",
+            "request_timeout", f"the request headers did not arrive within HEADERS_TIMEOUT_S ({timeout_s:g} s)"
         )
         log_request_failed({}, error, error.status, None)  # no path yet: uvicorn sets it with the headers
-        response = JSONResponse(
-            error.body(),
-            status_code=error.status,
-            headers={REQUEST_ID_HEADER: correlation_id.get() or "", "Connection": "close"},
-        )
-        headers = [*self.server_state.default_headers, *response.raw_headers]
-        return b"".join(
-            [STATUS_LINE[error.status], *(b"%s: %s\r\n" % header for header in headers), b"\r\n", response.body]
-        )
-
-    def abort(self) -> None:
-        """Drop the connection now, with what is queued for it: asyncio's buffer (transport.abort)
-        and the kernel's (SO_LINGER 0: the peer gets a reset)."""
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        self.transport.abort()
-        if self.cycle is not None and not self.cycle.response_complete:
-            # As connection_lost will, soon: the answer ends here, which uvicorn need not report
-            # as an app that "returned without completing response".
-            self.cycle.disconnected = True
-
-
-# --- Launcher ---------------------------------------------------------------------------------------
+        headers = {REQUEST_ID_HEADER: request_id, "Connection": "close"}
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    finally:
+        correlation_id.reset(token)
 
 
 def app_from_environment() -> Starlette:
@@ -3697,6 +3452,8 @@ def main() -> None:
         "access_log": False,  # request_received / request_completed say more, with the correlation id
         "timeout_graceful_shutdown": int(settings.SHUTDOWN_GRACE_S) + 5,
         "lifespan": "on",
+        "headers_timeout_s": settings.HEADERS_TIMEOUT_S,  # note 17
+        "headers_timed_out": headers_timed_out,
     }
     # uvicorn re-raises the signal it caught once it has shut down, so that the previous handler
     # runs; with the default one the process would die "by SIGTERM" (143) after a clean drain.
@@ -3708,10 +3465,10 @@ def main() -> None:
         # logs. Named by this module's own name: in a worker, multiprocessing has already loaded this
         # script as `__main__`, and "chatsvc" would load it a second time.
         factory = f"{__name__}:{app_from_environment.__name__}"
-        config = ServerConfig(factory, settings, factory=True, workers=settings.WORKERS, **options)
+        config = ServerConfig(factory, factory=True, workers=settings.WORKERS, **options)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
-    server = uvicorn.Server(ServerConfig(create_app(settings), settings, **options))
+    server = uvicorn.Server(ServerConfig(create_app(settings), **options))
     server.run()
     if not server.started:
         raise SystemExit(1)

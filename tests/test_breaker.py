@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 import chatsvc
+from metrics import Metrics
 
 COOLDOWN_S = 0.05
 
@@ -19,7 +20,7 @@ def upstream() -> Iterator[chatsvc.Upstream]:
     settings = chatsvc.Settings(
         OPENAI_BASE_URL="http://127.0.0.1:9/v1", BREAKER_FAILURES=1, BREAKER_COOLDOWN_S=COOLDOWN_S, _env_file=None
     )
-    server = chatsvc.Upstream(settings.upstreams[0], settings, chatsvc.Metrics())
+    server = chatsvc.Upstream(settings.upstreams[0], settings, Metrics())
     yield server
     anyio.run(server.client.close)
 
