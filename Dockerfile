@@ -13,7 +13,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY chatsvc.py logging_conf.py redis_store.py tracing.py metrics.py worker_metrics.py http_protocol.py ai_sdk.py openapi.yaml chat.html ./
+COPY chatsvc.py logging_conf.py redis_store.py tracing.py metrics.py worker_metrics.py http_protocol.py served_files.py ai_sdk.py openapi.yaml chat.html ./
 
 RUN groupadd --system --gid 10001 chatsvc \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin chatsvc

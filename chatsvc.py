@@ -107,7 +107,6 @@ says what departs from which default and why, and docs/design.md explains it at 
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import email.utils
 import enum
@@ -133,7 +132,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, ClassVar, Literal, NoReturn, Protocol, TypeVar
 
@@ -143,7 +141,6 @@ import httpx2
 import openai
 import orjson
 import uvicorn
-import yaml
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -177,11 +174,11 @@ import ai_sdk
 from http_protocol import ABORT_EXTENSION, ServerConfig
 from logging_conf import Redactor, configure_logging, correlation_id, text_fingerprint
 from metrics import Metrics, join_worker_metrics
+from served_files import ChatPage, load_openapi
 from tracing import Tracing
 
 log = logging.getLogger("chatsvc")
 
-HERE = Path(__file__).resolve().parent
 REQUEST_ID_HEADER = "X-Request-ID"
 STREAM_ID_HEADER = "X-Stream-ID"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -3141,62 +3138,8 @@ async def page(request: Request) -> Response:
     return HTMLResponse(chat_page.html, headers=chat_page.headers)
 
 
-@dataclass(frozen=True)
-class ChatPage:
-    """chat.html with its headers: a Content-Security-Policy that allows exactly its own inline
-    script and style (by hash), talks only to this origin, and loads nothing from anywhere."""
-
-    html: str
-    headers: dict[str, str]
-
-    @classmethod
-    def load(cls) -> ChatPage:
-        html = (HERE / "chat.html").read_text(encoding="utf-8")
-        scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
-        styles = re.findall(r"<style>(.*?)</style>", html, flags=re.DOTALL)
-        policy = "; ".join(
-            [
-                "default-src 'none'",
-                "script-src " + " ".join(map(_csp_hash, scripts)),
-                "style-src " + " ".join(map(_csp_hash, styles)),
-                "connect-src 'self'",
-                "base-uri 'none'",
-                "form-action 'none'",
-                "frame-ancestors 'none'",
-            ]
-        )
-        headers = {
-            "Content-Security-Policy": policy,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-cache",
-        }
-        return cls(html, headers)
-
-
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
-
-
 async def openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
-
-
-def load_openapi(settings: Settings) -> dict[str, Any]:
-    """openapi.yaml with this deployment's values: the models it allows and its limits, so that the
-    served contract is exact (the file documents the defaults)."""
-    spec = yaml.safe_load((HERE / "openapi.yaml").read_text(encoding="utf-8"))
-    assert isinstance(spec, dict)
-    schemas = spec["components"]["schemas"]
-    fields = schemas["ChatRequest"]["properties"]
-    fields["model"]["enum"] = [*settings.allowed_models, None]
-    fields["message"]["maxLength"] = settings.MAX_MESSAGE_CHARS
-    fields["history"]["maxItems"] = settings.MAX_HISTORY
-    fields["max_tokens"]["maximum"] = settings.MAX_TOKENS
-    schemas["ChatTurn"]["properties"]["content"]["maxLength"] = settings.MAX_MESSAGE_CHARS
-    schemas["UIChatRequest"]["properties"]["messages"]["maxItems"] = settings.MAX_HISTORY + 1
-    schemas["UITextPart"]["properties"]["text"]["maxLength"] = settings.MAX_MESSAGE_CHARS
-    return spec
 
 
 # --- The app ----------------------------------------------------------------------------------------
@@ -3318,7 +3261,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.state.openapi = load_openapi(settings)
+    app.state.openapi = load_openapi(
+        models=settings.allowed_models,
+        max_message_chars=settings.MAX_MESSAGE_CHARS,
+        max_history=settings.MAX_HISTORY,
+        max_tokens=settings.MAX_TOKENS,
+    )
     app.state.page = ChatPage.load() if settings.SERVE_PAGE else None
     app.state.redactor = Redactor(settings.secrets)
     return app

@@ -163,6 +163,7 @@ def test_image_serves_streams_and_probes_as_non_root(engine: Engine, container: 
         "openapi.yaml",
         "redis_store.py",
         "requirements.txt",
+        "served_files.py",
         "tracing.py",
         "worker_metrics.py",
     ]
