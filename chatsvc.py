@@ -1600,6 +1600,7 @@ class StreamLog:
         self.correlation_id = correlation_id.get()  # the request that started it, for lines logged elsewhere
         self.entries: list[bytes] = []
         self.size = 0
+        self.reached = 0  # how many events it had before a stop cut it (note 23)
         self.finished_at: float | None = None
         self.delivered = False  # a follower has sent the terminal event
         self.followers = 0
@@ -1665,6 +1666,7 @@ class StreamLog:
         cut = self.entries[after + 1 :]
         if not cut:
             return 0
+        self.reached = len(self.entries)
         self.entries = self.entries[: after + 1]
         size = sum(map(len, cut))
         self.size -= size
@@ -2273,6 +2275,8 @@ class RemoteStream(Protocol):
     def finished(self) -> bool: ...  # the store's copy holds the terminal event
     @property
     def delivered(self) -> bool: ...
+    @property
+    def reached(self) -> int: ...  # how many events it had before a stop cut it (note 23)
     @property
     def span_context(self) -> trace.SpanContext: ...
     def __len__(self) -> int: ...  # events in the store's copy so far
@@ -3051,10 +3055,11 @@ def _last_seq(request: Request, stream_log: StreamLog | RemoteStream) -> int | N
     else:
         return None
     # A live stream's copy in the store may be behind what its client has: the follower waits for it.
-    behind_is_possible = not isinstance(stream_log, StreamLog) and not stream_log.finished
-    if seq >= len(stream_log) and not behind_is_possible:
+    if seq < len(stream_log) or not (isinstance(stream_log, StreamLog) or stream_log.finished):
+        return seq
+    if seq >= stream_log.reached:
         raise ServiceError("stream_not_found", f"this stream has sent no event {seq} yet")
-    return seq
+    return len(stream_log) - 2  # cut by a stop (note 23): all it kept before its end, which comes next
 
 
 def authorize(request: Request, settings: Settings) -> bytes | None:

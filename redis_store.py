@@ -590,6 +590,13 @@ class RemoteLog(Generic[P]):
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def reached(self) -> int:
+        """How many events the stream had before a stop cut it (note 23): the highest seq read."""
+        return 1 + max(
+            (int(key) for _, fields in self.read for key in fields if key not in (b"end", b"cut")), default=-1
+        )
+
     def attach(self) -> None:
         pass  # the grace is the producing replica's affair
 

@@ -271,6 +271,9 @@ def test_a_stop_on_b_after_an_event_ends_the_answer_there_on_both(
         assert replay[-1].data == rest[-1].data
         assert replay[-1].data["usage"]["completion_tokens"] == 3
         assert [e.event for e in parse_sse(get_stream(svc, stream_id, after="3").text)] == ["done"]
+        # A client that showed an event the cut removed, back after the end: the end, here or there.
+        past_cut = parse_sse(get_stream(svc, stream_id, {"Last-Event-ID": f"{stream_id}:7"}).text)
+        assert [(e.id, e.event) for e in past_cut] == [(end, "done")]
 
 
 def test_the_key_binding_holds_across_replicas(pair: tuple[Service, Service]) -> None:

@@ -71,6 +71,26 @@ def test_a_stop_while_detached_ends_the_answer_at_the_event_named(svc: Service) 
     assert [e.event for e in follow(svc, stream_id, after="4")] == ["done"]
 
 
+def test_a_client_that_saw_events_past_the_cut_gets_the_end_when_it_comes_back(svc: Service) -> None:
+    """A client that showed more than the one that stopped (another tab), and left before the end:
+    its Last-Event-ID names an event the cut removed. It gets the end, as it would have live; an id
+    never sent is still 404."""
+    stream_id, got = leave_after(svc, SLOW, "stop-past-cut", 8)
+    assert stop_after(svc, stream_id, 3, "query").status_code == 204
+    done = assert_cut_at(svc, stream_id, got[:4])
+    assert got[7].id == f"{stream_id}:7"  # sent, then cut
+    back = follow(svc, stream_id, {"Last-Event-ID": f"{stream_id}:7"})
+    assert [(e.id, e.event, e.data) for e in back] == [(done.id, "done", done.data)]
+    assert [e.event for e in follow(svc, stream_id, after="7")] == ["done"]
+    # Having the end, it is told there is no more; a DELETE from it changes nothing.
+    assert follow(svc, stream_id, {"Last-Event-ID": f"{stream_id}:4"}) == []
+    assert stop_after(svc, stream_id, 7, "header").status_code == 204
+    assert_cut_at(svc, stream_id, got[:4])
+    # An event the stream never reached is no event of it.
+    never = httpx.get(f"{svc.url}/chat/streams/{stream_id}", headers={"Last-Event-ID": f"{stream_id}:999"})
+    assert_error_response(never, 404, "stream_not_found")
+
+
 def test_a_stop_after_the_start_keeps_the_meta_alone(svc: Service) -> None:
     """?after=-1 (the client showed nothing yet): the meta is kept, it holds no text."""
     with opened(svc, SLOW, "stop-start") as (response, events):
