@@ -2189,11 +2189,14 @@ class Producer:
     def last_resort(self, code: str) -> None:
         """End the stream when its ordinary end failed (a bug of ours) or was cut (shutdown): the
         error event encoded at the start, filled with ints alone, unless the log has its terminal
-        event, and the outcome, unless one was recorded. Nothing here can raise (note 18)."""
+        event, and the outcome, unless one was recorded. Nothing here can raise (note 18). An error
+        with nothing answered frees the stream's Idempotency-Key, as `run` does."""
         usage = estimated_usage(self.prompt_chars, self.deltas)
         if not (self.log.finished or self.stopped in (Stop.ABANDONED, Stop.TOO_SLOW)):
             fill = {b"seq": len(self.log.entries), b"prompt": usage["prompt_tokens"], b"completion": self.deltas}
             self.log.append([self.last_words[code] % {**fill, b"total": usage["total_tokens"]}], terminal=True)
+            if not self.deltas:
+                self.service.free_key(self.log)
         if self.outcome is None:
             level = logging.ERROR if code == "internal_error" else logging.WARNING
             fields = {"code": code, "status": 200, "path": self.log.protocol.path}

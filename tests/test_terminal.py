@@ -13,7 +13,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -234,8 +234,20 @@ class Broken(Producer):
             raise RuntimeError("a bug while encoding the terminal event")
         return super().event(name, data)
 
+    def take_frames(self, frames: list[bytes], request: Any) -> bool:
+        if self.failing == "before_any_content":
+            raise RuntimeError("a bug while reading the first chunk")
+        return super().take_frames(frames, request)
 
-async def run_broken(fake_model: FakeModel, failing: str) -> tuple[ChatService, StreamLog]:
+
+KEY = "a-key"  # an Idempotency-Key's name, as start_chat makes it
+
+
+async def run_broken(
+    fake_model: FakeModel, failing: str, *, after: Callable[[ChatService], Awaitable[Any]] | None = None
+) -> tuple[ChatService, StreamLog]:
+    """A stream whose producer is `Broken`, taken under the Idempotency-Key KEY; `after` runs once
+    it has ended, before the service's clients close."""
     settings = Settings(OPENAI_BASE_URL=fake_model.base_url, OPENAI_API_KEY="sk-test", UPSTREAM_MAX_RETRIES=0)
     service = ChatService(settings)
     correlation_id.set(f"broken-{failing}")  # as the middleware sets it for a request
@@ -245,6 +257,7 @@ async def run_broken(fake_model: FakeModel, failing: str) -> tuple[ChatService, 
         started = time.monotonic()
         deadline = started + settings.REQUEST_TIMEOUT_S
         resources = AsyncExitStack()  # as start_chat hands them to the producer
+        assert await service.claim(KEY, "request", "ab" * 16, None, deadline, resources) is None
         slot = await service.take_slot()
         resources.callback(slot.release)
         failover = Failover(service, chat, messages, deadline, NO_SPAN)
@@ -258,6 +271,8 @@ async def run_broken(fake_model: FakeModel, failing: str) -> tuple[ChatService, 
 
         stream_log = service.start_stream("ab" * 16, None, CHATSVC, None, producer, resources)
         await asyncio.gather(*service.producers.values())
+        if after is not None:
+            await after(service)
         return service, stream_log
     finally:
         await service.close_clients()
@@ -296,3 +311,21 @@ def test_a_bug_where_the_stream_ends_still_ends_it_once(
     assert len(outcomes) == 1, outcomes
     expected = "request_failed" if failing == "before_the_outcome_line" else "request_completed"
     assert outcomes[0].getMessage() == expected
+
+
+def test_a_bug_before_any_content_frees_the_idempotency_key(fake_model: FakeModel) -> None:
+    """Bug: a stream ended by the last resort kept its Idempotency-Key although nothing was
+    answered: the request sent again, as `internal_error` says it may be, got the same error for
+    RESUME_TTL_S. Fix: the last resort frees it as the ordinary end of such a stream does."""
+    again: list[object] = []
+
+    async def send_again(service: ChatService) -> None:
+        deadline = time.monotonic() + 5
+        async with AsyncExitStack() as resources:
+            again.append(await service.claim(KEY, "request", "cd" * 16, None, deadline, resources))
+
+    _, stream_log = asyncio.run(run_broken(fake_model, "before_any_content", after=send_again))
+
+    [end] = parse_sse(stream_log.entries[-1])
+    assert (end.event, end.data["code"]) == ("error", "internal_error")
+    assert again == [None]  # the key is free: the request is tried again, not given the error again
