@@ -2874,8 +2874,8 @@ async def start_chat(request: Request, protocol: ChatProtocol) -> Response:
         if idempotency is not None:  # sent again? then the stream the first request started (or starts)
             digest = request_digest(chat_request, chat_id)
             earlier = await service.claim(idempotency, digest, stream_id, owner, deadline, resources)
-            if earlier is not None:
-                return follow_earlier(service, earlier, idempotency)
+            if earlier is not None:  # logged by its name's first digits: the key may say something of its user
+                return rejoin(service, earlier, 0, "idempotent", "idempotent_replay", idempotency_key=idempotency[:12])
         slot = await service.take_slot()
         resources.callback(slot.release)
         span = service.tracing.upstream_span(
@@ -2944,14 +2944,17 @@ def request_digest(chat_request: ChatRequest, chat_id: str | None) -> str:
     return hashlib.sha256(f"{chat_id or ''}\0{chat_request.model_dump_json()}".encode()).hexdigest()
 
 
-def follow_earlier(service: Service, stream_log: StreamLog | RemoteStream, key: str) -> Response:
-    """A request sent again with its Idempotency-Key: the stream the first one started, from its start."""
-    service.followers.check(stream_log.stream_id)  # as the response will (note 20), before it is logged
-    service.metrics.resumes.labels("idempotent").inc()
-    trace.get_current_span().add_link(stream_log.span_context)  # note 14
-    # The key may say something of its user: its name's first digits tell requests apart.
-    log.info("idempotent_replay", extra={"stream_id": stream_log.stream_id, "idempotency_key": key[:12]})
-    return FollowerResponse(service, stream_log, 0)
+def rejoin(
+    service: Service, stream_log: StreamLog | RemoteStream, position: int, outcome: str, line: str, **fields: Any
+) -> Response:
+    """A client for a stream that runs or is kept, from `position`: a resume, or a request sent again
+    with its Idempotency-Key (from the start). Refused, as the response would be (note 20), before
+    it is counted as `outcome`, linked to the stream's trace (note 14) and logged as `line`."""
+    service.followers.check(stream_log.stream_id)
+    service.metrics.resumes.labels(outcome).inc()
+    trace.get_current_span().add_link(stream_log.span_context)
+    log.info(line, extra={"stream_id": stream_log.stream_id, **fields})
+    return FollowerResponse(service, stream_log, position)
 
 
 async def follow_stream(request: Request) -> Response:
@@ -2998,11 +3001,7 @@ async def ai_sdk_follow(request: Request) -> Response:
     if stream_log is None or stream_log.delivered:
         service.metrics.resumes.labels("not_found" if stream_log is None else "finished").inc()
         return Response(status_code=204)
-    service.followers.check(stream_log.stream_id)  # as the response will (note 20), before it is logged
-    service.metrics.resumes.labels("resumed").inc()
-    trace.get_current_span().add_link(stream_log.span_context)  # note 14
-    log.info("stream_resumed", extra={"stream_id": stream_log.stream_id, "from_seq": 0, "via": "ai-sdk"})
-    return FollowerResponse(service, stream_log, 0)
+    return rejoin(service, stream_log, 0, "resumed", "stream_resumed", from_seq=0, via="ai-sdk")
 
 
 async def ai_sdk_delete(request: Request) -> Response:
@@ -3033,11 +3032,7 @@ async def resume(request: Request, stream_id: str, via: str) -> Response:
     if stream_log.finished and position >= len(stream_log):
         metrics.resumes.labels("finished").inc()
         return Response(status_code=204, headers={STREAM_ID_HEADER: stream_id})
-    service.followers.check(stream_id)  # as the response will (note 20), before it is logged
-    metrics.resumes.labels("resumed").inc()
-    trace.get_current_span().add_link(stream_log.span_context)  # note 14
-    log.info("stream_resumed", extra={"stream_id": stream_id, "from_seq": position, "via": via})
-    return FollowerResponse(service, stream_log, position)
+    return rejoin(service, stream_log, position, "resumed", "stream_resumed", from_seq=position, via=via)
 
 
 def _last_seq(request: Request, stream_log: StreamLog | RemoteStream) -> int | None:
