@@ -318,9 +318,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"UPSTREAMS: no upstream serves the model {model!r} (ALLOWED_MODELS, OPENAI_MODEL)")
         return self
 
-    @property
+    @cached_property
     def upstreams(self) -> tuple[UpstreamServer, ...]:
-        """UPSTREAMS, or the one model server that OPENAI_* name."""
+        """UPSTREAMS, or the one model server that OPENAI_* name (made once: the settings are frozen)."""
         if self.UPSTREAMS:
             return self.UPSTREAMS
         server = UpstreamServer(name="default", api_key=self.OPENAI_API_KEY, health_url=self.UPSTREAM_HEALTH_URL)
