@@ -3053,11 +3053,16 @@ def _last_seq(request: Request, stream_log: StreamLog | RemoteStream) -> int | N
     else:
         return None
     # A live stream's copy in the store may be behind what its client has: the follower waits for it.
-    if seq < len(stream_log) or not (isinstance(stream_log, StreamLog) or stream_log.finished):
+    if not (isinstance(stream_log, StreamLog) or stream_log.finished):
         return seq
-    if seq >= stream_log.reached:
+    # Cut by a stop (note 23): its `done` took the seq of the first event the cut removed, so from
+    # that seq on, the client may have had an event that is gone: it gets the `done` (again).
+    cut_from = len(stream_log) - 1 if stream_log.reached else len(stream_log)
+    if seq < cut_from:
+        return seq
+    if seq >= max(stream_log.reached, len(stream_log)):
         raise ServiceError("stream_not_found", f"this stream has sent no event {seq} yet")
-    return len(stream_log) - 2  # cut by a stop (note 23): all it kept before its end, which comes next
+    return len(stream_log) - 2
 
 
 def authorize(request: Request, settings: Settings) -> bytes | None:

@@ -153,6 +153,8 @@ class Mirrored(Protocol):
     def finished(self) -> bool: ...
     @property
     def delivered(self) -> bool: ...  # a follower has sent its terminal event
+    @property
+    def reached(self) -> int: ...  # how many events it had before a stop cut it, if one did (note 23)
     def __len__(self) -> int: ...
 
 
@@ -444,6 +446,8 @@ class RedisStore(Generic[P]):
             ended = stream_log.finished and copy.stored == len(stream_log)
             if ended:
                 fields["end"] = b""
+                if stream_log.reached:  # before the end: a reader that sees the end sees it (`find`)
+                    self.write_expiring(pipe, facts, None, "HSET", "reached", str(stream_log.reached), existing=True)
             if entry == 0:
                 flat = (x for item in fields.items() for x in item)
                 self.write_expiring(pipe, events, self.live_ttl_ms, "XADD", "MAXLEN", self.max_entries, "0-1", *flat)
@@ -479,9 +483,9 @@ class RedisStore(Generic[P]):
         is none, another owner's, or abandoned; StoreUnavailable when its copy is incomplete."""
         events, facts_key = store_keys(stream_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(facts_key)
         pipe.xrange(events)  # all so far, for the follower's replay: one round trip in all
-        facts, read = await self.ask(pipe.execute())
+        pipe.hgetall(facts_key)  # after them: the facts written with (before) the last events read
+        read, facts = await self.ask(pipe.execute())
         if not facts:
             return None
         if b"owner" in facts and not _same_owner(bytes.fromhex(facts[b"owner"].decode()) or None, owner):
@@ -578,6 +582,7 @@ class RemoteLog(Generic[P]):
         self.length = length
         self.finished = finished
         self.delivered = facts.get(b"delivered") == b"1"
+        self.reached = int(facts.get(b"reached", b"0"))  # how many events it had before a stop cut it (note 23)
         self.replica_key = facts.get(b"replica", b"").decode()  # the producing replica's liveness (note 19)
         self.prompt_tokens = int(facts.get(b"prompt_tokens", b"0"))
         trace_ids = facts.get(b"trace", b"").decode()
@@ -589,13 +594,6 @@ class RemoteLog(Generic[P]):
 
     def __len__(self) -> int:
         return self.length
-
-    @property
-    def reached(self) -> int:
-        """How many events the stream had before a stop cut it (note 23): the highest seq read."""
-        return 1 + max(
-            (int(key) for _, fields in self.read for key in fields if key not in (b"end", b"cut")), default=-1
-        )
 
     def attach(self) -> None:
         pass  # the grace is the producing replica's affair
