@@ -4,10 +4,11 @@ Read top-down: settings, errors, the request middleware, the chat request and th
 the relay (the stream log, its producer and its followers), the store interface, admission and
 drain (the service's state), the endpoints, `create_app`, and the launcher that `python chatsvc.py`
 runs. Each integration that brings a library of its own sits beside this module: redis_store.py
-(redis-py) and tracing.py (the OpenTelemetry SDK) imported only when configured, worker_metrics.py
-(prometheus-client's multiprocess mode) only with several workers; metrics.py (prometheus-client),
-http_protocol.py (uvicorn's protocol), logging_conf.py (python-json-logger) and ai_sdk.py (the AI
-SDK's protocol) always.
+(redis-py) and the OpenTelemetry SDK (through tracing.py) loaded only when configured,
+worker_metrics.py (prometheus-client's multiprocess mode) only with several workers or
+PROMETHEUS_MULTIPROC_DIR; metrics.py (prometheus-client), http_protocol.py (uvicorn's protocol),
+served_files.py (the page and the contract, PyYAML), logging_conf.py (python-json-logger) and
+ai_sdk.py (the AI SDK's protocol) always.
 
 Deliberate departures from the libraries' defaults. The code points back here as "note N"; each note
 says what departs from which default and why, and docs/design.md explains it at length.
@@ -691,6 +692,21 @@ _HTTP_DETAILS: dict[int, Callable[[Request], str]] = {
     405: lambda r: f"{r.method} is not allowed on {logged_path(r.scope)}",
     413: lambda r: "the request body exceeds MAX_BODY_BYTES",
 }
+
+
+def headers_timeout_response(request_id: str, timeout_s: float) -> Response:
+    """The 408 for a request whose headers missed HEADERS_TIMEOUT_S (note 17), logged as render_error
+    logs one, under the correlation id it is given: http_protocol.py writes it."""
+    token = correlation_id.set(request_id)
+    try:
+        error = ServiceError(
+            "request_timeout", f"the request headers did not arrive within HEADERS_TIMEOUT_S ({timeout_s:g} s)"
+        )
+        log_request_failed({}, error, error.status, None)  # no path yet: uvicorn sets it with the headers
+        headers = {REQUEST_ID_HEADER: request_id, "Connection": "close"}
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    finally:
+        correlation_id.reset(token)
 
 
 def log_request_failed(scope: Scope, error: ServiceError, status: int, exc: BaseException | None) -> None:
@@ -3346,21 +3362,6 @@ def drain_on_signals(service: Service) -> Callable[[], None]:
 # --- Launcher ---------------------------------------------------------------------------------------
 
 
-def headers_timed_out(request_id: str, timeout_s: float) -> Response:
-    """The 408 for a request whose headers missed HEADERS_TIMEOUT_S (note 17), logged as render_error
-    logs one, under the correlation id it is given: http_protocol.py writes it."""
-    token = correlation_id.set(request_id)
-    try:
-        error = ServiceError(
-            "request_timeout", f"the request headers did not arrive within HEADERS_TIMEOUT_S ({timeout_s:g} s)"
-        )
-        log_request_failed({}, error, error.status, None)  # no path yet: uvicorn sets it with the headers
-        headers = {REQUEST_ID_HEADER: request_id, "Connection": "close"}
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
-    finally:
-        correlation_id.reset(token)
-
-
 def app_from_environment() -> Starlette:
     """The app from the environment, with logging configured: what each worker of `python chatsvc.py`
     runs (uvicorn calls it as the app's factory) and what `chatsvc:app` builds on its first call."""
@@ -3409,7 +3410,7 @@ def main() -> None:
         "timeout_graceful_shutdown": int(settings.SHUTDOWN_GRACE_S) + 5,
         "lifespan": "on",
         "headers_timeout_s": settings.HEADERS_TIMEOUT_S,  # note 17
-        "headers_timed_out": headers_timed_out,
+        "timeout_response": headers_timeout_response,
     }
     # uvicorn re-raises the signal it caught once it has shut down, so that the previous handler
     # runs; with the default one the process would die "by SIGTERM" (143) after a clean drain.

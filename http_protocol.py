@@ -34,12 +34,12 @@ class ServerConfig(uvicorn.Config):
         app: Any,
         *,
         headers_timeout_s: float,
-        headers_timed_out: Callable[[str, float], Response],
+        timeout_response: Callable[[str, float], Response],
         **options: Any,
     ) -> None:
         super().__init__(app, http=HttpProtocol, **options)
         self.headers_timeout_s = headers_timeout_s
-        self.headers_timed_out = headers_timed_out
+        self.timeout_response = timeout_response
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -57,7 +57,7 @@ class HttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         assert isinstance(config, ServerConfig), "HttpProtocol reads its settings from a ServerConfig"
         self.headers_timeout_s = config.headers_timeout_s
-        self.timeout_response = config.headers_timed_out
+        self.timeout_response = config.timeout_response
         self.headers_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

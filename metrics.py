@@ -105,7 +105,7 @@ class Metrics:
         for result in ("ok", "failed"):  # 0 from the start (and without a store): rate() sees the first
             self.store_writes.labels(result)
         self.detached = gauge("chatsvc_detached_streams", "Streams running with no client attached")
-        self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (chatsvc note 11)")
+        self.log_bytes = gauge("chatsvc_stream_log_bytes", "Bytes held by the stream logs (note 11)")
         # For the alert rules (deploy/prometheus/rules.yml): the limits, and how long a drain has run.
         self.max_streams = gauge("chatsvc_max_concurrent_streams", "MAX_CONCURRENT_STREAMS (summed: the host's)")
         self.grace = gauge("chatsvc_shutdown_grace_seconds", "SHUTDOWN_GRACE_S", "livemax")
