@@ -49,7 +49,8 @@ says what departs from which default and why, and docs/design.md explains it at 
    docs/design.md#9-our-own-parser-for-the-upstream-body
 10. Garbage collection departs from CPython's defaults, under which a full collection stalled 1000
     open streams for up to 0.5 s: the start-up heap is frozen, the young thresholds raised, and
-    full collections left to idle moments (no stream and no follower in flight).
+    full collections left to idle moments (no stream and no follower in flight). A finished
+    stream leaves nothing of ours in a cycle: what anyio's cycles hold lets go of the stream.
     docs/design.md#10-garbage-collection-for-many-open-streams
 11. Streams survive a dropped connection: event ids `<stream_id>:<seq>`, with the `id:` line last,
     not first as in sse-starlette (fetch-event-source takes it on reading it); a detached stream runs
@@ -559,7 +560,9 @@ def map_upstream_error(
         return ServiceError("upstream_error", f"the model server sent a malformed stream ({exc})")
     if isinstance(exc, openai.APIError):
         error = _openai_failure(exc, streaming)
-        error.__cause__ = exc  # what broke, for the span and the log (note 14)
+        # What broke, for the span and the log (note 14): its type and status, not its traceback, whose
+        # frames hold what holds this error (a cycle for the collector, note 10).
+        error.__cause__ = exc.with_traceback(None)
         return error
     if isinstance(exc, TimeoutError):  # our own deadline (anyio.fail_after): which one
         if not streaming:
@@ -1324,10 +1327,12 @@ class Failover:
         return map_upstream_error(TimeoutError(), self.settings)
 
     def named(self, error: ServiceError) -> ServiceError:
-        """With several model servers, the error says which one failed last (by name, never by URL)."""
-        if not self.several or self.last_name is None:
-            return error
-        detail = f"{error.detail} (upstream {self.last_name}, after {self.attempts} attempts)"
+        """The error that ends the request: with several model servers, it says which one failed last
+        (by name, never by URL). A new one, not `last`: raised, its traceback holds frames that hold
+        this object, which would hold it in a cycle (note 10)."""
+        detail = error.detail
+        if self.several and self.last_name is not None:
+            detail = f"{detail} (upstream {self.last_name}, after {self.attempts} attempts)"
         named = ServiceError(error.code, detail, retry_after=error.retry_after)
         named.__cause__ = error.__cause__
         return named
@@ -1652,27 +1657,33 @@ class StreamLog:
         """The events from `position` on, then each as it is appended, to the terminal one. All that
         arrived since the last send leaves at once (note 3), in writes of at most WRITE_BYTES (note 20)."""
         debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every write
-        while True:
-            entries = self.entries  # appended to in place (a cut makes a new list): entries[:end] stay
-            if position < (end := len(entries)):
-                whole = self.finished
-                if end - position == 1 and len(entries[position]) <= WRITE_BYTES and not debug:
-                    yield entries[position]  # a live delta, most writes: no generator of pieces for it
+        entries = self.entries
+        try:
+            while True:
+                entries = self.entries  # appended to in place (a cut makes a new list): entries[:end] stay
+                if position < (end := len(entries)):
+                    whole = self.finished
+                    if end - position == 1 and len(entries[position]) <= WRITE_BYTES and not debug:
+                        yield entries[position]  # a live delta, most writes: no generator of pieces for it
+                    else:
+                        for piece in pieces(entries, position, end):
+                            if debug:
+                                log.debug("client_write", extra={"bytes": len(piece), "events": end - position})
+                            yield piece
+                    position = end
+                    if whole:  # sent: the next call comes once the transport took the last write
+                        self.delivered = True
+                        if self.service.store is not None:
+                            self.service.store.mirror(self, [], 0)  # the AI SDK's 204 on other replicas
+                        return
+                elif self.finished:  # past a cut (note 23): what it sent after the cut is gone, the end is its end
+                    position = end - 1
                 else:
-                    for piece in pieces(entries, position, end):
-                        if debug:
-                            log.debug("client_write", extra={"bytes": len(piece), "events": end - position})
-                        yield piece
-                position = end
-                if whole:  # sent: the next call comes once the transport took the last write
-                    self.delivered = True
-                    if self.service.store is not None:
-                        self.service.store.mirror(self, [], 0)  # the AI SDK's 204 on other replicas
-                    return
-            elif self.finished:  # past a cut (note 23): what it sent after the cut is gone, the end is its end
-                position = end - 1
-            else:
-                await self._appended.wait()
+                    await self._appended.wait()
+        finally:
+            # Cancelled (its client left), this frame stays in anyio's cycle until a collection
+            # (FollowerResponse says why): it lets go of the log and its events now (note 10).
+            del self, entries
 
     def cut(self, after: int) -> int:
         """End the log after event `after` (note 23), before its terminal event is appended: the
@@ -2274,6 +2285,10 @@ class FollowerResponse(EventSourceResponse):
                 )
             finally:
                 self.stream_log.detach(too_slow=too_slow)
+                # anyio keeps this response in a cycle until a collection (each task its task group
+                # cancels holds its frames, which hold the response: tests/test_garbage.py): what it
+                # held of the stream goes now, with its last other reference (note 10).
+                del self.stream_log, self.body_iterator
 
 
 # --- The shared store (note 15) ---------------------------------------------------------------------

@@ -8,9 +8,11 @@ follower that stops reading is then closed gracefully, and slow headers are that
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import struct
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +72,9 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {ABORT_EXTENSION: {"abort": self.abort}}
+        # Through a weak reference: the scope is this protocol's, and its own bound method in it
+        # would hold it in a cycle, left for the collector after the connection closes.
+        self.scope["extensions"] = {ABORT_EXTENSION: {"abort": functools.partial(_abort, weakref.ref(self))}}
         if self.headers_timer is None:  # a later request on a kept-alive connection: from its first byte
             self.headers_timer = self.loop.call_later(self.headers_timeout_s, self.headers_timed_out)
 
@@ -112,3 +116,8 @@ class HttpProtocol(HttpToolsProtocol):
             # As connection_lost will, soon: the answer ends here, which uvicorn need not report
             # as an app that "returned without completing response".
             self.cycle.disconnected = True
+
+
+def _abort(protocol: weakref.ref[HttpProtocol]) -> None:
+    if (alive := protocol()) is not None:
+        alive.abort()
