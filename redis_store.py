@@ -611,7 +611,8 @@ class RemoteLog(Generic[P]):
         timeout = self.store.timeout
         last_id: Any = None  # the last entry read
         expected = 0  # the seq that the next event must have
-        read: Any  # [(entry id, {seq: event, ..., maybe b"end": b""})], bytes all (no decoding)
+        read: Any = None  # [(entry id, {seq: event, ..., maybe b"end": b""})], bytes all (no decoding)
+        batch: list[bytes] = []  # the events of one read to send
         present_until = 0.0  # when the presence key must be renewed
         try:
             while True:
@@ -639,7 +640,7 @@ class RemoteLog(Generic[P]):
                         return
                     last_id = last_id or "0-0"
                     continue
-                batch: list[bytes] = []
+                batch = []
                 ended = False
                 for entry_id, fields in read:
                     last_id = entry_id
@@ -668,6 +669,10 @@ class RemoteLog(Generic[P]):
                     return
         except ERRORS as exc:
             log.warning("store_read_failed", extra={"stream_id": self.stream_id, "exception": type(exc).__name__})
+        finally:
+            # Cancelled (its client left), this frame stays in anyio's cycle until a collection (chatsvc
+            # note 10): it lets go of this copy and the events it read now.
+            del self, read, batch
 
     def lost_event(self, seq: int, state: str) -> bytes:
         """The terminal event for a follower whose producer is gone: its replica stopped (or, in a

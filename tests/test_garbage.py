@@ -26,12 +26,21 @@ import pytest
 
 from tests import gc_probe
 from tests.fake_model import FakeModel
-from tests.helpers import ROOT, Service, iter_sse
+from tests.helpers import ROOT, Service, StartService, iter_sse, parse_sse
+from tests.test_redis import RedisServer
 
 pytestmark = pytest.mark.slow
 
 #: The only object of ours that may be found in a cycle (see above).
 HELD_BY_ANYIO = "__main__.FollowerResponse"
+
+
+def start_probed(tmp_path: Path, **env: str) -> tuple[Service, Path]:
+    """chatsvc under the probe, RESUME_TTL_S=0 (a finished stream's log is dropped at once: one
+    still held would be found), with `env`."""
+    report = tmp_path / "gc-report.jsonl"
+    settings = {"RESUME_TTL_S": "0", "BREAKER_FAILURES": "0", "LOG_LEVEL": "INFO", **gc_probe.env(report), **env}
+    return Service(settings, tmp_path, gc_probe.command(ROOT / "chatsvc.py")).start(), report
 
 
 @pytest.fixture
@@ -44,19 +53,14 @@ def probed(fake_model: FakeModel, tmp_path: Path) -> Iterator[tuple[Service, Pat
         {"name": "a", "base_url": failing.base_url, "models": ["failover-model"]},
         {"name": "b", "base_url": fake_model.base_url},
     ]
-    report = tmp_path / "gc-report.jsonl"
-    env = {
-        "UPSTREAMS": json.dumps(upstreams),
-        "ALLOWED_MODELS": "gpt-4o-mini,failover-model",
-        "BREAKER_FAILURES": "0",
-        "UPSTREAM_MAX_RETRIES": "0",
-        "RESUME_GRACE_S": "5",
-        "RESUME_TTL_S": "0",  # a finished stream's log is dropped at once: one still held would be found
-        "SHUTDOWN_GRACE_S": "0.5",
-        "LOG_LEVEL": "INFO",
-        **gc_probe.env(report),
-    }
-    service = Service(env, tmp_path, gc_probe.command(ROOT / "chatsvc.py")).start()
+    service, report = start_probed(
+        tmp_path,
+        UPSTREAMS=json.dumps(upstreams),
+        ALLOWED_MODELS="gpt-4o-mini,failover-model",
+        UPSTREAM_MAX_RETRIES="0",
+        RESUME_GRACE_S="5",
+        SHUTDOWN_GRACE_S="0.5",
+    )
     try:
         yield service, report
     finally:
@@ -155,3 +159,65 @@ def test_no_stream_leaves_anything_of_ours_to_the_cycle_collector(probed: tuple[
     assert service.exited() == 0
     at_exit = gc_probe.reports(report)[-1]
     assert set(at_exit["ours"]) <= {HELD_BY_ANYIO}, explain(at_exit)
+
+
+def test_a_replica_following_another_ones_streams_leaves_nothing_of_ours(
+    start_service: StartService, fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """The same, on a replica that follows, resumes, stops and replays streams that another one
+    produces (RESUME_STORE, note 15): the store's copies it reads go with their followers."""
+    for workdir in ("redis", "b"):
+        (tmp_path / workdir).mkdir()
+    redis_server = RedisServer(tmp_path / "redis").start()
+    try:
+        a = start_service(RESUME_STORE=redis_server.url, RESUME_GRACE_S="30")
+        b, report = start_probed(
+            tmp_path / "b", OPENAI_BASE_URL=fake_model.base_url, RESUME_STORE=redis_server.url, RESUME_GRACE_S="30"
+        )
+        try:
+            across(a, b, "warm-up")
+            gc_probe.report(b, report)
+            across(a, b, "measured")
+            found = gc_probe.report(b, report)
+            assert found["ours"].get(HELD_BY_ANYIO), "no follower on B was measured"
+            assert set(found["ours"]) <= {HELD_BY_ANYIO}, explain(found)
+        finally:
+            b.stop()
+    finally:
+        redis_server.kill()
+
+
+def across(a: Service, b: Service, round_name: str) -> None:
+    """Streams produced on A, followed on B: whole, left part-way, stopped from B after an event, and
+    a request sent again on B with the Idempotency-Key it came with on A; an AI SDK chat too."""
+    slow = {"message": "fake:deltas=40,delay=0.01"}
+    long = {"message": "fake:deltas=2000,delay=0.01"}
+    with httpx.Client(timeout=30) as client:
+        for message, way in ((slow, "whole"), (long, "left"), (long, "stopped")):
+            with client.stream("POST", f"{a.url}/chat", json=message) as on_a:
+                stream_id = on_a.headers["x-stream-id"]
+                take(on_a, 2)
+                with client.stream("GET", f"{b.url}/chat/streams/{stream_id}", params={"after": "1"}) as on_b:
+                    rest = take(on_b, 1)
+                    if way == "stopped":
+                        stop = client.delete(f"{b.url}/chat/streams/{stream_id}", params={"after": "2"})
+                        assert stop.status_code == 204
+                    if way != "left":
+                        assert [e.event for e in rest][-1] == "done"
+                if way == "left":  # B's follower is gone: end the stream on A
+                    assert client.delete(f"{a.url}/chat/streams/{stream_id}").status_code == 204
+        key = {"Idempotency-Key": f"key-{round_name}"}
+        with client.stream("POST", f"{a.url}/chat", json=slow, headers=key) as first:
+            take(first, 2)
+            again = client.post(f"{b.url}/chat", json=slow, headers=key)
+            assert again.status_code == 200, again.text
+            assert parse_sse(again.text)[-1].event == "done"
+        chat_id = f"chat-{round_name}"
+        ui = {
+            "id": chat_id,
+            "trigger": "submit-message",
+            "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": slow["message"]}]}],
+        }
+        with client.stream("POST", f"{a.url}/api/chat", json=ui) as on_a:
+            take(on_a, 2)  # the browser's owner cookie is the client's now
+            assert read_to_end(client, "GET", f"{b.url}/api/chat/{chat_id}/stream")  # to its end marker
