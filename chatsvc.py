@@ -560,9 +560,12 @@ def map_upstream_error(
         return ServiceError("upstream_error", f"the model server sent a malformed stream ({exc})")
     if isinstance(exc, openai.APIError):
         error = _openai_failure(exc, streaming)
-        # What broke, for the span and the log (note 14): its type and status, not its traceback, whose
-        # frames hold what holds this error (a cycle for the collector, note 10).
-        error.__cause__ = exc.with_traceback(None)
+        # What broke, for the span and the log (note 14): its type and status, not the tracebacks of it
+        # and what it chains to, whose frames hold what holds this error (a cycle, note 10).
+        cause: BaseException | None = exc
+        while cause is not None and cause.__traceback__ is not None:
+            cause = cause.with_traceback(None).__cause__ or cause.__context__
+        error.__cause__ = exc
         return error
     if isinstance(exc, TimeoutError):  # our own deadline (anyio.fail_after): which one
         if not streaming:
@@ -1333,7 +1336,7 @@ class Failover:
         detail = error.detail
         if self.several and self.last_name is not None:
             detail = f"{detail} (upstream {self.last_name}, after {self.attempts} attempts)"
-        named = ServiceError(error.code, detail, retry_after=error.retry_after)
+        named = ServiceError(error.code, detail, retry_after=error.retry_after, status=error.status)
         named.__cause__ = error.__cause__
         return named
 
@@ -1657,7 +1660,7 @@ class StreamLog:
         """The events from `position` on, then each as it is appended, to the terminal one. All that
         arrived since the last send leaves at once (note 3), in writes of at most WRITE_BYTES (note 20)."""
         debug = log.isEnabledFor(logging.DEBUG)  # once: this loop runs for every write
-        entries = self.entries
+        entries, piece = self.entries, b""
         try:
             while True:
                 entries = self.entries  # appended to in place (a cut makes a new list): entries[:end] stay
@@ -1683,7 +1686,7 @@ class StreamLog:
         finally:
             # Cancelled (its client left), this frame stays in anyio's cycle until a collection
             # (FollowerResponse says why): it lets go of the log and its events now (note 10).
-            del self, entries
+            del self, entries, piece
 
     def cut(self, after: int) -> int:
         """End the log after event `after` (note 23), before its terminal event is appended: the
@@ -3086,13 +3089,13 @@ def _last_seq(request: Request, stream_log: StreamLog | RemoteStream) -> int | N
     # A live stream's copy in the store may be behind what its client has: the follower waits for it.
     if not (isinstance(stream_log, StreamLog) or stream_log.finished):
         return seq
-    # Cut by a stop (note 23): its `done` took the seq of the first event the cut removed, so from
-    # that seq on, the client may have had an event that is gone: it gets the `done` (again).
-    cut_from = len(stream_log) - 1 if stream_log.reached else len(stream_log)
-    if seq < cut_from:
+    if seq < len(stream_log):
         return seq
-    if seq >= max(stream_log.reached, len(stream_log)):
+    if seq >= stream_log.reached:
         raise ServiceError("stream_not_found", f"this stream has sent no event {seq} yet")
+    # Cut by a stop (note 23), and this client had an event the cut removed: what the log kept, and
+    # its end, come next. (The `done` took the seq of the first event removed: that seq is the end's,
+    # and 204 follows it, which tells an EventSource to stop.)
     return len(stream_log) - 2
 
 

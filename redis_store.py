@@ -661,6 +661,10 @@ class RemoteLog(Generic[P]):
                                 batch.append(value)
                 for piece in self.store.pieces(batch, 0, len(batch)):  # note 20
                     yield piece
+                # Sent: nothing of what was read stays in this frame while it waits (a cancelled
+                # follower's frame stays in anyio's cycle until a collection: chatsvc note 10).
+                read = reply = fields = value = None
+                batch, piece = [], b""
                 if ended:
                     pipe = redis_client.pipeline(transaction=False)
                     self.store.write_expiring(pipe, facts, None, "HSET", "delivered", "1", existing=True)
@@ -670,9 +674,7 @@ class RemoteLog(Generic[P]):
         except ERRORS as exc:
             log.warning("store_read_failed", extra={"stream_id": self.stream_id, "exception": type(exc).__name__})
         finally:
-            # Cancelled (its client left), this frame stays in anyio's cycle until a collection (chatsvc
-            # note 10): it lets go of this copy and the events it read now.
-            del self, read, batch
+            del self  # a cancelled follower's frame stays in anyio's cycle: not this copy with it
 
     def lost_event(self, seq: int, state: str) -> bytes:
         """The terminal event for a follower whose producer is gone: its replica stopped (or, in a

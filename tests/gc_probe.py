@@ -48,9 +48,17 @@ if os.environ.get("CHATSVC_GC_DEBUG") == "1":
         kinds = collections.Counter(name(o) for o in gc.garbage)
         ours = collections.Counter(name(o) for o in gc.garbage if type(o).__module__ in OURS)
         why = {kind: referrers(next(o for o in gc.garbage if name(o) == kind)) for kind in ours}
+        # Every object of ours still alive, the unreachable ones that DEBUG_SAVEALL keeps included: an
+        # object that a cycle held while something else still did is found here, not above.
+        alive = collections.Counter(name(o) for o in gc.get_objects() if type(o).__module__ in OURS)
+        watched = set(os.environ.get("CHATSVC_GC_WATCH", "").split(","))
+        for kind in alive:
+            if kind.rsplit(".", 1)[-1] in watched and kind not in why:
+                why[kind] = referrers(next(o for o in gc.get_objects() if name(o) == kind), among=None)
         gc.garbage.clear()  # DEBUG_SAVEALL stays on: the next report has every cycle found until then
         pauses.clear()
-        line = {"unreachable": found, "kinds": kinds.most_common(20), "ours": dict(ours), "why": why, "pauses": during}
+        line = {"unreachable": found, "kinds": kinds.most_common(20), "ours": dict(ours), "alive": dict(alive),
+                "why": why, "pauses": during}
         with open(os.environ["CHATSVC_GC_REPORT"], "a") as out:
             out.write(json.dumps(line) + "\n")
 
@@ -61,15 +69,16 @@ if os.environ.get("CHATSVC_GC_DEBUG") == "1":
             return f"{type(o).__name__} {getattr(o, '__qualname__', '?')}"
         return f"{type(o).__module__}.{type(o).__qualname__}"
 
-    def referrers(target, depth=8, width=4):
-        # What holds `target` among the unreachable objects, breadth first: where a cycle comes from.
-        unreachable = {id(o) for o in gc.garbage}
-        lines, level, seen = [], [target], {id(target)}
+    def referrers(target, depth=8, width=4, among=True):
+        # What holds `target` (among the unreachable objects, or among all), breadth first: where a
+        # cycle, or a leak, comes from.
+        unreachable = {id(o) for o in gc.garbage} if among else None
+        lines, level, seen = [], [target], {id(target), id(sys._getframe())}
         for step in range(depth):
             following = []
             for o in level:
                 for r in gc.get_referrers(o):
-                    if id(r) in unreachable and id(r) not in seen:
+                    if (unreachable is None or id(r) in unreachable) and id(r) not in seen:
                         seen.add(id(r))
                         following.append(r)
                         lines.append("  " * step + describe(r) + " -> " + describe(o))
@@ -91,8 +100,10 @@ def command(chatsvc: Path) -> list[str]:
     return [sys.executable, "-c", WRAPPER.replace("{", "{{").replace("}", "}}"), str(chatsvc.resolve())]
 
 
-def env(report: Path) -> dict[str, str]:
-    return {"CHATSVC_GC_DEBUG": "1", "CHATSVC_GC_REPORT": str(report)}
+def env(report: Path, watch: tuple[str, ...] = ()) -> dict[str, str]:
+    """The wrapper's settings: where it reports, and the classes of ours whose live instances it
+    explains (what holds them)."""
+    return {"CHATSVC_GC_DEBUG": "1", "CHATSVC_GC_REPORT": str(report), "CHATSVC_GC_WATCH": ",".join(watch)}
 
 
 def reports(path: Path) -> list[dict[str, Any]]:
