@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,38 +13,23 @@ from typing import Any
 
 import httpx
 import pytest
-from selenium import webdriver
 from selenium.webdriver import Chrome as WebDriver  # Chromium's driver: it has get_log()
-from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests import chromium
 from tests.fake_model import FakeModel, expected_text
 from tests.helpers import ROOT, UI_STREAM_END, Service, StartService, follow, text_of, ui_chunks, ui_text_of
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCREENSHOT = ROOT / "docs" / "chat-page.png"
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromium-driver are not installed (tests/install-debian.sh installs them as root)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=900,700",
-    ):  # fmt: skip
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=DriverService(executable_path=CHROMEDRIVER))
-    yield driver
-    driver.quit()
+    yield from chromium.browser(tmp_path_factory)
 
 
 @pytest.fixture
@@ -53,14 +37,8 @@ def page(browser: WebDriver, service: Service) -> WebDriver:
     browser.get(f"{service.url}/")
     browser.execute_script("sessionStorage.clear()")  # the page keeps the conversation there
     browser.get(f"{service.url}/")
-    console(browser)  # start each test with an empty console
+    chromium.console(browser)  # start each test with an empty console
     return browser
-
-
-def console(driver: WebDriver) -> list[dict[str, Any]]:
-    """The browser console's entries since the last call (CSP violations would be SEVERE ones)."""
-    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
-    return entries
 
 
 def ask(driver: WebDriver, message: str) -> None:
@@ -105,7 +83,7 @@ def test_answer_streams_in_and_ends_with_usage(page: WebDriver) -> None:
     note = last_answer(page).find_element(By.CSS_SELECTOR, ".meta").text
     assert re.search(r"30 tokens \(upstream\), first token [\d.]+ ms, [\d.]+ ms in all · stop", note), note
     assert page.switch_to.active_element.get_attribute("id") == "message"  # focus back for the next turn
-    assert not [entry for entry in console(page) if entry["level"] == "SEVERE"]
+    assert not [entry for entry in chromium.console(page) if entry["level"] == "SEVERE"]
 
 
 def test_history_is_sent_with_the_next_message(page: WebDriver, fake_model: FakeModel) -> None:
@@ -197,7 +175,7 @@ def test_a_stop_and_a_reload_show_exactly_what_was_shown_at_the_stop(page: WebDr
     page.refresh()  # the stopped answer stays in the conversation, as it was shown
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn")) == 2)
     assert answer_text(page) == shown
-    assert not [entry for entry in console(page) if entry["level"] == "SEVERE"]
+    assert not [entry for entry in chromium.console(page) if entry["level"] == "SEVERE"]
 
 
 def test_reload_mid_answer_resumes_and_shows_the_whole_answer(page: WebDriver, fake_model: FakeModel) -> None:

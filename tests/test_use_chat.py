@@ -18,20 +18,18 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from selenium import webdriver
 from selenium.webdriver import Chrome as WebDriver  # Chromium's driver: it has get_log()
-from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests import chromium
 from tests.fake_model import FakeModel, expected_text
 from tests.helpers import UI_STREAM_END, Service, StartService, iter_ui_chunks, ui_text_of
 from tests.test_js_clients import JS
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 PAGE = JS / "use_chat"
 SLOW_STOP = "fake:deltas=600,delay=0.005,usage=0"  # fast enough that deltas are on their way at the stop
 
@@ -72,20 +70,7 @@ def chatsvc(start_module_service: StartService, site: str) -> Service:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromium-driver are not installed (tests/install-debian.sh installs them as root)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=900,700",
-    ):  # fmt: skip
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=DriverService(executable_path=CHROMEDRIVER))
-    yield driver
-    driver.quit()
+    yield from chromium.browser(tmp_path_factory)
 
 
 @pytest.fixture
@@ -93,18 +78,12 @@ def page(browser: WebDriver, site: str, chatsvc: Service, request: pytest.Fixtur
     """The page on a chat of this test's own, its first resume (nothing to resume) settled."""
     browser.get(f"{site}/?{urlencode({'chat': request.node.name, 'chatsvc': chatsvc.url})}")
     wait(browser, lambda d: reconnects(d) == ["none"])
-    console(browser)  # start each test with an empty console
+    chromium.console(browser)  # start each test with an empty console
     return browser
 
 
 def wait(driver: WebDriver, condition: Any, timeout: float = 30) -> Any:
     return WebDriverWait(driver, timeout, poll_frequency=0.02).until(condition)
-
-
-def console(driver: WebDriver) -> list[dict[str, Any]]:
-    """The browser console's entries since the last call (a CORS refusal would be a SEVERE one)."""
-    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
-    return entries
 
 
 def attribute(element: WebElement, name: str) -> str:
@@ -181,7 +160,7 @@ def test_a_message_through_use_chat_shows_the_models_answer(
     assert role(page, "error") == ""
     cookie = owner_cookie(page)  # set by chatsvc's cross-origin answer, kept by the browser
     assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Lax")
-    assert not [entry for entry in console(page) if entry["level"] == "SEVERE"]
+    assert not [entry for entry in chromium.console(page) if entry["level"] == "SEVERE"]
 
     ask(page, "second question")  # the next turn sends the conversation that useChat holds
     wait(page, shows_answer(expected_text("second question")))
@@ -218,7 +197,7 @@ def test_a_reload_mid_answer_resumes_and_shows_the_whole_answer_once(
     assert messages(page) == [("user", message), ("assistant", expected_text(message))]
     assert metadata(page)["finish_reason"] == "stop"
     assert len(fake_model.requests) == asked  # resumed, not asked again
-    assert not [entry for entry in console(page) if entry["level"] == "SEVERE"]
+    assert not [entry for entry in chromium.console(page) if entry["level"] == "SEVERE"]
 
 
 #: What the answer shows, and a click on Stop, in one task of the page: no delta is shown in between.
@@ -262,4 +241,4 @@ def test_a_stop_with_the_documented_handler_shows_what_chatsvc_keeps(
     page.refresh()
     wait(page, lambda d: reconnects(d) == ["none"])
     assert messages(page) == [("user", SLOW_STOP), ("assistant", shown)]
-    assert not [entry for entry in console(page) if entry["level"] == "SEVERE"]
+    assert not [entry for entry in chromium.console(page) if entry["level"] == "SEVERE"]
