@@ -118,19 +118,24 @@ def cut_before_headers(svc: Service, path: str, body: dict[str, Any], key: str, 
     # Nothing of the answer was read, not even its status line.
 
 
+def cut_and_sent_again(first: Service, then: Service, message: str, key: str, fake_model: FakeModel) -> None:
+    """POST /chat to `first`, cut before its headers, then the same with its key to `then`: one
+    answer, whole from its first event, and the model server asked once."""
+    cut_before_headers(first, "/chat", {"message": message}, key, fake_model)
+    again = post(then, {"message": message}, key, **{"X-Request-ID": f"idem-{key}"})
+    assert again.status_code == 200, again.text
+    assert_whole(parse(again), again.headers["x-stream-id"], message)
+    assert upstream_requests_for(fake_model, message) == 1
+    assert then.wait_for_log("idempotent_replay", f"idem-{key}")["stream_id"] == again.headers["x-stream-id"]
+
+
 def test_a_post_cut_before_its_headers_and_sent_again_is_one_answer(svc: Service, fake_model: FakeModel) -> None:
     """The phone lost the network while the model server was still to answer: the retry, sent while
     the first request still waits for the model server's headers, waits for that stream and gets it
     whole from its first event; the model server is asked once."""
-    message = "fake:header_delay=1.5,deltas=5,tag=cut"
-    cut_before_headers(svc, "/chat", {"message": message}, "k-cut", fake_model)
-    again = post(svc, {"message": message}, "k-cut", **{"X-Request-ID": "idem-cut-2"})
-    assert again.status_code == 200, again.text
-    assert_whole(parse(again), again.headers["x-stream-id"], message)
-    assert upstream_requests_for(fake_model, message) == 1
+    cut_and_sent_again(svc, svc, "fake:header_delay=1.5,deltas=5,tag=cut", "k-cut", fake_model)
     # The first request went on without its client: the stream is the one it opened.
     assert svc.wait_for_log("upstream_opened", "cut-k-cut")
-    assert svc.wait_for_log("idempotent_replay", "idem-cut-2")["stream_id"] == again.headers["x-stream-id"]
 
 
 def test_the_same_key_with_another_body_is_refused(svc: Service, fake_model: FakeModel) -> None:
@@ -248,13 +253,7 @@ def test_a_post_cut_on_a_and_sent_again_to_b_is_one_answer(
     """As above, across replicas: B finds A's claim on the key in Redis while A still waits for the
     model server's headers, waits for A's stream to start, then follows it from the store."""
     a, b = pair
-    message = "fake:header_delay=1.5,deltas=5,tag=across"
-    cut_before_headers(a, "/chat", {"message": message}, "k-across", fake_model)
-    again = post(b, {"message": message}, "k-across", **{"X-Request-ID": "idem-across-b"})
-    assert again.status_code == 200, again.text
-    assert_whole(parse(again), again.headers["x-stream-id"], message)
-    assert upstream_requests_for(fake_model, message) == 1
-    assert b.wait_for_log("idempotent_replay", "idem-across-b")["stream_id"] == again.headers["x-stream-id"]
+    cut_and_sent_again(a, b, "fake:header_delay=1.5,deltas=5,tag=across", "k-across", fake_model)
     # Reused with another body, on either replica.
     assert_error_response(post(a, {"message": "fake:deltas=1"}, "k-across"), 422, "idempotency_key_reused")
     assert_error_response(post(b, {"message": "fake:deltas=1"}, "k-across"), 422, "idempotency_key_reused")
