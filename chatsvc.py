@@ -2681,6 +2681,15 @@ class Service:
             raise stream_not_found()
         return remote
 
+    async def find_kept(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteStream | None:
+        """find_stream, with None for a stream that is not (or no longer) kept."""
+        try:
+            return await self.find_stream(stream_id, owner)
+        except ServiceError as exc:
+            if exc.code == "stream_not_found":
+                return None
+            raise
+
     async def find_chat_stream(self, chat_id: str, owner: bytes | None) -> StreamLog | RemoteStream | None:
         """The chat's latest stream, if it is kept (note 12). The key that started the chat is part
         of its name, so another key's chat is not even looked at. With a store, the store says which
@@ -2689,14 +2698,8 @@ class Service:
         if self.store is None:
             return self.chats.get((owner, chat_id))
         stream_id = await ask_store(self.store, self.store.find_chat((owner, chat_id)))
-        if stream_id is None:
-            return None
-        try:
-            stream_log = await self.find_stream(stream_id, owner)
-        except ServiceError as exc:
-            if exc.code == "stream_not_found":  # expired between the two look-ups
-                return None
-            raise
+        if stream_id is None or (stream_log := await self.find_kept(stream_id, owner)) is None:
+            return None  # none, or expired between the two look-ups
         if isinstance(stream_log, StreamLog) and stream_log.finished and not stream_log.delivered:
             # To a follower on another replica?
             stream_log.delivered = await ask_store(self.store, self.store.delivered(stream_id))
@@ -2799,14 +2802,6 @@ class Service:
                 replaced = claim.opening  # failed: free, though the store may not have heard yet
             else:  # opening on another replica
                 await asyncio.sleep(CLAIM_POLL_S)
-
-    async def find_kept(self, stream_id: str, owner: bytes | None) -> StreamLog | RemoteStream | None:
-        try:
-            return await self.find_stream(stream_id, owner)
-        except ServiceError as exc:
-            if exc.code == "stream_not_found":
-                return None
-            raise
 
     def settle(self, claim: Claim, stream_log: StreamLog) -> None:
         """The key's stream started: requests waiting for it follow it."""
