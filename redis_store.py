@@ -611,8 +611,8 @@ class RemoteLog(Generic[P]):
         timeout = self.store.timeout
         last_id: Any = None  # the last entry read
         expected = 0  # the seq that the next event must have
-        read: Any = None  # [(entry id, {seq: event, ..., maybe b"end": b""})], bytes all (no decoding)
-        batch: list[bytes] = []  # the events of one read to send
+        read: Any  # [(entry id, {seq: event, ..., maybe b"end": b""})], bytes all (no decoding)
+        batch: list[bytes] = []  # the events of one read to send (emptied once sent)
         present_until = 0.0  # when the presence key must be renewed
         try:
             while True:
@@ -640,7 +640,6 @@ class RemoteLog(Generic[P]):
                         return
                     last_id = last_id or "0-0"
                     continue
-                batch = []
                 ended = False
                 for entry_id, fields in read:
                     last_id = entry_id
