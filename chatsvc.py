@@ -908,7 +908,7 @@ def create_upstream_client(server: UpstreamServer, settings: Settings) -> openai
         max_retries=0,  # note 1
         # openai's aiohttp transport (the `openai[aiohttp]` extra), which openai recommends for
         # concurrency: httpx's pool scans every connection on every request, so its cost per stream
-        # grows with the streams open (README "Performance"). Errors still arrive as httpx's.
+        # grows with the streams open (docs/performance.md). Errors still arrive as httpx's.
         http_client=openai.DefaultAioHttpClient(),
         # The read timeout is the idle limit between bytes; the budget is enforced around it (note 3).
         timeout=openai.Timeout(
